@@ -1,0 +1,153 @@
+"""Atomic, no-surprise file output and the manifest CSVs that hand work between steps.
+
+Every output is written to a temporary file in the destination folder and moved into
+place with :func:`os.replace` only when complete, so an interrupted run or a full disk
+never leaves a half-written file under the final name. Existing outputs are replaced
+only when the caller passes ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from helpers.errors import HistoUNetError, OutputExistsError
+
+
+def check_writable(path: str | Path, overwrite: bool = False) -> Path:
+    """Raise :class:`OutputExistsError` if ``path`` exists and ``overwrite`` is False."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{path} already exists; pass overwrite=True to replace it or choose another workdir"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it to ``path`` if the block succeeds.
+
+    The temporary name keeps the suffix so libraries that infer the format from it
+    (imageio, tifffile, keras) work. On any exception the temporary file is removed.
+    """
+    path = check_writable(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if not tmp_path.exists() or tmp_path.stat().st_size == 0:
+            raise HistoUNetError(f"{path}: nothing was written")
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Like :func:`atomic_path` for a whole folder: built beside, swapped in when done."""
+    path = check_writable(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_bytes(data: bytes, path: str | Path, overwrite: bool = False) -> Path:
+    with atomic_path(path, overwrite) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(text: str, path: str | Path, overwrite: bool = False) -> Path:
+    return write_bytes(text.encode("utf-8"), path, overwrite)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def write_json(obj: Any, path: str | Path, overwrite: bool = False, indent: int | None = 2) -> Path:
+    return write_text(json.dumps(obj, indent=indent, default=_jsonable), path, overwrite)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_yaml(obj: Any, path: str | Path, overwrite: bool = False) -> Path:
+    clean = json.loads(json.dumps(obj, default=_jsonable))
+    return write_text(yaml.safe_dump(clean, sort_keys=False), path, overwrite)
+
+
+def read_yaml(path: str | Path) -> Any:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def write_image(image: np.ndarray, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a PNG/JPEG/TIFF image (uint8 RGB or label) atomically with imageio."""
+    import imageio.v3 as iio
+
+    with atomic_path(path, overwrite) as tmp:
+        iio.imwrite(tmp, np.ascontiguousarray(image), extension=Path(path).suffix)
+    return Path(path)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file to a numpy array (RGB uint8, alpha dropped; labels as 2-D)."""
+    import imageio.v3 as iio
+
+    try:
+        img = iio.imread(path)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the same user problem
+        raise HistoUNetError(f"{path}: cannot read image ({exc}); re-export the file") from None
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[..., :3]
+    return img
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a step's manifest CSV atomically (written last: it marks the step done)."""
+    with atomic_path(path, overwrite) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def read_manifest(path: str | Path, step_hint: str = "") -> pd.DataFrame:
+    """Read a manifest CSV; a missing one says which notebook writes it."""
+    path = Path(path)
+    if not path.is_file():
+        hint = f"; run {step_hint} first" if step_hint else ""
+        raise HistoUNetError(f"{path}: manifest not found{hint}")
+    return pd.read_csv(path)

@@ -1,0 +1,67 @@
+"""Notebook plumbing: logging, one-line errors, headless detection, summaries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from helpers.errors import HistoUNetError
+
+
+def setup_notebook(level: int = logging.INFO) -> None:
+    """Configure logging and show :class:`HistoUNetError` as one line, not a traceback.
+
+    Call once in the imports cell. Safe outside IPython (does nothing extra there).
+    """
+    os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+    for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL", "papermill", "rasterio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    ip = get_ipython()
+    if ip is None:
+        return
+
+    def _one_line(shell, etype, evalue, tb, tb_offset=None):  # noqa: ANN001 - IPython's signature
+        print(f"ERROR: {evalue}", file=sys.stderr)
+        # Re-raise through IPython's normal path is not wanted; papermill still sees the error
+        # because the cell's execute_reply status is "error".
+        return None
+
+    ip.set_custom_exc((HistoUNetError,), _one_line)
+
+
+def interactive() -> bool:
+    """True when a person runs the notebook (a kernel with a front end), False under papermill."""
+    if os.environ.get("PAPERMILL_EXECUTION") or os.environ.get("HISTO_HEADLESS"):
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell" and "papermill" not in sys.modules
+
+
+def check_outputs(paths: list[str | Path] | dict[str, str | Path]) -> None:
+    """Summary-cell check: every promised output exists and is non-empty.
+
+    Raises:
+        HistoUNetError: listing the missing outputs.
+    """
+    items = paths.items() if isinstance(paths, dict) else ((str(p), p) for p in paths)
+    missing = []
+    for label, p in items:
+        p = Path(p)
+        ok = p.is_dir() and any(p.iterdir()) if p.is_dir() else p.is_file() and p.stat().st_size > 0
+        print(f"{'ok  ' if ok else 'MISSING'} {label}: {p}")
+        if not ok:
+            missing.append(str(p))
+    if missing:
+        raise HistoUNetError(f"outputs missing: {', '.join(missing)}; see the errors above")

@@ -1,0 +1,30 @@
+"""Shared test fixtures: paths to the real third-party data and the class map."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout (real slides, stain tiles, a QuPath export)."""
+    if not SHARED.is_dir():
+        pytest.fail(f"{SHARED} not found: the real test data must sit beside the checkout")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def class_map():
+    from helpers.config import load_class_map
+
+    return load_class_map(ROOT / "data" / "classes.yaml")
