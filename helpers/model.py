@@ -1,0 +1,221 @@
+"""The segmentation network: build it, prepare its input, load a trained one.
+
+The model is ``segmentation_models.Unet`` with an EfficientNet encoder and a softmax
+head of ``n_classes`` channels; channel ``i`` is label ``i + 1`` of the class map
+(label 0, unlabelled, has no channel). Training (:mod:`helpers.train`) and inference
+both feed it through :func:`preprocess`, the single input transform.
+
+ImageNet encoder weights are downloaded by ``segmentation_models`` on first use. On a
+machine without internet :func:`build_model` notices quickly (cached file or a short
+socket probe), logs a WARNING and falls back to random initialisation; the weights
+actually used are reported by :func:`resolve_encoder_weights`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from helpers.errors import HistoUNetError, ParameterError
+
+log = logging.getLogger(__name__)
+
+#: ImageNet mean / std of the EfficientNet encoders in ``segmentation_models`` ("torch" mode).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+#: Input sides must be multiples of this (five 2x down-samplings in the encoder).
+SIZE_MULTIPLE = 32
+
+#: Encoders known to work; any ``segmentation_models`` backbone name is accepted.
+BACKBONES = ("efficientnetb0", "efficientnetb1", "efficientnetb2", "efficientnetb3")
+
+_WEIGHTS_HOST = ("github.com", 443)
+
+
+class ModelError(HistoUNetError):
+    """A model folder or weights file is missing or unusable."""
+
+
+def _import_sm():
+    """Import segmentation_models with the tf.keras framework (must be set first)."""
+    os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
+    if os.environ["SM_FRAMEWORK"] != "tf.keras":
+        raise ParameterError(f"SM_FRAMEWORK={os.environ['SM_FRAMEWORK']!r}; set it to tf.keras before importing")
+    import segmentation_models as sm
+
+    return sm
+
+
+def _imagenet_cache_file(backbone: str) -> Path:
+    """Where keras caches the ImageNet weights of an EfficientNet encoder (no top)."""
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    name = backbone.replace("efficientnet", "efficientnet-")
+    return keras_home / "models" / f"{name}_weights_tf_dim_ordering_tf_kernels_autoaugment_notop.h5"
+
+
+def _online(host: tuple[str, int] = _WEIGHTS_HOST, timeout: float = 2.0) -> bool:
+    """True if a TCP connection to the weights host opens within ``timeout`` seconds."""
+    try:
+        with socket.create_connection(host, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_encoder_weights(encoder_weights: str | None, backbone: str = "efficientnetb0") -> str | None:
+    """Decide which encoder weights can actually be used, quickly.
+
+    Args:
+        encoder_weights: ``"imagenet"``, ``None`` (random) or a path to a weights file.
+        backbone: The encoder name.
+
+    Returns:
+        ``"imagenet"`` if cached or the download host answers, the path if it exists,
+        or ``None`` (random initialisation, with a WARNING) when ImageNet is unreachable.
+
+    Raises:
+        ModelError: a weights path that does not exist.
+    """
+    if encoder_weights is None or str(encoder_weights).lower() in ("none", "null", ""):
+        return None
+    if encoder_weights == "imagenet":
+        if _imagenet_cache_file(backbone).is_file() or _online():
+            return "imagenet"
+        log.warning("ImageNet weights for %s are not cached and %s is unreachable: "
+                    "the encoder starts from RANDOM weights (encoder_weights_used: null). "
+                    "Pass encoder_weights=<path to the .h5 file> to use a local copy.", backbone, _WEIGHTS_HOST[0])
+        return None
+    path = Path(encoder_weights)
+    if not path.is_file():
+        raise ModelError(f"encoder_weights={encoder_weights!r}: file not found; pass 'imagenet', None or a weights file path")
+    return str(path)
+
+
+def build_model(n_classes: int, encoder_weights: str | None = "imagenet", backbone: str = "efficientnetb0",
+                decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16),
+                input_shape: tuple[int | None, int | None, int] = (None, None, 3)):
+    """Build the U-Net (softmax over ``n_classes`` channels; channel i = label i+1).
+
+    Args:
+        n_classes: Number of classes of the class map (unlabelled excluded).
+        encoder_weights: ``"imagenet"`` (downloads once), ``None`` (random) or a path to
+            an encoder weights file (``.h5``, no top). If ImageNet is unreachable the
+            encoder is randomly initialised and a WARNING is logged; the choice made is
+            stored on the model as ``model.encoder_weights_used``.
+        backbone: A ``segmentation_models`` encoder name.
+        decoder_filters: Filters of the five decoder stages.
+        input_shape: ``(H, W, 3)``; ``None`` sides accept any multiple of 32.
+
+    Returns:
+        An uncompiled ``keras.Model``.
+    """
+    if int(n_classes) < 1:
+        raise ParameterError(f"n_classes={n_classes}: need at least one class; check the class map")
+    if len(tuple(decoder_filters)) != 5:
+        raise ParameterError(f"decoder_filters={decoder_filters}: need five values, one per decoder stage")
+    for side in input_shape[:2]:
+        if side is not None and side % SIZE_MULTIPLE:
+            raise ParameterError(f"input_shape={input_shape}: sides must be multiples of {SIZE_MULTIPLE}")
+    sm = _import_sm()
+    used = resolve_encoder_weights(encoder_weights, backbone)
+    kwargs: dict[str, Any] = dict(classes=int(n_classes), activation="softmax", input_shape=tuple(input_shape),
+                                  decoder_filters=tuple(int(f) for f in decoder_filters))
+    try:
+        model = sm.Unet(backbone, encoder_weights=used, **kwargs)
+    except ValueError as exc:
+        if "backbone" in str(exc).lower() or "not" in str(exc).lower():
+            raise ParameterError(f"backbone={backbone!r}: {exc}") from None
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failed download is not the user's bug
+        if used != "imagenet":
+            raise ModelError(f"encoder_weights={encoder_weights!r}: cannot load ({exc}); pass None or another file") from None
+        log.warning("ImageNet weights download failed (%s): the encoder starts from RANDOM weights.", exc)
+        used = None
+        model = sm.Unet(backbone, encoder_weights=None, **kwargs)
+    model.encoder_weights_used = used
+    return model
+
+
+def encoder_layers(model) -> list:
+    """The encoder layers of a ``segmentation_models`` U-Net (everything before the decoder)."""
+    decoder_prefixes = ("decoder_", "center_", "final_conv", "softmax", "sigmoid")
+    return [layer for layer in model.layers
+            if not layer.name.startswith(decoder_prefixes) and layer.__class__.__name__ != "InputLayer"]
+
+
+def set_encoder_trainable(model, trainable: bool) -> int:
+    """Freeze or unfreeze the encoder (warm-up / fine-tuning); returns the number of layers changed.
+
+    Batch-normalisation layers of a frozen encoder run in inference mode (Keras 3
+    semantics of ``trainable=False``), so their statistics are kept.
+    """
+    layers = encoder_layers(model)
+    for layer in layers:
+        layer.trainable = trainable
+    return len(layers)
+
+
+def preprocess(batch):
+    """THE input transform: uint8 RGB ``(..., H, W, 3)`` -> float32 ImageNet-normalised.
+
+    Accepts numpy arrays or TensorFlow tensors and returns the same kind. The same
+    function is used for training and inference so they can never disagree.
+    """
+    if isinstance(batch, np.ndarray) or np.isscalar(batch) or isinstance(batch, (list, tuple)):
+        x = np.asarray(batch, dtype=np.float32) / 255.0
+        return ((x - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+    import tensorflow as tf
+
+    x = tf.cast(batch, tf.float32) / 255.0
+    return (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+
+
+def load_trained(model_dir: str | Path):
+    """Load a trained model folder (``workdir/model``) for inference.
+
+    Args:
+        model_dir: Folder holding ``best.keras`` (or ``last.keras``) and ``training_params.yaml``.
+
+    Returns:
+        ``(model, params)``: the uncompiled ``keras.Model`` and the training parameters dict
+        (``mpp``, ``tile_size``, ``classes``, ``normalizer``, ...).
+
+    Raises:
+        ModelError: the folder, the model file or the parameters file is missing or unreadable.
+    """
+    import yaml
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: model folder not found; run 05_train_model first or pass model_dir=")
+    params_path = model_dir / "training_params.yaml"
+    if not params_path.is_file():
+        raise ModelError(f"{params_path}: not found; the model folder is incomplete, re-run 05_train_model")
+    try:
+        params = yaml.safe_load(params_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ModelError(f"{params_path}: not valid YAML ({str(exc).splitlines()[0]}); re-run 05_train_model") from None
+    for name in ("best.keras", "last.keras"):
+        path = model_dir / name
+        if path.is_file():
+            break
+    else:
+        raise ModelError(f"{model_dir}: neither best.keras nor last.keras found; run 05_train_model first")
+    if name == "last.keras":
+        log.warning("%s: best.keras missing, using last.keras", model_dir)
+    _import_sm()  # registers the custom layers/activations segmentation_models uses
+    import keras
+
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - any decode failure is the same user problem
+        raise ModelError(f"{path}: cannot load ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                         "re-run 05_train_model") from None
+    params["model_file"] = str(path)
+    return model, params
