@@ -1,0 +1,147 @@
+"""helpers.evaluate: metrics on hand-made masks with known answers, GeoJSON vs raster."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import evaluate as ev
+from helpers.errors import OutputExistsError, ParameterError
+
+# Reference: 0 = unlabelled (bottom-left quarter). Prediction: one miss per class.
+REF = np.array([
+    [1, 1, 2, 2],
+    [1, 1, 2, 2],
+    [0, 0, 3, 3],
+    [0, 0, 3, 3],
+], np.uint8)
+PRED = np.array([
+    [1, 2, 2, 2],
+    [1, 1, 2, 3],
+    [2, 2, 3, 3],  # the 2s sit on unlabelled reference pixels: must not count
+    [0, 0, 3, 0],  # bottom-right 0: nothing predicted where the reference says 3
+], np.uint8)
+
+
+def test_confusion_matrix_known(class_map):
+    cm = ev.confusion_matrix(REF, PRED, class_map.n_classes)
+    expected = np.zeros((5, 5), int)
+    expected[0, 2] = 2
+    expected[0, 0] = 2
+    expected[1, 1], expected[1, 2] = 3, 1
+    expected[2, 2], expected[2, 3] = 3, 1
+    expected[3, 3], expected[3, 0] = 3, 1
+    np.testing.assert_array_equal(cm, expected)
+    assert cm.sum() == REF.size
+
+
+def test_class_metrics_known_iou_dice(class_map):
+    m = ev.class_metrics(ev.confusion_matrix(REF, PRED, 4), class_map).set_index("class")
+    assert m.loc["Background", "iou"] == pytest.approx(3 / 4)
+    assert m.loc["Background", "dice"] == pytest.approx(6 / 7)
+    assert m.loc["Tumor", "iou"] == pytest.approx(3 / 5)  # FP at (0,1); FN at (1,3)
+    assert m.loc["Tumor", "dice"] == pytest.approx(6 / 8)
+    assert m.loc["Stroma", "iou"] == pytest.approx(3 / 5)  # FP at (1,3); FN = predicted 0
+    assert m.loc["Tumor", "precision"] == pytest.approx(3 / 4)
+    assert m.loc["Stroma", "recall"] == pytest.approx(3 / 4)
+    assert np.isnan(m.loc["Other", "iou"])  # absent everywhere: undefined, not 0 or 1
+    assert m.loc["Tumor", "ref_px"] == 4 and m.loc["Tumor", "pred_px"] == 4
+
+
+def test_summary_and_perfect_prediction(class_map):
+    res = ev.evaluate_labels(PRED, REF, class_map, slide="s")
+    assert res.summary["tumor_iou"] == pytest.approx(0.6)
+    assert res.summary["mean_iou"] == pytest.approx((0.75 + 0.6 + 0.6) / 3)
+    assert res.summary["pixel_accuracy"] == pytest.approx(9 / 12)
+    assert res.summary["labelled_px"] == 12
+    perfect = ev.evaluate_labels(REF, REF, class_map)
+    assert perfect.summary["tumor_iou"] == 1.0 and perfect.summary["pixel_accuracy"] == 1.0
+
+
+def test_dice_iou_relation_on_random_masks(class_map):
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 5, (64, 64)).astype(np.uint8)
+    pred = np.where(rng.random((64, 64)) < 0.7, ref, rng.integers(1, 5, (64, 64))).astype(np.uint8)
+    m = ev.evaluate_labels(pred, ref, class_map).metrics
+    iou, dice = m["iou"].to_numpy(), m["dice"].to_numpy()
+    np.testing.assert_allclose(dice, 2 * iou / (1 + iou))
+    # independent count for Tumor
+    lab = ref > 0
+    tp = np.sum(lab & (ref == 2) & (pred == 2))
+    union = np.sum(lab & ((ref == 2) | (pred == 2)))
+    assert m.set_index("class").loc["Tumor", "iou"] == pytest.approx(tp / union)
+
+
+def test_bad_inputs(class_map):
+    with pytest.raises(ParameterError):
+        ev.confusion_matrix(REF, PRED[:3], 4)
+    with pytest.raises(ParameterError, match="class map"):
+        ev.confusion_matrix(REF, np.full_like(REF, 9), 4)
+    with pytest.raises(ParameterError, match="rounding"):
+        ev.evaluate_labels(np.zeros((10, 10), np.uint8), np.zeros((20, 20), np.uint8), class_map)
+
+
+def test_tables_overall_pools_pixels_and_files(class_map, tmp_path):
+    a = ev.evaluate_labels(PRED, REF, class_map, slide="a")
+    b = ev.evaluate_labels(REF, REF, class_map, slide="b")
+    metrics, conf = ev.results_tables([a, b], class_map)
+    overall = metrics[metrics["slide"] == "overall"].set_index("class")
+    # pooled: Tumor TP 3+4, FP 1, FN 1 -> 7/9 (not the mean of 0.6 and 1.0)
+    assert overall.loc["Tumor", "iou"] == pytest.approx(7 / 9)
+    assert set(conf["slide"]) == {"a", "b", "overall"}
+    assert conf[(conf.slide == "a") & (conf.true == "Stroma") & (conf.predicted == "unlabelled")]["pixels"].item() == 1
+    paths = ev.save_results([a, b], class_map, tmp_path)
+    saved = pd.read_csv(paths["metrics"])
+    assert len(saved) == 3 * class_map.n_classes
+    summary = json.loads(paths["json"].read_text())
+    assert summary["overall"]["dense"]["tumor_iou"] == pytest.approx(7 / 9)
+    with pytest.raises(OutputExistsError):
+        ev.save_results([a], class_map, tmp_path)
+    ev.save_results([a], class_map, tmp_path, overwrite=True)
+
+
+def test_compare_references_shows_what_sparse_hides(class_map):
+    dense_ref = np.repeat(np.array([[1, 1, 2, 2, 3, 3]], np.uint8), 6, axis=0)
+    pred = dense_ref.copy()
+    pred[:, 3] = 3  # half the tumour predicted as stroma
+    sparse_ref = np.zeros_like(dense_ref)
+    sparse_ref[:, 2] = 2  # annotator drew only the column the model gets right
+    sparse_ref[:, 0] = 1
+    sparse_ref[:, 5] = 3
+    d = ev.evaluate_labels(pred, dense_ref, class_map, reference_kind="dense")
+    s = ev.evaluate_labels(pred, sparse_ref, class_map, reference_kind="sparse")
+    cmp = ev.compare_references(d, s).set_index("class")
+    assert cmp.loc["Tumor", "iou_sparse"] == 1.0
+    assert cmp.loc["Tumor", "iou_dense"] == pytest.approx(0.5)
+    assert cmp.loc["Tumor", "iou_gap"] == pytest.approx(0.5)
+    assert cmp.loc["Tumor", "sparse_coverage"] == pytest.approx(0.5)
+
+
+def test_seam_score_finds_tile_borders():
+    y, x = np.mgrid[0:32, 0:32]
+    lab = ((x // 8) % 2 + 1).astype(np.uint8)  # changes exactly on x = 8, 16, 24
+    lab[13:] += 2  # one horizontal change off the border grid
+    s = ev.seam_score(lab, step=8)
+    assert s["border_change_rate"] == pytest.approx(96 / 192)
+    assert s["other_change_rate"] == pytest.approx(32 / 1792)
+    assert s["seam_score"] == pytest.approx((96 / 192) / (32 / 1792))
+    # shifting the grid so the borders miss the changes gives no seam excess
+    shifted = ev.seam_score(lab, step=8, origin=(4, 4))
+    assert shifted["seam_score"] < 1
+    with pytest.raises(ParameterError):
+        ev.seam_score(lab, step=1)
+
+
+def test_figures(class_map):
+    import matplotlib
+
+    res = ev.evaluate_labels(PRED, REF, class_map, slide="s")
+    rgb = np.full((40, 40, 3), 230, np.uint8)
+    for fig in (ev.plot_metrics(ev.results_tables([res], class_map)[0]), ev.plot_confusion(res.confusion, class_map),
+                ev.plot_errors(res, class_map, image=rgb)):
+        assert isinstance(fig, matplotlib.figure.Figure)
+    err = ev.error_map(REF, PRED)
+    assert (err == 2).sum() == 3 and (err == 0).sum() == 4
