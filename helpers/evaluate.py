@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 #: Class whose IoU is the headline figure.
 HEADLINE_CLASS = "Tumor"
 
-LabelSource = "np.ndarray | str | Path | list[dict]"
-
 
 # ----------------------------------------------------------------------------- metrics
 def confusion_matrix(reference: np.ndarray, prediction: np.ndarray, n_classes: int) -> np.ndarray:
@@ -155,17 +153,19 @@ def raster_geometry(path: str | Path) -> tuple[tuple[int, int], float]:
 
 
 def load_labels(source: Any, class_map: ClassMap, downsample: float | None = None,
-                slide_size: tuple[int, int] | None = None) -> np.ndarray:
+                slide_size: tuple[int, int] | None = None, **geojson_kwargs: Any) -> np.ndarray:
     """A label image from an array, a label TIFF or QuPath GeoJSON, at ``downsample``.
 
     Args:
         source: 2-D uint8 array (returned as is), a label raster path (read with
-            :func:`helpers.rasters.read_raster`, nearest neighbour), or a GeoJSON path /
-            list of features (rasterized with
+            :func:`helpers.rasters.read_raster`, nearest neighbour), or a QuPath GeoJSON
+            path / list of :class:`helpers.annotations.Annotation` (rasterized with
             :func:`helpers.annotations.annotations_to_label_image`).
         class_map: The classes (GeoJSON class names -> labels).
         downsample: Level-0 slide pixels per output pixel (None: the raster's own).
         slide_size: ``(width, height)`` of the slide in level-0 pixels; required for GeoJSON.
+        **geojson_kwargs: Passed to :func:`helpers.annotations.read_annotations`
+            (default here: both QuPath object types, annotations and detections).
     """
     if isinstance(source, np.ndarray):
         if source.ndim != 2:
@@ -176,7 +176,11 @@ def load_labels(source: Any, class_map: ClassMap, downsample: float | None = Non
             raise ParameterError(f"{source}: rasterizing GeoJSON needs slide_size=(w, h) and downsample")
         from helpers.annotations import annotations_to_label_image
 
-        return np.asarray(annotations_to_label_image(source, class_map, slide_size, downsample))
+        if not isinstance(source, list):
+            geojson_kwargs.setdefault("object_types", ("annotation", "detection"))
+        else:
+            geojson_kwargs = {}
+        return np.asarray(annotations_to_label_image(source, class_map, slide_size, downsample, **geojson_kwargs))
     path = Path(source)
     if not path.is_file():
         raise HistoUNetError(f"{path}: label image not found; run the step that writes it (07 for predictions, 00 for truth)")

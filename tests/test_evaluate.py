@@ -145,3 +145,57 @@ def test_figures(class_map):
         assert isinstance(fig, matplotlib.figure.Figure)
     err = ev.error_map(REF, PRED)
     assert (err == 2).sum() == 3 and (err == 0).sum() == 4
+
+
+def _scene(downsample: float) -> tuple[np.ndarray, list[dict]]:
+    """A 64x48 slide (level 0) with three classed rectangles, as raster at ``downsample`` and as QuPath GeoJSON."""
+    from shapely.geometry import box
+
+    from helpers.qupath import make_feature
+
+    rects = [((0, 0, 64, 48), "Background", 1), ((8, 8, 40, 32), "Stroma", 3), ((16, 16, 32, 24), "Tumor", 2)]
+    lab0 = np.zeros((48, 64), np.uint8)
+    feats = []
+    for (x0, y0, x1, y1), name, label in rects:
+        lab0[y0:y1, x0:x1] = label
+        feats.append(make_feature(box(x0, y0, x1, y1), name, (1, 2, 3)))
+    d = int(downsample)
+    return lab0[::d, ::d], feats
+
+
+@pytest.mark.parametrize("downsample", [1, 2, 4])
+def test_geojson_and_raster_agree(class_map, tmp_path, downsample):
+    pytest.importorskip("helpers.annotations")
+    from helpers.qupath import write_feature_collection
+
+    raster, feats = _scene(downsample)
+    gj = write_feature_collection(feats, tmp_path / "s.geojson")
+    res = ev.evaluate_labels(gj, raster, class_map, downsample=downsample, slide_size=(64, 48))
+    present = res.metrics[res.metrics["ref_px"] > 0]
+    np.testing.assert_allclose(present["iou"], 1.0)
+    assert res.summary["labelled_px"] == raster.size
+    # and the other way round: a GeoJSON reference, with a wrong prediction
+    wrong = raster.copy()
+    wrong[wrong == 2] = 3
+    res2 = ev.evaluate_labels(wrong, gj, class_map, downsample=downsample, slide_size=(64, 48))
+    assert res2.reference_kind == "annotations"
+    assert res2.summary["tumor_iou"] == 0.0
+    assert res2.metrics.set_index("class").loc["Stroma", "iou"] == pytest.approx(
+        (raster == 3).sum() / ((raster == 3) | (raster == 2)).sum())
+
+
+def test_label_tiff_against_geojson(class_map, tmp_path):
+    rasters = pytest.importorskip("helpers.rasters")
+    pytest.importorskip("helpers.annotations")
+    from helpers.qupath import write_feature_collection
+
+    raster, feats = _scene(2)
+    tiff = rasters.write_pyramid_tiff(tmp_path / "labels.tiff", raster, kind="labels", downsample=2.0, tile=16)
+    gj = write_feature_collection(feats, tmp_path / "s.geojson")
+    # downsample and slide size come from the TIFF
+    res = ev.evaluate_labels(tiff, gj, class_map, slide="s")
+    assert res.downsample == 2.0 and res.reference.shape == raster.shape
+    assert res.summary["tumor_iou"] == 1.0 and res.summary["pixel_accuracy"] == 1.0
+    # evaluated coarser than the prediction was made
+    res4 = ev.evaluate_labels(tiff, gj, class_map, downsample=4.0)
+    assert res4.reference.shape == (12, 16) and res4.summary["tumor_iou"] == 1.0
