@@ -1,0 +1,807 @@
+"""Stain normalization (step 02): Macenko, Vahadane and Reinhard with staintools, plus "none".
+
+Two ways to apply a fitted :class:`StainNormalizer`:
+
+* per tile (:meth:`StainNormalizer.transform`): like staintools, the source stain matrix
+  is re-estimated for every tile (Vahadane runs SPAMS dictionary learning each time).
+  Slow, and neighbouring tiles of one slide can come out in different colours.
+* per slide (:meth:`StainNormalizer.for_slide`): the slide's stain matrix and
+  concentration percentiles are estimated ONCE from a sample of its tissue tiles; each
+  tile is then normalized with a fixed, vectorised least-squares (pseudo-inverse)
+  concentration solve in optical density space. Fast and seamless across tile borders.
+
+Robustness rule (the same everywhere): only *tissue* pixels are used for fitting
+(luminosity below ``luminosity_threshold``, not near-black, not pen-coloured — see
+:func:`tissue_mask`). In per-tile mode a tile whose tissue fraction is below
+``min_tissue_fraction``, whose estimation fails, or whose result would be non-finite or
+much darker than the input is passed through UNCHANGED with a logged warning. In
+per-slide mode every tile goes through the slide's fixed linear map (safe for any pixel:
+white stays white, no NaN); a slide whose sample holds too little tissue is passed
+through unchanged with a warning.
+
+The fitted normalizer is saved as ``normalizer.json`` (+ ``reference.png``) so that
+inference uses exactly the normalization used for training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("macenko", "vahadane", "reinhard", "none")
+MODES = ("slide", "tile")
+
+#: Optical density of each uint8 value, as staintools computes it (0 counts as 1, floor 1e-6).
+_OD_LUT = np.maximum(-np.log(np.maximum(np.arange(256), 1) / 255.0), 1e-6).astype(np.float32)
+
+#: Tissue pixels darker than this luminosity (0-1) are treated as ink, folds or dirt.
+DARK_LUMINOSITY = 0.12
+#: Minimum number of tissue pixels needed to estimate stains.
+MIN_TISSUE_PIXELS = 500
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def _as_rgb_uint8(img: np.ndarray, what: str = "image") -> np.ndarray:
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise ParameterError(f"{what}: expected an RGB image (H, W, 3); got shape {img.shape}")
+    if img.dtype != np.uint8:
+        raise ParameterError(f"{what}: expected uint8 RGB; got {img.dtype} (convert with skimage.util.img_as_ubyte)")
+    return np.ascontiguousarray(img[..., :3])
+
+
+def luminosity(img: np.ndarray) -> np.ndarray:
+    """LAB lightness in 0-1 (as staintools' tissue locator)."""
+    import cv2
+
+    return cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_RGB2LAB)[..., 0] / 255.0
+
+
+def pen_mask(img: np.ndarray) -> np.ndarray:
+    """Pixels coloured like marker ink (green, cyan, blue hues), never like H&E.
+
+    H&E hues lie between purple-blue (hematoxylin, about 240-300 degrees) and pink-red
+    (eosin, about 300-20 degrees); saturated hues from 60 to 220 degrees are pen.
+    """
+    import cv2
+
+    hsv = cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_RGB2HSV)
+    hue, sat = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1]
+    return (hue >= 60) & (hue <= 220) & (sat > 40)
+
+
+def tissue_mask(img: np.ndarray, luminosity_threshold: float = 0.8) -> np.ndarray:
+    """Boolean mask of stained tissue usable for stain estimation.
+
+    Tissue is darker than ``luminosity_threshold`` (staintools' rule) but not near-black
+    (ink, folds), not pen-coloured and not clipped (a channel at 0).
+    """
+    img = _as_rgb_uint8(img)
+    lum = luminosity(img)
+    return (lum < luminosity_threshold) & (lum > DARK_LUMINOSITY) & ~pen_mask(img) & (img.min(axis=2) > 0)
+
+
+def tissue_fraction(img: np.ndarray, luminosity_threshold: float = 0.8) -> float:
+    """Fraction of the image's pixels that :func:`tissue_mask` keeps."""
+    return float(tissue_mask(img, luminosity_threshold).mean())
+
+
+def optical_density(img: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float32 optical density of a uint8 RGB image (no copy of the input is modified)."""
+    return _OD_LUT[np.asarray(img)[..., :3]]
+
+
+def _pixels_image(pixels: np.ndarray) -> np.ndarray:
+    """A writable (N, 1, 3) uint8 'image' of pixels, the shape staintools' extractors accept."""
+    return np.ascontiguousarray(pixels.reshape(-1, 1, 3), dtype=np.uint8).copy()
+
+
+def _sample_tissue_pixels(images: Sequence[np.ndarray], luminosity_threshold: float, max_pixels: int,
+                          seed: int = 0) -> np.ndarray:
+    """Tissue pixels (N, 3) pooled from ``images``, randomly thinned to ``max_pixels``."""
+    chunks = [(_as_rgb_uint8(im)[tissue_mask(im, luminosity_threshold)]) for im in images]
+    pix = np.concatenate(chunks, axis=0) if chunks else np.zeros((0, 3), np.uint8)
+    if len(pix) > max_pixels:
+        rng = np.random.default_rng(seed)
+        pix = pix[rng.choice(len(pix), max_pixels, replace=False)]
+    return pix
+
+
+def _extractor(method: str):
+    import staintools
+
+    return {"macenko": staintools.MacenkoStainExtractor, "vahadane": staintools.VahadaneStainExtractor}[method]
+
+
+def _estimate_stain_matrix(method: str, pixels: np.ndarray, luminosity_threshold: float) -> np.ndarray:
+    """staintools' stain matrix (2 x 3, rows H then E, unit length) from tissue pixels."""
+    matrix = _extractor(method).get_stain_matrix(_pixels_image(pixels), luminosity_threshold=luminosity_threshold)
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape != (2, 3) or not np.all(np.isfinite(matrix)):
+        raise ValueError(f"stain matrix estimate is not finite: {matrix}")
+    return matrix
+
+
+def _lasso_concentrations(pixels: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
+    """Non-negative stain concentrations (N, 2) with staintools' SPAMS lasso (on a copy)."""
+    from staintools.miscellaneous.get_concentrations import get_concentrations
+
+    return np.asarray(get_concentrations(_pixels_image(pixels), stain_matrix), dtype=np.float64)
+
+
+def _lstsq_concentrations(od: np.ndarray, pinv: np.ndarray) -> np.ndarray:
+    """Non-negative concentrations from a fixed pseudo-inverse: (N, 3) @ (3, 2), clipped at 0."""
+    conc = od.reshape(-1, 3) @ pinv
+    np.maximum(conc, 0.0, out=conc)
+    return conc
+
+
+def _max_concentrations(conc: np.ndarray) -> np.ndarray:
+    return np.percentile(conc, 99, axis=0).astype(np.float64)
+
+
+def _lab_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of L (0-100), a, b (about -127..127) over pixels (N, 3)."""
+    from staintools import ReinhardColorNormalizer
+
+    lab = np.stack(ReinhardColorNormalizer.lab_split(_pixels_image(pixels)), axis=-1).reshape(-1, 3)
+    return lab.mean(axis=0).astype(np.float64), lab.std(axis=0).astype(np.float64)
+
+
+def _reinhard_apply(img: np.ndarray, src_mean: np.ndarray, src_std: np.ndarray, tgt_mean: np.ndarray,
+                    tgt_std: np.ndarray) -> np.ndarray:
+    from staintools import ReinhardColorNormalizer
+
+    chans = ReinhardColorNormalizer.lab_split(np.ascontiguousarray(img))
+    scale = tgt_std / np.maximum(src_std, 1e-6)
+    out = [((c - src_mean[i]) * scale[i] + tgt_mean[i]).astype(np.float32) for i, c in enumerate(chans)]
+    return ReinhardColorNormalizer.merge_back(*out)
+
+
+def _reconstruct(conc: np.ndarray, stain_matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """RGB uint8 from concentrations (N, 2) and a target stain matrix (2, 3)."""
+    od = conc @ stain_matrix.astype(np.float32)
+    rgb = 255.0 * np.exp(-od)
+    np.clip(rgb, 0, 255, out=rgb)
+    return np.rint(rgb).astype(np.uint8).reshape(shape)
+
+
+def _looks_broken(src: np.ndarray, out: np.ndarray) -> str:
+    """Why an output must not be used ('' when it is fine)."""
+    if out.shape != src.shape:
+        return "output shape changed"
+    dark_in = float((src.max(axis=2) < 30).mean())
+    dark_out = float((out.max(axis=2) < 30).mean())
+    if dark_out > dark_in + 0.25:
+        return f"output turned {dark_out:.0%} of the tile black"
+    return ""
+
+
+# --------------------------------------------------------------------------- normalizer
+
+
+@dataclass
+class SlideTransform:
+    """Per-slide normalization: a fixed map estimated once; call it on each tile of the slide.
+
+    Attributes:
+        status: ``"normalized"`` or ``"passthrough: <reason>"`` (then tiles are returned unchanged).
+        stain_matrix: The slide's estimated source stain matrix (2 x 3), if any.
+        max_concentrations: The slide's 99th-percentile H and E concentrations.
+    """
+
+    normalizer: StainNormalizer
+    status: str = "normalized"
+    stain_matrix: np.ndarray | None = None
+    max_concentrations: np.ndarray | None = None
+    lab_mean: np.ndarray | None = None
+    lab_std: np.ndarray | None = None
+    n_pixels: int = 0
+    _pinv: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stain_matrix is not None and self.max_concentrations is not None and self.status == "normalized":
+            scale = (self.normalizer.max_concentrations / np.maximum(self.max_concentrations, 1e-6))
+            # fold the concentration scaling into the pseudo-inverse: one (3, 2) matrix per slide
+            self._pinv = (np.linalg.pinv(self.stain_matrix) * scale[None, :]).astype(np.float32)
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        """Normalize one tile (uint8 RGB) of this slide."""
+        img = _as_rgb_uint8(img, "tile")
+        if self.status != "normalized" or self.normalizer.method == "none":
+            return img.copy()
+        if self.normalizer.method == "reinhard":
+            return _reinhard_apply(img, self.lab_mean, self.lab_std, self.normalizer.lab_mean, self.normalizer.lab_std)
+        conc = _lstsq_concentrations(optical_density(img), self._pinv)
+        return _reconstruct(conc, self.normalizer.stain_matrix, img.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "n_pixels": self.n_pixels,
+            "stain_matrix": None if self.stain_matrix is None else np.round(self.stain_matrix, 6).tolist(),
+            "max_concentrations": None if self.max_concentrations is None else np.round(self.max_concentrations, 6).tolist(),
+            "lab_mean": None if self.lab_mean is None else np.round(self.lab_mean, 4).tolist(),
+            "lab_std": None if self.lab_std is None else np.round(self.lab_std, 4).tolist(),
+        }
+
+
+@dataclass
+class StainNormalizer:
+    """A fitted stain normalizer (target = the reference tile's stains or colour statistics).
+
+    Create with :func:`fit_normalizer` or :func:`load_normalizer`; apply per tile with
+    :meth:`transform` or per slide with :meth:`for_slide`.
+
+    Attributes:
+        method: ``"macenko"``, ``"vahadane"``, ``"reinhard"`` or ``"none"``.
+        stain_matrix: Target stain matrix (2 x 3 optical density, rows H, E) for Macenko/Vahadane.
+        max_concentrations: Target 99th-percentile H and E concentrations.
+        lab_mean, lab_std: Target LAB statistics of tissue pixels (Reinhard).
+        luminosity_threshold: Pixels with LAB lightness (0-1) below this are tissue.
+        min_tissue_fraction: Per-tile mode passes tiles with less tissue through unchanged.
+        max_fit_pixels: Tissue pixels sampled at most to estimate a slide's stains.
+        reference: Reference image path (relative to the JSON file's folder), if saved.
+        reference_source: Where the reference tile came from (tile path or id).
+        reference_image: The reference tile itself (kept in memory; saved as PNG by :meth:`save`).
+    """
+
+    method: str
+    stain_matrix: np.ndarray | None = None
+    max_concentrations: np.ndarray | None = None
+    lab_mean: np.ndarray | None = None
+    lab_std: np.ndarray | None = None
+    luminosity_threshold: float = 0.8
+    min_tissue_fraction: float = 0.05
+    max_fit_pixels: int = 200_000
+    reference: str | None = None
+    reference_source: str | None = None
+    reference_image: np.ndarray | None = field(default=None, repr=False)
+
+    # ---- per tile
+    def transform(self, img: np.ndarray) -> np.ndarray:
+        """Normalize one tile, re-estimating its stains (staintools' per-image behaviour).
+
+        Tiles with too little tissue, or whose estimate fails, come back unchanged (warning logged).
+        """
+        return self.transform_with_status(img)[0]
+
+    def transform_with_status(self, img: np.ndarray) -> tuple[np.ndarray, str]:
+        """Like :meth:`transform`, also returning ``"normalized"`` or ``"passthrough: <reason>"``."""
+        img = _as_rgb_uint8(img, "tile")
+        if self.method == "none":
+            return img.copy(), "normalized"
+        mask = tissue_mask(img, self.luminosity_threshold)
+        frac = float(mask.mean())
+        if frac < self.min_tissue_fraction or mask.sum() < MIN_TISSUE_PIXELS:
+            return self._passthrough(img, f"tissue fraction {frac:.1%} < min_tissue_fraction {self.min_tissue_fraction:.0%}")
+        pixels = img[mask]
+        try:
+            if self.method == "reinhard":
+                mean, std = _lab_stats(pixels)
+                if np.any(std < 0.5):
+                    return self._passthrough(img, "colour spread too small to rescale")
+                out = _reinhard_apply(img, mean, std, self.lab_mean, self.lab_std)
+            else:
+                src = _estimate_stain_matrix(self.method, pixels, self.luminosity_threshold)
+                conc = _lasso_concentrations(img.reshape(-1, 3), src)
+                max_src = _max_concentrations(conc[mask.reshape(-1)])
+                if np.any(max_src < 1e-3) or not np.all(np.isfinite(conc)):
+                    return self._passthrough(img, "one stain is absent from the tile")
+                conc *= self.max_concentrations / max_src
+                out = _reconstruct(conc, self.stain_matrix, img.shape)
+        except Exception as exc:  # noqa: BLE001 - staintools/SPAMS raise assorted errors on odd tiles
+            return self._passthrough(img, f"stain estimation failed ({type(exc).__name__}: {exc})")
+        broken = _looks_broken(img, out)
+        if broken:
+            return self._passthrough(img, broken)
+        return out, "normalized"
+
+    def _passthrough(self, img: np.ndarray, reason: str) -> tuple[np.ndarray, str]:
+        log.warning("stain %s: tile passed through unchanged: %s", self.method, reason)
+        return img.copy(), f"passthrough: {reason}"
+
+    # ---- per slide
+    def for_slide(self, samples: Sequence[np.ndarray], seed: int = 0) -> SlideTransform:
+        """Estimate a slide's stains ONCE from sample tiles; return a fast per-tile function.
+
+        Args:
+            samples: Tiles of one slide (uint8 RGB); only their tissue pixels are used.
+            seed: Seed for thinning the pooled pixels to ``max_fit_pixels``.
+
+        Returns:
+            A :class:`SlideTransform` (callable ``tile -> normalized tile``).
+        """
+        if self.method == "none":
+            return SlideTransform(self)
+        pixels = _sample_tissue_pixels(samples, self.luminosity_threshold, self.max_fit_pixels, seed)
+        if len(pixels) < MIN_TISSUE_PIXELS:
+            reason = f"only {len(pixels)} tissue pixels in {len(samples)} sample tiles (need {MIN_TISSUE_PIXELS})"
+            log.warning("stain %s: slide passed through unchanged: %s", self.method, reason)
+            return SlideTransform(self, status=f"passthrough: {reason}", n_pixels=len(pixels))
+        try:
+            if self.method == "reinhard":
+                mean, std = _lab_stats(pixels)
+                return SlideTransform(self, lab_mean=mean, lab_std=np.maximum(std, 0.5), n_pixels=len(pixels))
+            src = _estimate_stain_matrix(self.method, pixels, self.luminosity_threshold)
+            conc = _lstsq_concentrations(optical_density(pixels), np.linalg.pinv(src).astype(np.float32))
+            max_src = _max_concentrations(conc)
+        except Exception as exc:  # noqa: BLE001
+            reason = f"stain estimation failed ({type(exc).__name__}: {exc})"
+            log.warning("stain %s: slide passed through unchanged: %s", self.method, reason)
+            return SlideTransform(self, status=f"passthrough: {reason}", n_pixels=len(pixels))
+        if np.any(max_src < 1e-3):
+            reason = "one stain is absent from the slide's sample"
+            log.warning("stain %s: slide passed through unchanged: %s", self.method, reason)
+            return SlideTransform(self, status=f"passthrough: {reason}", n_pixels=len(pixels))
+        return SlideTransform(self, stain_matrix=src, max_concentrations=max_src, n_pixels=len(pixels))
+
+    # ---- persistence
+    def to_dict(self) -> dict[str, Any]:
+        import staintools  # noqa: F401 - recorded for reproducibility
+
+        def arr(a: np.ndarray | None, nd: int = 6) -> list | None:
+            return None if a is None else np.round(np.asarray(a, dtype=np.float64), nd).tolist()
+
+        from importlib.metadata import version
+
+        return {
+            "method": self.method,
+            "stain_matrix": arr(self.stain_matrix),
+            "stain_matrix_rows": ["hematoxylin", "eosin"],
+            "stain_colors_rgb": None if self.stain_matrix is None else stain_colors(self.stain_matrix).tolist(),
+            "max_concentrations": arr(self.max_concentrations),
+            "lab_mean": arr(self.lab_mean, 4),
+            "lab_std": arr(self.lab_std, 4),
+            "luminosity_threshold": self.luminosity_threshold,
+            "min_tissue_fraction": self.min_tissue_fraction,
+            "max_fit_pixels": self.max_fit_pixels,
+            "reference": self.reference,
+            "reference_source": self.reference_source,
+            "optical_density": "OD = -ln(max(I, 1) / 255), floor 1e-6; RGB = 255 exp(-C @ stain_matrix)",
+            "staintools_version": version("staintools"),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> StainNormalizer:
+        method = str(d.get("method", "")).lower()
+        if method not in METHODS:
+            raise ParameterError(f"{source}: unknown stain method {d.get('method')!r}; use one of {', '.join(METHODS)}")
+
+        def arr(key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+            v = d.get(key)
+            if v is None:
+                return None
+            a = np.asarray(v, dtype=np.float64)
+            if a.shape != shape or not np.all(np.isfinite(a)):
+                raise ParameterError(f"{source}: {key} must be finite numbers of shape {shape}; re-run 02_normalize_stain")
+            return a
+
+        norm = cls(
+            method=method,
+            stain_matrix=arr("stain_matrix", (2, 3)),
+            max_concentrations=arr("max_concentrations", (2,)),
+            lab_mean=arr("lab_mean", (3,)),
+            lab_std=arr("lab_std", (3,)),
+            luminosity_threshold=float(d.get("luminosity_threshold", 0.8)),
+            min_tissue_fraction=float(d.get("min_tissue_fraction", 0.05)),
+            max_fit_pixels=int(d.get("max_fit_pixels", 200_000)),
+            reference=d.get("reference"),
+            reference_source=d.get("reference_source"),
+        )
+        needed = {"macenko": ("stain_matrix", "max_concentrations"), "vahadane": ("stain_matrix", "max_concentrations"),
+                  "reinhard": ("lab_mean", "lab_std"), "none": ()}[method]
+        missing = [k for k in needed if getattr(norm, k) is None]
+        if missing:
+            raise ParameterError(f"{source}: method {method} needs {', '.join(missing)}; re-run 02_normalize_stain")
+        return norm
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write ``normalizer.json`` (and ``reference.png`` beside it when the reference image is known)."""
+        from helpers.io import write_image, write_json
+
+        path = Path(path)
+        if self.reference_image is not None:
+            ref = path.with_name("reference.png")
+            write_image(self.reference_image, ref, overwrite=overwrite)
+            self.reference = ref.name
+        return write_json(self.to_dict(), path, overwrite=overwrite)
+
+
+def stain_colors(stain_matrix: np.ndarray, concentration: float = 1.0) -> np.ndarray:
+    """RGB uint8 colour (2, 3) of each stain at a given concentration (for display)."""
+    return np.clip(np.rint(255 * np.exp(-concentration * np.asarray(stain_matrix))), 0, 255).astype(np.uint8)
+
+
+def fit_normalizer(reference_img: np.ndarray, method: str = "macenko", luminosity_threshold: float = 0.8,
+                   min_tissue_fraction: float = 0.05, max_fit_pixels: int = 200_000,
+                   reference_source: str | None = None) -> StainNormalizer:
+    """Fit a normalizer to a reference tile (tissue pixels only).
+
+    Args:
+        reference_img: The reference tile, uint8 RGB (well stained, mostly tissue).
+        method: ``"macenko"``, ``"vahadane"``, ``"reinhard"`` or ``"none"``.
+        luminosity_threshold: LAB lightness (0-1) below which a pixel is tissue.
+        min_tissue_fraction: Per-tile mode passes tiles with less tissue through unchanged.
+        max_fit_pixels: Tissue pixels sampled at most for estimation.
+        reference_source: Where the reference came from (recorded in the JSON).
+
+    Raises:
+        ParameterError: unknown method, or a reference with too little tissue.
+    """
+    method = str(method).lower()
+    if method not in METHODS:
+        raise ParameterError(f"stain_method={method!r} is unknown; use one of {', '.join(METHODS)}")
+    if not 0 < luminosity_threshold <= 1:
+        raise ParameterError(f"luminosity_threshold={luminosity_threshold} must be in (0, 1]; 0.8 suits most H&E")
+    ref = _as_rgb_uint8(reference_img, "reference image").copy()
+    norm = StainNormalizer(method, luminosity_threshold=luminosity_threshold, min_tissue_fraction=min_tissue_fraction,
+                           max_fit_pixels=max_fit_pixels, reference_source=reference_source, reference_image=ref)
+    if method == "none":
+        return norm
+    pixels = _sample_tissue_pixels([ref], luminosity_threshold, max_fit_pixels)
+    if len(pixels) < MIN_TISSUE_PIXELS:
+        raise ParameterError(
+            f"reference image {reference_source or ''}: only {len(pixels)} tissue pixels; choose a tissue-rich "
+            "reference (reference_tile=) or raise luminosity_threshold")
+    if method == "reinhard":
+        norm.lab_mean, norm.lab_std = _lab_stats(pixels)
+        return norm
+    try:
+        norm.stain_matrix = _estimate_stain_matrix(method, pixels, luminosity_threshold)
+        norm.max_concentrations = _max_concentrations(_lasso_concentrations(pixels, norm.stain_matrix))
+    except Exception as exc:  # noqa: BLE001
+        raise ParameterError(f"reference image {reference_source or ''}: {method} stain estimation failed ({exc}); "
+                             "choose another reference tile") from None
+    if np.any(norm.max_concentrations < 1e-3):
+        raise ParameterError(f"reference image {reference_source or ''}: one stain is absent; choose a reference "
+                             "with both nuclei (hematoxylin) and cytoplasm/stroma (eosin)")
+    return norm
+
+
+def load_normalizer(path: str | Path) -> StainNormalizer:
+    """Read ``normalizer.json`` written by :meth:`StainNormalizer.save` (method "none" -> identity).
+
+    Raises:
+        HistoUNetError: the file is missing or malformed.
+    """
+    from helpers.io import read_image, read_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise HistoUNetError(f"{path}: stain normalizer not found; run 02_normalize_stain.ipynb first "
+                             "(or pass the normalizer.json used for training)")
+    try:
+        data = read_json(path)
+    except ValueError as exc:
+        raise HistoUNetError(f"{path}: not valid JSON ({exc}); re-run 02_normalize_stain") from None
+    if not isinstance(data, dict):
+        raise HistoUNetError(f"{path}: expected a JSON object; re-run 02_normalize_stain")
+    norm = StainNormalizer.from_dict(data, str(path))
+    if norm.reference and (path.parent / norm.reference).is_file():
+        norm.reference_image = read_image(path.parent / norm.reference)
+    return norm
+
+
+# --------------------------------------------------------------------------- reference choice
+
+
+@dataclass
+class ReferenceChoice:
+    """The reference tile picked by :func:`choose_reference` and the table it was picked from."""
+
+    image: np.ndarray
+    index: int
+    name: str
+    scores: pd.DataFrame
+
+
+def _load_candidates(source: Any, workdir: str | Path | None) -> tuple[list[Any], list[str], Path | None]:
+    """Paths/arrays and names of candidate tiles from images, paths or a manifest."""
+    if isinstance(source, pd.DataFrame) or isinstance(source, (str, Path)):
+        from helpers.io import read_manifest
+
+        if isinstance(source, pd.DataFrame):
+            df = source
+            root = Path(workdir) if workdir is not None else Path(".")
+        else:
+            df = read_manifest(source, "01_make_tiles.ipynb")
+            root = Path(workdir) if workdir is not None else Path(source).resolve().parent.parent
+        if "image" not in df.columns:
+            raise HistoUNetError(f"{source if not isinstance(source, pd.DataFrame) else 'manifest'}: no 'image' column")
+        names = df["tile_id"].astype(str).tolist() if "tile_id" in df.columns else df["image"].astype(str).tolist()
+        return [root / p for p in df["image"]], names, root
+    items = list(source)
+    names = [Path(x).stem if isinstance(x, (str, Path)) else f"#{i}" for i, x in enumerate(items)]
+    return items, names, None
+
+
+def choose_reference(source: Sequence[np.ndarray] | Sequence[str | Path] | str | Path | pd.DataFrame,
+                     workdir: str | Path | None = None, max_candidates: int = 200, min_tissue_fraction: float = 0.6,
+                     luminosity_threshold: float = 0.8, seed: int = 0) -> ReferenceChoice:
+    """Pick a well-stained, tissue-rich reference tile automatically.
+
+    Rule: among (a random sample of at most ``max_candidates``) tiles, keep those with at
+    least ``min_tissue_fraction`` tissue and less than 1 % pen-coloured pixels (if none
+    qualify, the 25 % most tissue-rich); then take the one whose median tissue colour
+    (LAB) is closest to the median of the kept tiles — a typical, not an outlier, stain —
+    with a bonus for more tissue.
+
+    Args:
+        source: Tile images, image paths, a manifest CSV path or a manifest DataFrame.
+        workdir: Root for the manifest's relative paths (default: the manifest's parent's parent).
+
+    Raises:
+        HistoUNetError: no candidate tiles.
+    """
+    from helpers.io import read_image
+
+    items, names, _ = _load_candidates(source, workdir)
+    if not items:
+        raise HistoUNetError("choose_reference: no tiles to choose from; run 01_make_tiles first or give images")
+    order = np.arange(len(items))
+    if len(items) > max_candidates:
+        order = np.sort(np.random.default_rng(seed).choice(len(items), max_candidates, replace=False))
+    rows = []
+    for i in order:
+        img = _as_rgb_uint8(read_image(items[i]) if isinstance(items[i], (str, Path)) else items[i], names[i])
+        mask = tissue_mask(img, luminosity_threshold)
+        lab = _lab_stats(img[mask])[0] if mask.sum() >= MIN_TISSUE_PIXELS else np.full(3, np.nan)
+        rows.append({"index": int(i), "name": names[i], "tissue_fraction": float(mask.mean()),
+                     "pen_fraction": float(pen_mask(img).mean()), "L": lab[0], "a": lab[1], "b": lab[2]})
+    df = pd.DataFrame(rows)
+    ok = (df["tissue_fraction"] >= min_tissue_fraction) & (df["pen_fraction"] < 0.01) & df["L"].notna()
+    if not ok.any():
+        ok = df["L"].notna() & (df["tissue_fraction"] >= df["tissue_fraction"].quantile(0.75))
+        log.warning("choose_reference: no tile has %.0f%% tissue; choosing among the most tissue-rich", 100 * min_tissue_fraction)
+    if not ok.any():
+        raise HistoUNetError("choose_reference: no tile holds enough tissue to serve as stain reference; "
+                             "pass a reference image explicitly (reference_tile=)")
+    typical = df.loc[ok, ["L", "a", "b"]].median()
+    df["colour_distance"] = np.sqrt(((df[["L", "a", "b"]] - typical) ** 2).sum(axis=1))
+    df["score"] = np.where(ok, -df["colour_distance"] + 20 * df["tissue_fraction"].clip(upper=0.95), -np.inf)
+    best = df.loc[df["score"].idxmax()]
+    idx = int(best["index"])
+    image = read_image(items[idx]) if isinstance(items[idx], (str, Path)) else np.asarray(items[idx])
+    log.info("reference tile: %s (tissue %.0f%%, LAB distance to typical %.1f)", best["name"],
+             100 * best["tissue_fraction"], best["colour_distance"])
+    return ReferenceChoice(_as_rgb_uint8(image).copy(), idx, str(best["name"]), df.sort_values("score", ascending=False))
+
+
+# --------------------------------------------------------------------------- whole step
+
+
+def normalize_tiles(manifest_path: str | Path, out_dir: str | Path, normalizer: StainNormalizer, mode: str = "slide",
+                    workdir: str | Path | None = None, samples_per_slide: int = 32, overwrite: bool = False,
+                    seed: int = 0) -> pd.DataFrame:
+    """Normalize every tile of a tile manifest; write ``tiles/<tile_id>.png`` and ``manifest.csv``.
+
+    Args:
+        manifest_path: ``workdir/tiles/manifest.csv`` (paths relative to ``workdir``).
+        out_dir: ``workdir/stain``.
+        normalizer: A fitted :class:`StainNormalizer`.
+        mode: ``"slide"`` (estimate each slide's stains once, fast and seamless) or
+            ``"tile"`` (staintools per tile).
+        workdir: Root of the manifest's relative paths (default: the manifest's parent's parent).
+        samples_per_slide: Tiles per slide (the most tissue-rich of a random draw) used to estimate its stains.
+        overwrite: Replace an earlier result.
+
+    Returns:
+        The new manifest: input rows with ``image`` = normalized tile, ``image_raw`` = input
+        tile, ``stain_status`` = ``normalized`` / ``passthrough: <reason>``. For method
+        ``none`` the images point to the raw tiles. Per-slide estimates go to ``slides.json``.
+    """
+    from tqdm.auto import tqdm
+
+    from helpers.io import read_image, read_manifest, write_image, write_json, write_manifest
+
+    if mode not in MODES:
+        raise ParameterError(f"mode={mode!r} is unknown; use 'slide' (fast, seamless) or 'tile' (staintools per tile)")
+    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
+    root = Path(workdir) if workdir is not None else manifest_path.resolve().parent.parent
+    out_manifest = out_dir / "manifest.csv"
+    if out_manifest.exists() and not overwrite:
+        raise OutputExistsError(f"{out_manifest} already exists; pass overwrite=True to normalize again")
+    df = read_manifest(manifest_path, "01_make_tiles.ipynb")
+    for col in ("tile_id", "slide", "image"):
+        if col not in df.columns:
+            raise HistoUNetError(f"{manifest_path}: column {col!r} missing; re-run 01_make_tiles")
+    df = df.copy()
+    df["image_raw"] = df["image"]
+    df["stain_status"] = "normalized"
+    slides_info: dict[str, Any] = {}
+    tiles_dir = out_dir / "tiles"
+    rng = np.random.default_rng(seed)
+    if normalizer.method == "none":
+        log.info("stain method 'none': the manifest points to the raw tiles")
+    else:
+        tiles_dir.mkdir(parents=True, exist_ok=True)
+        for slide, group in df.groupby("slide", sort=False):
+            fn: Callable[[np.ndarray], np.ndarray] | None = None
+            if mode == "slide":
+                draw = group.index.to_numpy()
+                if len(draw) > 3 * samples_per_slide:
+                    draw = rng.choice(draw, 3 * samples_per_slide, replace=False)
+                cands = [(read_image(root / df.at[i, "image"])) for i in draw]
+                fracs = [tissue_fraction(c, normalizer.luminosity_threshold) for c in cands]
+                keep = np.argsort(fracs)[::-1][:samples_per_slide]
+                fn = normalizer.for_slide([cands[k] for k in keep], seed=seed)
+                slides_info[str(slide)] = {**fn.to_dict(), "n_sample_tiles": len(keep)}
+            for i in tqdm(group.index, desc=f"stain {slide}", leave=False):
+                img = read_image(root / df.at[i, "image"])
+                if fn is not None:
+                    out, status = fn(img), fn.status
+                else:
+                    out, status = normalizer.transform_with_status(img)
+                rel = Path(out_dir.name) / "tiles" / f"{df.at[i, 'tile_id']}.png"
+                # no manifest yet means any tile already here is from an unfinished run
+                write_image(out, tiles_dir / f"{df.at[i, 'tile_id']}.png", overwrite=True)
+                df.at[i, "image"] = rel.as_posix()
+                df.at[i, "stain_status"] = status
+    write_json({"method": normalizer.method, "mode": mode, "slides": slides_info}, out_dir / "slides.json", overwrite=True)
+    n_pass = int(df["stain_status"].str.startswith("passthrough").sum())
+    if n_pass:
+        log.warning("%d of %d tiles passed through unchanged (see stain_status in the manifest)", n_pass, len(df))
+    write_manifest(df, out_manifest, overwrite=overwrite)
+    return df
+
+
+# --------------------------------------------------------------------------- colour statistics
+
+
+def mean_lab(img: np.ndarray, luminosity_threshold: float = 0.8) -> np.ndarray:
+    """Mean LAB colour (L 0-100) of an image's tissue pixels."""
+    img = _as_rgb_uint8(img)
+    return _lab_stats(img[tissue_mask(img, luminosity_threshold)])[0]
+
+
+def lab_distance(img1: np.ndarray, img2: np.ndarray, luminosity_threshold: float = 0.8) -> float:
+    """Distance (delta E 76) between the mean tissue colours of two images."""
+    return float(np.linalg.norm(mean_lab(img1, luminosity_threshold) - mean_lab(img2, luminosity_threshold)))
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def plot_reference(normalizer: StainNormalizer, image: np.ndarray | None = None):
+    """Figure: the reference tile, its tissue mask and the target stain colours."""
+    import matplotlib.pyplot as plt
+
+    image = normalizer.reference_image if image is None else image
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1, 0.7]})
+    if image is not None:
+        axes[0].imshow(image)
+        axes[1].imshow(tissue_mask(image, normalizer.luminosity_threshold), cmap="gray")
+        axes[1].set_title(f"tissue used for fitting ({tissue_fraction(image, normalizer.luminosity_threshold):.0%})", fontsize=9)
+    axes[0].set_title(f"reference ({normalizer.method})", fontsize=9)
+    for ax in axes[:2]:
+        ax.axis("off")
+    _draw_stains(axes[2], normalizer)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_stains(ax, normalizer: StainNormalizer) -> None:
+    ax.axis("off")
+    if normalizer.stain_matrix is not None:
+        cols = stain_colors(normalizer.stain_matrix, 1.0)
+        for k, (name, c) in enumerate(zip(("Hematoxylin", "Eosin"), cols)):
+            ax.add_patch(plt_rect((0.05, 0.55 - 0.45 * k), 0.35, 0.35, c / 255))
+            od = normalizer.stain_matrix[k]
+            ax.text(0.45, 0.72 - 0.45 * k, f"{name}\nOD r,g,b = {od[0]:.2f}, {od[1]:.2f}, {od[2]:.2f}\n"
+                    f"max conc. {normalizer.max_concentrations[k]:.2f}", fontsize=8, va="center")
+        ax.set_title("target stain vectors", fontsize=9)
+    elif normalizer.lab_mean is not None:
+        m, s = normalizer.lab_mean, normalizer.lab_std
+        ax.text(0.0, 0.5, f"target LAB of tissue\nmean L,a,b = {m[0]:.1f}, {m[1]:.1f}, {m[2]:.1f}\n"
+                f"std  L,a,b = {s[0]:.1f}, {s[1]:.1f}, {s[2]:.1f}", fontsize=9, va="center")
+    else:
+        ax.text(0.0, 0.5, "method 'none': tiles are not changed", fontsize=9, va="center")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+
+
+def plt_rect(xy: tuple[float, float], w: float, h: float, color: Any):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle(xy, w, h, color=color, ec="k", lw=0.5)
+
+
+def plot_stain_vectors(normalizer: StainNormalizer, slides_json: str | Path | dict | None = None):
+    """Figure: OD components of the target stain vectors and of each slide's estimate (per-slide mode)."""
+    import matplotlib.pyplot as plt
+
+    from helpers.io import read_json
+
+    info = read_json(slides_json) if isinstance(slides_json, (str, Path)) else (slides_json or {})
+    mats = {"target (reference)": normalizer.stain_matrix}
+    for name, d in (info.get("slides") or {}).items():
+        if d.get("stain_matrix") is not None:
+            mats[name] = np.asarray(d["stain_matrix"])
+    mats = {k: v for k, v in mats.items() if v is not None}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    if not mats:
+        for ax in axes:
+            ax.axis("off")
+        axes[0].text(0, 0.5, f"method {normalizer.method!r} has no stain vectors", fontsize=10)
+        return fig
+    width = 0.8 / len(mats)
+    for k, stain in enumerate(("Hematoxylin", "Eosin")):
+        ax = axes[k]
+        for j, (name, m) in enumerate(mats.items()):
+            ax.bar(np.arange(3) + j * width, m[k], width, color=stain_colors(m, 1.0)[k] / 255, ec="k", lw=0.5,
+                   label=name)
+        ax.set_xticks(np.arange(3) + 0.4 - width / 2, ["R", "G", "B"])
+        ax.set_ylabel("optical density (unit vector)")
+        ax.set_title(f"{stain} stain vector (bar colour = stain colour)", fontsize=9)
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_before_after(manifest: pd.DataFrame | str | Path, workdir: str | Path, n: int = 6, seed: int = 0):
+    """Figure: raw tiles (top) above their normalized versions (bottom), one column per tile."""
+    import matplotlib.pyplot as plt
+
+    from helpers.io import read_image, read_manifest
+
+    df = read_manifest(manifest) if isinstance(manifest, (str, Path)) else manifest
+    workdir = Path(workdir)
+    n = min(n, len(df))
+    rows = df.sample(n, random_state=seed) if len(df) > n else df
+    fig, axes = plt.subplots(2, max(n, 1), figsize=(2.4 * max(n, 1), 5.2), squeeze=False)
+    for j, (_, r) in enumerate(rows.iterrows()):
+        raw_col = "image_raw" if "image_raw" in r else "image"
+        for i, (col, label) in enumerate(((raw_col, "before"), ("image", "after"))):
+            ax = axes[i, j]
+            ax.imshow(read_image(workdir / r[col]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(label)
+            if i == 0:
+                ax.set_title(f"{r['slide']}\nx={r.get('x', '?')}, y={r.get('y', '?')}", fontsize=7)
+            if i == 1 and str(r.get("stain_status", "normalized")).startswith("passthrough"):
+                ax.set_title("unchanged (too little tissue)", fontsize=7, color="tab:red")
+    for ax in axes.ravel()[2 * n:]:
+        ax.axis("off")
+    fig.suptitle("stain normalization: before (top) / after (bottom)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_comparison(images: Sequence[np.ndarray], normalized: Sequence[np.ndarray], target: np.ndarray,
+                    titles: Sequence[str] | None = None):
+    """Figure: target, then each source above its normalized version."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(2, n + 1, figsize=(2.6 * (n + 1), 5.4), squeeze=False)
+    axes[0, 0].imshow(target)
+    axes[0, 0].set_title("target", fontsize=8)
+    axes[1, 0].axis("off")
+    for j in range(n):
+        axes[0, j + 1].imshow(images[j])
+        axes[1, j + 1].imshow(normalized[j])
+        axes[0, j + 1].set_title(titles[j] if titles else f"#{j}", fontsize=8)
+        axes[1, j + 1].set_title(f"dE {lab_distance(images[j], target):.1f} -> {lab_distance(normalized[j], target):.1f}",
+                                 fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
