@@ -29,10 +29,11 @@ def setup_notebook(level: int = logging.INFO) -> None:
         return
 
     def _one_line(shell, etype, evalue, tb, tb_offset=None):  # noqa: ANN001 - IPython's signature
-        print(f"ERROR: {evalue}", file=sys.stderr)
-        # Re-raise through IPython's normal path is not wanted; papermill still sees the error
-        # because the cell's execute_reply status is "error".
-        return None
+        # Shown as the cell's error output (instead of a traceback), so the notebook,
+        # papermill and the chain runner all see the one-line message.
+        stb = [f"{etype.__name__}: {evalue}"]
+        shell._showtraceback(etype, evalue, stb)
+        return stb
 
     ip.set_custom_exc((HistoUNetError,), _one_line)
 

@@ -104,3 +104,28 @@ def test_importing_helpers_does_no_heavy_work():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"importing helpers pulled in: {out.stdout.strip()}"
+
+
+def test_notebook_errors_are_one_line_not_tracebacks(tmp_path, shared_data):
+    """A HistoUNetError raised in a notebook reaches papermill and the chain runner as one line."""
+    import nbformat
+    import papermill as pm
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_code_cell("slide: str = ''", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("from helpers.nb import setup_notebook\nsetup_notebook()"),
+        nbformat.v4.new_code_cell("from helpers.slides import open_slide\nopen_slide(slide)"),
+    ]
+    src = tmp_path / "nb.ipynb"
+    nbformat.write(nb, src)
+    broken = shared_data / "slides" / "broken.svs"
+    with pytest.raises(pm.PapermillExecutionError) as exc:
+        pm.execute_notebook(str(src), str(tmp_path / "out.ipynb"), parameters={"slide": str(broken)},
+                            kernel_name="python3", progress_bar=False, cwd=str(Path(__file__).parent.parent))
+    assert exc.value.ename == "SlideError"
+    assert str(broken) in exc.value.evalue and "\n" not in exc.value.evalue
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    error = [o for o in out.cells[-1].outputs if o.output_type == "error"][0]
+    assert error.traceback == [f"SlideError: {exc.value.evalue}"]
