@@ -1,0 +1,722 @@
+"""Whole-slide inference: overlap-tile prediction in bands, then export per slide.
+
+Prediction and post-processing are separate steps so post-processing variants can be
+tried without predicting again:
+
+1. :func:`predict_slide` reads the slide at the model's resolution, only where there is
+   tissue, normalizes stain exactly as in training, predicts overlapping tiles and
+   blends their class probabilities per pixel (``mean`` or ``gaussian`` weights). It
+   works through the tile grid one row ("band") at a time, keeping only the rows still
+   being blended in memory and writing finished rows to a memory-mapped file on disk;
+   a checkpoint after each band makes an interrupted run resumable with the same
+   result. The finished probabilities become ``probabilities.tiff``.
+2. :func:`export_prediction` post-processes the stored probabilities
+   (:mod:`helpers.postprocess`), writes ``labels.tiff``, the QuPath GeoJSON,
+   ``overlay.png`` and ``summary.json`` (written last: it marks the slide done).
+
+Output folder ``workdir/predictions/<slide>/`` (see ``docs/workfolder.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from helpers.config import ClassMap, TissueClass, load_class_map
+from helpers.errors import ClassMapError, HistoUNetError, OutputExistsError, ParameterError, SlideError
+from helpers.io import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+#: Allowed overlap factors -> stride as a fraction of the tile side.
+OVERLAP_STRIDE = {1: 1, 4: 2, 16: 4}
+
+#: Files that mark a prediction folder as holding results.
+RESULT_FILES = ("probabilities.tiff", "labels.tiff", "summary.json")
+
+PARTIAL_DIR = ".partial"
+
+
+class DiskFullError(HistoUNetError):
+    """The disk filled up while writing an output (nothing was left under the final name)."""
+
+
+@dataclass
+class PredictionResult:
+    """What :func:`predict_slide` did (also stored as ``prediction.json``)."""
+
+    slide: str
+    slide_path: str
+    out_dir: str
+    probabilities: str
+    width: int  # raster size at model resolution
+    height: int
+    downsample: float  # level-0 slide pixels per raster pixel
+    mpp: float  # um per raster pixel (the model's)
+    slide_mpp: float
+    tile_size: int
+    stride: int
+    overlap: int
+    blend: str
+    normalizer: str | None
+    classes: list[dict]
+    tiles_grid: int
+    tiles_tissue: int
+    seconds: float
+    tiles_per_second: float
+    resumed_from_band: int = 0
+    model_file: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def class_map_from_params(classes: Any, source: str) -> ClassMap:
+    """A :class:`ClassMap` from ``training_params.yaml``'s ``classes`` entry.
+
+    Accepts the :meth:`ClassMap.to_dict` form (``{"classes": [{label, name, color}]}``),
+    a bare list of such entries, or ``{name: label}``.
+    """
+    try:
+        if isinstance(classes, dict) and "classes" in classes:
+            classes = classes["classes"]
+        if isinstance(classes, dict):
+            items = [TissueClass(int(v), str(k), (128, 128, 128)) for k, v in classes.items()]
+        else:
+            items = [TissueClass(int(c["label"]), str(c["name"]), tuple(int(v) for v in c.get("color", (128, 128, 128))))
+                     for c in classes]
+    except (TypeError, KeyError, ValueError):
+        raise ClassMapError(f"{source}: 'classes' is not a class map; re-run 05_train_model") from None
+    items.sort(key=lambda c: c.label)
+    return ClassMap(tuple(items), 0, source)
+
+
+def _load_model(model_dir: str | Path) -> tuple[Any, dict, ClassMap]:
+    from helpers.model import load_trained
+
+    model, params = load_trained(model_dir)
+    src = str(Path(model_dir) / "training_params.yaml")
+    for key in ("mpp", "tile_size", "classes"):
+        if params.get(key) in (None, ""):
+            raise ParameterError(f"{src}: missing '{key}'; re-run 05_train_model")
+    cmap = class_map_from_params(params["classes"], src)
+    n_out = int(model.output_shape[-1])
+    if n_out != cmap.n_classes:
+        raise ClassMapError(f"{params.get('model_file', model_dir)}: model predicts {n_out} classes but "
+                            f"{src} lists {cmap.n_classes} ({', '.join(cmap.names)}); use the matching model folder")
+    return model, params, cmap
+
+
+def check_class_map(model_classes: ClassMap, class_map: ClassMap | str | Path | None) -> ClassMap:
+    """The class map to use: the user's one if given (must match the model's), else the model's."""
+    if class_map is None:
+        return model_classes
+    cmap = class_map if isinstance(class_map, ClassMap) else load_class_map(class_map)
+    if cmap.names != model_classes.names:
+        raise ClassMapError(f"{cmap.source}: classes {cmap.names} do not match the model's {model_classes.names} "
+                            f"({model_classes.source}); pass the class map the model was trained with")
+    return cmap
+
+
+def background_index(cmap: ClassMap) -> int:
+    """Model channel of the glass/background class ('Background' if present, else channel 0)."""
+    for i, c in enumerate(cmap.classes):
+        if c.name.lower() in ("background", "glass"):
+            return i
+    return 0
+
+
+def tissue_mask(slide, max_size: int = 2048) -> tuple[np.ndarray, float]:
+    """Low-resolution tissue mask: not glass (bright, unsaturated) and not black.
+
+    Returns:
+        ``(mask, downsample)`` with the mask's level-0 pixels per mask pixel.
+    """
+    import cv2
+
+    thumb, ds = slide.thumbnail(max_size)
+    hsv = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)
+    sat, val = hsv[..., 1], hsv[..., 2]
+    gray = cv2.cvtColor(thumb, cv2.COLOR_RGB2GRAY)
+    mask = ((sat > 20) | (gray < 200)) & (val > 30)
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
+    return mask, ds
+
+
+def grid_positions(length: int, tile: int, stride: int) -> list[int]:
+    """Tile origins covering ``[0, length)``; the last tile is aligned to the end."""
+    if length <= tile:
+        return [0]
+    pos = list(range(0, length - tile + 1, stride))
+    if pos[-1] + tile < length:
+        pos.append(length - tile)
+    return pos
+
+
+def blend_weights(tile: int, blend: str) -> np.ndarray:
+    """Per-pixel weights of one tile: ones (``mean``) or a Gaussian (sigma = tile/8) floored at 1e-4."""
+    if blend == "mean":
+        return np.ones((tile, tile), np.float32)
+    if blend == "gaussian":
+        c = (np.arange(tile, dtype=np.float64) + 0.5 - tile / 2) / (tile / 8)
+        g = np.exp(-0.5 * c**2)
+        w = np.outer(g, g)
+        return np.maximum(w / w.max(), 1e-4).astype(np.float32)
+    raise ParameterError(f"blend must be 'gaussian' or 'mean'; got {blend!r}")
+
+
+def resolve_normalizer(normalizer: str | Path | None, model_dir: Path, params: dict) -> Path | None:
+    """Which normalizer file to use: ``"auto"`` = the one training used (``training_params.yaml``)."""
+    if normalizer is None or normalizer == "none":
+        return None
+    if normalizer == "auto":
+        rel = params.get("normalizer")
+        if not rel:
+            return None
+        path = Path(rel)
+        if not path.is_absolute():
+            path = model_dir.parent / path
+        if not path.is_file():
+            raise ParameterError(f"{path}: the stain normalizer used in training is missing; re-run 02_normalize_stain "
+                                 "or pass normalizer=None")
+        return path
+    path = Path(normalizer)
+    if not path.is_file():
+        raise ParameterError(f"{path}: stain normalizer not found; pass normalizer='auto', None or an existing normalizer.json")
+    return path
+
+
+def _fingerprint(**items: Any) -> str:
+    return hashlib.sha1(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_id(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, int(st.st_mtime)]
+
+
+def _band_done(band: int) -> None:
+    """Called after each band is checkpointed (tests inject interruptions here)."""
+
+
+@contextlib.contextmanager
+def _disk_guard(path: Path) -> Iterator[None]:
+    """Turn a full disk into a one-line error naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"{path}: disk full while writing ({exc.strerror}); free space or choose another "
+                                "workdir, then run again (finished bands are kept)") from None
+        raise
+
+
+def write_raster(path: Path, array: np.ndarray, *, kind: str, mpp: float, downsample: float, meta: dict,
+                 overwrite: bool) -> Path:
+    """Write a pyramidal TIFF atomically (nothing under the final name unless complete)."""
+    from helpers.rasters import write_pyramid_tiff
+
+    h, w = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    with _disk_guard(path), atomic_path(path, overwrite) as tmp:
+        write_pyramid_tiff(tmp, array, width=w, height=h, channels=channels, dtype=array.dtype, kind=kind,
+                           mpp=mpp, downsample=downsample, meta=meta, overwrite=True, progress=False)
+    return path
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    existing = [out_dir / f for f in RESULT_FILES if (out_dir / f).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{out_dir}: already holds results ({', '.join(p.name for p in existing)}); "
+                                "pass overwrite=True to replace them")
+    if overwrite:
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / "summary.json").unlink()
+
+
+def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | Path, *, mpp: float | None = None,
+                  normalizer: str | Path | None = "auto", overlap: int = 16, blend: str = "gaussian",
+                  tile_size: int | None = None, batch_size: int = 8, class_map: ClassMap | str | Path | None = None,
+                  overwrite: bool = False, progress: bool = True, prefetch: int = 2,
+                  checkpoint_seconds: float = 30.0, min_tissue: float = 0.0) -> PredictionResult:
+    """Predict class probabilities over a whole slide; write ``probabilities.tiff``.
+
+    Args:
+        slide_path: A slide OpenSlide reads.
+        model_dir: Trained model folder (``workdir/model``).
+        out_dir: This slide's prediction folder (``workdir/predictions/<slide>``).
+        mpp: Level-0 um/px override (required when the slide stores none).
+        normalizer: ``"auto"`` (what training used), a ``normalizer.json`` path, or None.
+        overlap: 1, 4 or 16 tiles over each pixel (stride tile, tile/2, tile/4).
+        blend: ``"gaussian"`` (weights fall off towards tile borders) or ``"mean"``.
+        tile_size: Model input side in pixels (default: the training tile size).
+        batch_size: Tiles per model call.
+        class_map: Optional class map to check against the model's classes.
+        overwrite: Replace earlier results in ``out_dir``.
+        progress: Show a progress bar (tiles/s, ETA).
+        prefetch: Bands read and normalized ahead by the background thread.
+        checkpoint_seconds: Minimum time between band checkpoints (0 = after every band).
+        min_tissue: Fraction of a tile's footprint that must be tissue to predict it
+            (0 = any tissue pixel).
+
+    Returns:
+        A :class:`PredictionResult` (also written to ``out_dir/prediction.json``).
+
+    Raises:
+        SlideError, MissingMppError, ClassMapError, ParameterError, OutputExistsError,
+        DiskFullError: one-line errors naming the file or parameter.
+    """
+    from helpers.slides import open_slide
+
+    t_start = time.perf_counter()
+    slide_path, model_dir, out_dir = Path(slide_path), Path(model_dir), Path(out_dir)
+    if overlap not in OVERLAP_STRIDE:
+        raise ParameterError(f"overlap must be 1, 4 or 16; got {overlap}")
+    weights = blend_weights(8, blend)  # validates blend early
+    if batch_size < 1:
+        raise ParameterError(f"batch_size must be >= 1; got {batch_size}")
+    _check_out_dir(out_dir, overwrite)
+
+    model, params, model_classes = _load_model(model_dir)
+    cmap = check_class_map(model_classes, class_map)
+    n_cls = cmap.n_classes
+    bg = background_index(cmap)
+    tile = int(tile_size or params["tile_size"])
+    in_shape = model.input_shape
+    if in_shape[1] is not None and in_shape[1] != tile:
+        raise ParameterError(f"tile_size={tile} but the model in {model_dir} takes {in_shape[1]} px tiles; "
+                             "leave tile_size=None")
+    if tile < 16:
+        raise ParameterError(f"tile_size must be >= 16; got {tile}")
+    stride = tile // OVERLAP_STRIDE[overlap]
+    weights = blend_weights(tile, blend)
+    model_mpp = float(params["mpp"])
+    norm_path = resolve_normalizer(normalizer, model_dir, params)
+
+    slide = open_slide(slide_path, mpp=mpp)
+    try:
+        slide_mpp = slide.require_mpp()
+        ds = slide.downsample_for(model_mpp)
+        W, H = slide.size_at(ds)
+        if W < tile or H < tile:
+            raise SlideError(f"{slide_path}: {W}x{H} px at {model_mpp} um/px is smaller than one {tile} px tile; "
+                             "use a smaller tile_size or a larger slide")
+        mask, mask_ds = tissue_mask(slide)
+        xs, ys = grid_positions(W, tile, stride), grid_positions(H, tile, stride)
+        f = ds / mask_ds  # mask pixels per raster pixel
+        tissue: list[list[int]] = []
+        for y in ys:
+            row = []
+            y0, y1 = int(y * f), max(int(y * f) + 1, math.ceil((y + tile) * f))
+            for x in xs:
+                x0, x1 = int(x * f), max(int(x * f) + 1, math.ceil((x + tile) * f))
+                frac = mask[y0:y1, x0:x1].mean() if mask[y0:y1, x0:x1].size else 0.0
+                if frac > min_tissue:
+                    row.append(x)
+            tissue.append(row)
+        n_tissue = sum(len(r) for r in tissue)
+        n_grid = len(xs) * len(ys)
+        if n_tissue == 0:
+            raise SlideError(f"{slide_path}: no tissue found (the slide looks like blank glass); check the slide "
+                             "or its mpp")
+        log.info("%s: %dx%d px at %.3g um/px (downsample %.3g), %d of %d tiles on tissue, tile %d stride %d",
+                 slide.name, W, H, model_mpp, ds, n_tissue, n_grid, tile, stride)
+
+        norm_fn = _slide_normalizer(norm_path, slide, tissue, ys, tile, ds)
+
+        # ---- resumable state
+        fp = _fingerprint(slide=_file_id(slide_path), model=_file_id(Path(params["model_file"])), ds=ds, tile=tile,
+                          stride=stride, blend=blend, normalizer=str(norm_path) if norm_path else None,
+                          batch=batch_size, n_cls=n_cls, mpp=slide_mpp, min_tissue=min_tissue)
+        part = out_dir / PARTIAL_DIR
+        state = _load_state(part, fp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir(parents=True)
+            with _disk_guard(part / "probabilities.npy"):
+                probs_mm = np.lib.format.open_memmap(part / "probabilities.npy", mode="w+", dtype=np.uint8,
+                                                     shape=(H, W, n_cls))
+            acc = np.zeros((tile, W, n_cls), np.float32)
+            wsum = np.zeros((tile, W), np.float32)
+            start_band, tiles_done, seconds_before = 0, 0, 0.0
+        else:
+            probs_mm = np.load(part / "probabilities.npy", mmap_mode="r+")
+            acc, wsum = np.load(part / "acc.npy"), np.load(part / "wsum.npy")
+            start_band, tiles_done, seconds_before = state["next_band"], state["tiles_done"], state["seconds"]
+            log.info("%s: resuming at band %d of %d (%d tiles done)", slide.name, start_band, len(ys), tiles_done)
+
+        predict_fn = _make_predict_fn(model, batch_size, tile, n_cls)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_tissue, initial=tiles_done, unit="tile", desc=f"predict {slide.name}",
+                   disable=not progress, smoothing=0.1)
+        t_loop = time.perf_counter()
+        last_ckpt = time.perf_counter()
+        tiles_now = 0
+        try:
+            for b, y, row_x, batch in _prefetch(_read_bands(slide, ys, tissue, tile, ds, norm_fn, start_band), prefetch):
+                if len(row_x):
+                    probs = predict_fn(batch)
+                    for x, p in zip(row_x, probs):
+                        acc[:, x:x + tile] += p * weights[..., None]
+                        wsum[:, x:x + tile] += weights
+                    tiles_now += len(row_x)
+                    bar.update(len(row_x))
+                # rows above the next band's top are final
+                y_next = ys[b + 1] if b + 1 < len(ys) else H
+                done = y_next - y
+                with _disk_guard(part / "probabilities.npy"):
+                    probs_mm[y:y_next] = _finalize(acc[:done], wsum[:done], bg)
+                acc[:tile - done] = acc[done:].copy() if done < tile else 0
+                acc[max(0, tile - done):] = 0
+                wsum[:tile - done] = wsum[done:].copy() if done < tile else 0
+                wsum[max(0, tile - done):] = 0
+                last = b + 1 == len(ys)
+                if last or time.perf_counter() - last_ckpt >= checkpoint_seconds:
+                    elapsed = seconds_before + time.perf_counter() - t_loop
+                    _save_state(part, fp, probs_mm, acc, wsum, b + 1, tiles_done + tiles_now, elapsed)
+                    last_ckpt = time.perf_counter()
+                _band_done(b)
+        finally:
+            bar.close()
+        loop_seconds = time.perf_counter() - t_loop
+        probs_mm.flush()
+
+        meta = {"slide": slide.name, "classes": cmap.names, "overlap": overlap, "blend": blend, "tile_size": tile}
+        prob_path = out_dir / "probabilities.tiff"
+        write_raster(prob_path, probs_mm, kind="probabilities", mpp=model_mpp, downsample=ds, meta=meta,
+                     overwrite=True)
+        seconds = time.perf_counter() - t_start + seconds_before
+        result = PredictionResult(
+            slide=slide.name, slide_path=str(slide_path), out_dir=str(out_dir), probabilities=str(prob_path),
+            width=W, height=H, downsample=ds, mpp=model_mpp, slide_mpp=slide_mpp, tile_size=tile, stride=stride,
+            overlap=overlap, blend=blend, normalizer=str(norm_path) if norm_path else None,
+            classes=cmap.to_dict()["classes"], tiles_grid=n_grid, tiles_tissue=n_tissue, seconds=round(seconds, 2),
+            tiles_per_second=round(tiles_now / loop_seconds, 2) if loop_seconds > 0 and tiles_now else 0.0,
+            resumed_from_band=start_band, model_file=str(params["model_file"]),
+            extra={"slide_mpp_source": slide.mpp_source, "batch_size": batch_size},
+        )
+        with _disk_guard(out_dir / "prediction.json"):
+            write_json(asdict(result), out_dir / "prediction.json", overwrite=True)
+        del probs_mm
+        shutil.rmtree(part, ignore_errors=True)
+        log.info("%s: %d tiles in %.1f s (%.1f tiles/s)", slide.name, n_tissue, seconds, result.tiles_per_second)
+        return result
+    finally:
+        slide.close()
+
+
+def _finalize(acc: np.ndarray, wsum: np.ndarray, bg: int) -> np.ndarray:
+    """Blended probabilities -> uint8 0-255; pixels no tile covered are background."""
+    out = np.zeros(acc.shape, np.float32)
+    covered = wsum > 0
+    out[covered] = acc[covered] / wsum[covered][:, None]
+    out[~covered, bg] = 1.0
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def _load_state(part: Path, fp: str) -> dict | None:
+    f = part / "state.json"
+    if not f.is_file():
+        return None
+    try:
+        state = read_json(f)
+    except (OSError, ValueError):
+        return None
+    if state.get("fingerprint") != fp or not all((part / n).is_file() for n in ("acc.npy", "wsum.npy", "probabilities.npy")):
+        log.info("%s: earlier partial run used other inputs or parameters; starting again", part)
+        return None
+    return state
+
+
+def _save_state(part: Path, fp: str, probs_mm: np.memmap, acc: np.ndarray, wsum: np.ndarray, next_band: int,
+                tiles_done: int, seconds: float) -> None:
+    with _disk_guard(part):
+        probs_mm.flush()
+        for name, arr in (("acc.npy", acc), ("wsum.npy", wsum)):
+            with atomic_path(part / name, overwrite=True) as tmp:
+                np.save(tmp, arr)
+        write_json({"fingerprint": fp, "next_band": next_band, "tiles_done": tiles_done, "seconds": seconds},
+                   part / "state.json", overwrite=True)
+
+
+def _slide_normalizer(norm_path: Path | None, slide, tissue: list[list[int]], ys: list[int], tile: int,
+                      ds: float) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Per-slide stain normalizer estimated from up to 8 evenly spread tissue tiles."""
+    if norm_path is None:
+        return None
+    from helpers.stain import load_normalizer
+
+    cells = [(y, x) for y, row in zip(ys, tissue) for x in row]
+    pick = np.linspace(0, len(cells) - 1, num=min(8, len(cells))).round().astype(int)
+    samples = [np.array(slide.read(round(cells[i][1] * ds), round(cells[i][0] * ds), tile, tile, ds)) for i in pick]
+    return load_normalizer(norm_path).for_slide(samples)
+
+
+def _read_bands(slide, ys: list[int], tissue: list[list[int]], tile: int, ds: float,
+                norm_fn: Callable[[np.ndarray], np.ndarray] | None, start: int,
+                max_span: int = 4096) -> Iterator[tuple[int, int, list[int], np.ndarray]]:
+    """Yield ``(band, y, tile x positions, uint8 tiles)`` reading runs of tiles as one region."""
+    for b in range(start, len(ys)):
+        y, row = ys[b], tissue[b]
+        tiles = np.empty((len(row), tile, tile, 3), np.uint8)
+        i = 0
+        while i < len(row):
+            j = i
+            while j + 1 < len(row) and row[j + 1] + tile - row[i] <= max_span:
+                j += 1
+            x0, span = row[i], row[j] + tile - row[i]
+            region = slide.read(round(x0 * ds), round(y * ds), span, tile, ds)
+            if norm_fn is not None:
+                region = np.asarray(norm_fn(np.array(region)), np.uint8)
+            for k in range(i, j + 1):
+                tiles[k] = region[:, row[k] - x0:row[k] - x0 + tile]
+            i = j + 1
+        yield b, y, row, tiles
+
+
+def _prefetch(it: Iterator, depth: int) -> Iterator:
+    """Run an iterator in a background thread, ``depth`` items ahead; re-raise its errors."""
+    if depth <= 0:
+        yield from it
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    sentinel = object()
+
+    def work() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(sentinel)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    th = threading.Thread(target=work, name="slide-reader", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is sentinel:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()
+        th.join(timeout=5)
+
+
+def _make_predict_fn(model, batch_size: int, tile: int, n_cls: int) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 tiles -> float32 probabilities, in fixed-size (padded) batches: one trace, same results."""
+    import tensorflow as tf
+
+    from helpers.model import preprocess
+
+    @tf.function(input_signature=[tf.TensorSpec((batch_size, tile, tile, 3), tf.uint8)], reduce_retracing=True)
+    def run(x):
+        return model(preprocess(x), training=False)
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        out = np.empty((len(tiles), tile, tile, n_cls), np.float32)
+        for i in range(0, len(tiles), batch_size):
+            chunk = tiles[i:i + batch_size]
+            n = len(chunk)
+            if n < batch_size:
+                chunk = np.concatenate([chunk, np.full((batch_size - n, tile, tile, 3), 255, np.uint8)])
+            out[i:i + n] = run(tf.constant(chunk)).numpy()[:n]
+        return out
+
+    return predict
+
+
+# --------------------------------------------------------------------------- reading results
+
+
+def _prob_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "probabilities.tiff"
+    if not path.is_file():
+        raise HistoUNetError(f"{path}: probabilities not found; run predict_slide (07_infer_slide) first")
+    return path
+
+
+def read_probabilities(path: str | Path, region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Class probabilities ``(H, W, C)`` float32 in [0, 1] at model resolution.
+
+    Args:
+        path: A prediction folder (``workdir/predictions/<slide>``) or its ``probabilities.tiff``.
+        region: Optional ``(x, y, w, h)`` in raster (model-resolution) pixels.
+    """
+    from helpers.rasters import read_raster
+
+    arr = np.asarray(read_raster(_prob_path(path)))
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if region is not None:
+        x, y, w, h = region
+        arr = arr[y:y + h, x:x + w]
+    return arr.astype(np.float32) / 255.0
+
+
+def read_prediction_info(path: str | Path) -> dict:
+    """``prediction.json`` of a prediction folder (size, downsample, mpp, classes, timings)."""
+    f = Path(path) / "prediction.json" if Path(path).is_dir() else Path(path)
+    if not f.is_file():
+        raise HistoUNetError(f"{f}: not found; run predict_slide (07_infer_slide) first")
+    return read_json(f)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path | None = None,
+                      smoothing: str | None = "gaussian", smoothing_size: float = 2.0, opening_px: int = 0,
+                      closing_px: int = 0, fill_holes_um2: float | None = None, min_area_um2: float | None = 0.0,
+                      object_type: str = "annotation", exclude_classes: tuple[str, ...] = ("Background",),
+                      overwrite: bool = False, thumbnail_size: int = 1024) -> dict:
+    """Post-process stored probabilities and write labels, GeoJSON, overlay and summary.
+
+    Args:
+        pred_dir: Folder written by :func:`predict_slide`.
+        class_map: Class map (default: the model's, stored in ``prediction.json``).
+        smoothing, smoothing_size, opening_px, closing_px, fill_holes_um2, min_area_um2:
+            See :func:`helpers.postprocess.postprocess`.
+        object_type: ``"annotation"`` or ``"detection"`` for the QuPath objects.
+        exclude_classes: Classes not exported to GeoJSON (glass).
+        overwrite: Replace earlier labels/GeoJSON/summary.
+        thumbnail_size: Longer side of ``overlay.png``'s slide thumbnail.
+
+    Returns:
+        The summary dict (also ``summary.json``, written last).
+    """
+    from helpers import postprocess as pp
+    from helpers.qupath import labels_to_features, write_feature_collection
+    from helpers.slides import open_slide
+    from helpers.viz import save_figure
+
+    pred_dir = Path(pred_dir)
+    info = read_prediction_info(pred_dir)
+    model_cmap = class_map_from_params(info["classes"], str(pred_dir / "prediction.json"))
+    cmap = check_class_map(model_cmap, class_map)
+    slide_name = info["slide"]
+    outputs = {"labels": pred_dir / "labels.tiff", "geojson": pred_dir / f"{slide_name}.geojson",
+               "overlay": pred_dir / "overlay.png", "summary": pred_dir / "summary.json"}
+    if not overwrite:
+        for p in outputs.values():
+            if p.exists():
+                raise OutputExistsError(f"{p}: already exists; pass overwrite=True to replace it")
+    t0 = time.perf_counter()
+    probs = read_probabilities(pred_dir)
+    result = pp.postprocess(probs, mpp=info["mpp"], smoothing=smoothing, smoothing_size=smoothing_size,
+                            opening_px=opening_px, closing_px=closing_px, fill_holes_um2=fill_holes_um2,
+                            min_area_um2=min_area_um2, background_label=background_index(cmap) + 1)
+    labels = result.labels
+    ds, mpp = float(info["downsample"]), float(info["mpp"])
+    write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds,
+                 meta={"slide": slide_name, "classes": cmap.names}, overwrite=True)
+    features = labels_to_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
+                                  mpp=info["slide_mpp"], exclude=exclude_classes)
+    with _disk_guard(outputs["geojson"]):
+        write_feature_collection(features, outputs["geojson"], overwrite=True)
+
+    with open_slide(info["slide_path"], mpp=info["slide_mpp"]) as slide:
+        thumb, _ = slide.thumbnail(thumbnail_size)
+    fig = overlay_figure(thumb, labels, cmap, title=f"{slide_name}: predicted classes")
+    with _disk_guard(outputs["overlay"]):
+        save_figure(fig, outputs["overlay"], overwrite=True)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    summary = summarize(labels, cmap, mpp)
+    summary.update({
+        "slide": slide_name, "slide_path": info["slide_path"], "features": len(features),
+        "tiles": info["tiles_tissue"], "tiles_grid": info["tiles_grid"], "predict_seconds": info["seconds"],
+        "tiles_per_second": info["tiles_per_second"], "postprocess_seconds": round(time.perf_counter() - t0, 2),
+        "raster": {"width": info["width"], "height": info["height"], "downsample": ds, "mpp": mpp},
+        "parameters": {"overlap": info["overlap"], "blend": info["blend"], "tile_size": info["tile_size"],
+                       "normalizer": info["normalizer"], "smoothing": smoothing, "smoothing_size": smoothing_size,
+                       "opening_px": opening_px, "closing_px": closing_px, "fill_holes_um2": fill_holes_um2,
+                       "min_area_um2": min_area_um2, "object_type": object_type},
+        "outputs": {k: str(v.name) for k, v in outputs.items()},
+    })
+    with _disk_guard(outputs["summary"]):
+        write_json(summary, outputs["summary"], overwrite=True)
+    return summary
+
+
+def summarize(labels: np.ndarray, cmap: ClassMap, mpp: float) -> dict:
+    """Areas per class in mm^2 and the tumour fraction of the tissue (non-background) area."""
+    counts = np.bincount(labels.ravel(), minlength=256)
+    px_mm2 = (mpp / 1000.0) ** 2
+    areas = {c.name: round(float(counts[c.label] * px_mm2), 6) for c in cmap.classes}
+    bg = cmap.classes[background_index(cmap)].name
+    tissue = sum(v for k, v in areas.items() if k != bg)
+    tumour = next((c.name for c in cmap.classes if c.name.lower() in ("tumor", "tumour")), None)
+    frac = areas[tumour] / tissue if tumour and tissue > 0 else 0.0
+    return {"areas_mm2": areas, "tissue_mm2": round(tissue, 6), "tumour_fraction": round(frac, 4)}
+
+
+def overlay_figure(thumb: np.ndarray, labels: np.ndarray, cmap: ClassMap, title: str = "", alpha: float = 0.45):
+    """Figure: slide thumbnail | class overlay (Background left clear), with a legend."""
+    import cv2
+    import matplotlib.pyplot as plt
+
+    from helpers.viz import legend_handles, overlay
+
+    small = cv2.resize(labels, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_NEAREST)
+    bg_label = cmap.classes[background_index(cmap)].label
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6 * thumb.shape[0] / max(1, thumb.shape[1]) + 0.8))
+    axes[0].imshow(thumb)
+    axes[0].set_title("slide")
+    axes[1].imshow(overlay(thumb, small, cmap, alpha=alpha, hidden=(bg_label,)))
+    axes[1].set_title("prediction")
+    for ax in axes:
+        ax.axis("off")
+    axes[1].legend(handles=legend_handles(cmap), loc="lower right", fontsize=8, framealpha=0.8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def infer_slide(slide_path: str | Path, workdir: str | Path, *, model_dir: str | Path | None = None,
+                mpp: float | None = None, overwrite: bool = False, predict_kwargs: dict | None = None,
+                export_kwargs: dict | None = None) -> dict:
+    """Predict and export one slide into ``workdir/predictions/<slide>/`` (the batch path)."""
+    workdir = Path(workdir)
+    out_dir = workdir / "predictions" / Path(slide_path).stem
+    predict_slide(slide_path, model_dir or workdir / "model", out_dir, mpp=mpp, overwrite=overwrite,
+                  **(predict_kwargs or {}))
+    return export_prediction(out_dir, overwrite=True, **(export_kwargs or {}))
