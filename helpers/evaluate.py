@@ -21,6 +21,7 @@ quality (IoU), tile seams (:func:`seam_score`) and seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -495,3 +496,295 @@ def seam_score(labels: np.ndarray, step: int, origin: tuple[int, int] = (0, 0)) 
     b = border_changes / border_pairs if border_pairs else float("nan")
     o = other_changes / other_pairs if other_pairs else float("nan")
     return {"border_change_rate": b, "other_change_rate": o, "seam_score": b / o if o else float("nan")}
+
+
+# ----------------------------------------------------------------------------- work folder
+def predicted_slides(workdir: str | Path) -> list[str]:
+    """Names of the slides 07 predicted (``predictions/<slide>/labels.tiff`` exists)."""
+    from helpers.config import step_dir
+
+    pred = step_dir(workdir, "predictions")
+    return sorted(p.parent.name for p in pred.glob("*/labels.tiff"))
+
+
+def evaluate_workdir(workdir: str | Path, class_map: ClassMap, reference: str = "dense",
+                     slides: Sequence[str] | None = None, downsample: float | None = None) -> list[SlideEvaluation]:
+    """Evaluate 07's ``predictions/<slide>/labels.tiff`` of every (or the given) slide.
+
+    Args:
+        workdir: The work folder.
+        class_map: The classes.
+        reference: ``"dense"`` (``truth/<slide>.tiff``) or ``"sparse"``
+            (``annotations/<slide>.geojson``: only the annotated pixels count).
+        slides: Slide names; None = every slide with a prediction.
+        downsample: Evaluation resolution (level-0 px per pixel); None = the prediction's.
+
+    Raises:
+        HistoUNetError: no prediction, or a slide without the requested reference.
+    """
+    from helpers.config import step_dir
+
+    workdir = Path(workdir)
+    slides = list(slides) if slides else predicted_slides(workdir)
+    if not slides:
+        raise HistoUNetError(f"{step_dir(workdir, 'predictions')}: no predictions/<slide>/labels.tiff; run 07_infer_slide first")
+    if reference not in ("dense", "sparse"):
+        raise ParameterError(f"reference={reference!r}: use 'dense' (truth/) or 'sparse' (annotations/)")
+    out = []
+    for name in slides:
+        pred = step_dir(workdir, "predictions") / name / "labels.tiff"
+        if not pred.is_file():
+            raise HistoUNetError(f"{pred}: prediction not found; run 07_infer_slide on slide {name!r}")
+        if reference == "dense":
+            ref: Path = step_dir(workdir, "truth") / f"{name}.tiff"
+            hint = "a dense truth exists only for the demo slide (00); use reference='sparse' for your own slides"
+        else:
+            from helpers.annotations import find_annotation_file
+
+            ref = find_annotation_file(step_dir(workdir, "annotations"), name) or step_dir(workdir, "annotations") / f"{name}.geojson"
+            hint = "export the slide's annotations from QuPath as GeoJSON into annotations/"
+        if not ref.is_file():
+            raise HistoUNetError(f"{ref}: reference not found; {hint}")
+        size = _slide_size(workdir, name, pred)
+        out.append(evaluate_labels(pred, ref, class_map, downsample=downsample, slide_size=size, slide=name,
+                                   reference_kind=reference))
+    return out
+
+
+def _slide_size(workdir: Path, name: str, raster: Path) -> tuple[int, int]:
+    """The slide's level-0 size: from the slide file if present, else from the raster."""
+    from helpers.config import step_dir
+    from helpers.slides import find_slides, open_slide
+
+    slides_dir = step_dir(workdir, "slides")
+    if slides_dir.is_dir():
+        for p in find_slides(slides_dir):
+            if p.stem == name:
+                with open_slide(p) as s:
+                    return s.dimensions
+    return raster_geometry(raster)[0]
+
+
+def slide_thumbnail(workdir: str | Path, name: str, max_size: int = 1200) -> np.ndarray | None:
+    """RGB thumbnail of ``slides/<name>.*`` (None if the slide is not in the work folder)."""
+    from helpers.config import step_dir
+    from helpers.slides import find_slides, open_slide
+
+    d = step_dir(workdir, "slides")
+    for p in find_slides(d) if d.is_dir() else []:
+        if p.stem == name:
+            with open_slide(p) as s:
+                return s.thumbnail(max_size)[0]
+    return None
+
+
+def iou_table(results: Sequence[SlideEvaluation]) -> pd.DataFrame:
+    """Wide table for printing: one row per class, one IoU column per slide x reference."""
+    cols = {f"{r.slide} ({r.reference_kind})": r.metrics.set_index("class")["iou"] for r in results}
+    return pd.DataFrame(cols).round(4)
+
+
+# ----------------------------------------------------------------------------- variants study
+def parse_kernel(spec: str) -> tuple[str, int]:
+    """``"none"``, ``"gaussian:<sigma px>"`` or ``"median:<size px>"`` -> ``(method, size)``."""
+    spec = str(spec).strip().lower()
+    if spec in ("none", "", "0"):
+        return "none", 0
+    method, _, size = spec.partition(":")
+    try:
+        n = int(float(size))
+    except ValueError:
+        n = -1
+    if method not in ("gaussian", "median") or n < 1:
+        raise ParameterError(f"smoothing kernel {spec!r}: use 'none', 'gaussian:<sigma px>' or 'median:<size px>'")
+    return method, n
+
+
+def smooth_argmax(probabilities: np.ndarray, kernel: str) -> np.ndarray:
+    """Labels (1..C) from ``(H, W, C)`` probabilities after a smoothing kernel, nothing else.
+
+    Uses the smoothing 07 applies (:func:`helpers.postprocess.smooth_probabilities`)
+    without the morphology steps, so the study isolates the kernel.
+
+    Args:
+        probabilities: Class probabilities at model resolution.
+        kernel: ``"none"``, ``"gaussian:<sigma px>"`` or ``"median:<size px>"``.
+    """
+    from helpers.postprocess import argmax_labels, smooth_probabilities
+
+    method, size = parse_kernel(kernel)
+    probs = probabilities if method == "none" else smooth_probabilities(probabilities, method=method, size=size)
+    return argmax_labels(probs)
+
+
+def cheapest_within(table: pd.DataFrame, metric: str = "tumor_iou", tolerance: float = 0.005,
+                    cost: str = "seconds") -> pd.Series:
+    """The cheapest row whose ``metric`` is within ``tolerance`` of the best (0.005 = 0.5 IoU points)."""
+    if table.empty:
+        raise ParameterError("the variants table is empty; run the study with at least one setting")
+    best = table[metric].max()
+    ok = table[table[metric] >= best - tolerance]
+    return ok.sort_values([cost, metric], ascending=[True, False]).iloc[0]
+
+
+def _model_names(model_dirs: Sequence[str | Path]) -> list[str]:
+    """Short unique names for model folders (folder name, or parent/name when ambiguous)."""
+    names = [Path(d).name for d in model_dirs]
+    if len(set(names)) < len(names):
+        names = [f"{Path(d).parent.name}/{Path(d).name}" for d in model_dirs]
+    if len(set(names)) < len(names):
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    return names
+
+
+def variant_study(slide_path: str | Path, model_dirs: str | Path | Sequence[str | Path], truth: Any,
+                  out_dir: str | Path, class_map: ClassMap, *, overlaps: Sequence[int] = (1, 4, 16),
+                  blends: Sequence[str] = ("mean", "gaussian"),
+                  kernels: Sequence[str] = ("none", "gaussian:2", "gaussian:4", "median:5"),
+                  mpp: float | None = None, tile_size: int | None = None, batch_size: int = 8,
+                  normalizer: str | Path | None = "auto", keep_predictions: bool = False,
+                  overwrite: bool = False, progress: bool = False) -> pd.DataFrame:
+    """Quality versus cost of inference settings on one slide with a dense truth.
+
+    For every model x overlap x blend the slide is predicted once
+    (:func:`helpers.infer.predict_slide`); every smoothing kernel is then applied to
+    the stored probabilities (no re-prediction). Each row holds tumour and mean IoU
+    against ``truth``, the seam score (:func:`seam_score` on the tile stride), the
+    truth's own score on the same grid (``seam_score_truth``: what the shapes alone
+    give, since the truth has no tiles) and the seconds (prediction + smoothing).
+
+    Args:
+        slide_path: The slide (the demo slide: it has a dense truth).
+        model_dirs: One trained model folder, or several to compare.
+        truth: Dense reference (label TIFF, array at model resolution, or GeoJSON).
+        out_dir: ``workdir/evaluation``; writes ``variants.csv`` there and predicts into
+            ``out_dir/variants/<model>_o<overlap>_<blend>/`` (deleted afterwards unless
+            ``keep_predictions``).
+        class_map: The classes.
+        overlaps: Overlap factors (1, 4, 16).
+        blends: ``"mean"`` and/or ``"gaussian"``.
+        kernels: ``"none"``, ``"gaussian:<sigma px>"``, ``"median:<size px>"`` (model-resolution pixels).
+        mpp, tile_size, batch_size, normalizer: Passed to ``predict_slide``.
+        keep_predictions: Keep the per-variant probability rasters.
+        overwrite: Replace an existing ``variants.csv``.
+        progress: Show the prediction progress bars.
+
+    Returns:
+        The table (also ``out_dir/variants.csv``), one row per model x overlap x blend x kernel.
+    """
+    import shutil
+
+    from helpers.infer import predict_slide, read_probabilities
+    from helpers.io import atomic_path, check_writable
+
+    out_dir = Path(out_dir)
+    csv = check_writable(out_dir / "variants.csv", overwrite)
+    dirs = [model_dirs] if isinstance(model_dirs, (str, Path)) else list(model_dirs)
+    if not dirs:
+        raise ParameterError("model_dirs is empty; pass workdir/model or a list of trained model folders")
+    for k in kernels:
+        parse_kernel(k)
+    rows = []
+    truth_cache: dict[float, np.ndarray] = {}
+    combos = [(m, d, o, b) for m, d in zip(_model_names(dirs), dirs) for o in overlaps for b in blends]
+    from tqdm.auto import tqdm
+
+    for name, mdir, overlap, blend in tqdm(combos, desc="variants", disable=not progress):
+        scratch = out_dir / "variants" / f"{name.replace('/', '_')}_o{overlap}_{blend}"
+        res = predict_slide(slide_path, mdir, scratch, mpp=mpp, normalizer=normalizer, overlap=int(overlap),
+                            blend=blend, tile_size=tile_size, batch_size=batch_size, class_map=class_map,
+                            overwrite=True, progress=progress)
+        probs = read_probabilities(scratch)
+        ds = float(res.downsample)
+        if ds not in truth_cache:
+            slide_size = (int(round(res.width * ds)), int(round(res.height * ds)))
+            truth_cache[ds] = load_labels(truth, class_map, ds, slide_size)
+        for kernel in kernels:
+            t0 = time.perf_counter()
+            labels = smooth_argmax(probs, kernel)
+            smooth_s = time.perf_counter() - t0
+            ref, pred = _match_shape(truth_cache[ds], labels)
+            cm = confusion_matrix(ref, pred, class_map.n_classes)
+            s = summary_figures(class_metrics(cm, class_map), cm)
+            seam = seam_score(labels, step=int(res.stride))
+            seam_truth = seam_score(ref, step=int(res.stride))["seam_score"]  # same grid, no tiling: the baseline
+            rows.append({
+                "model": name, "overlap": int(overlap), "blend": blend, "kernel": kernel,
+                "tumor_iou": s["tumor_iou"], "mean_iou": s["mean_iou"], "pixel_accuracy": s["pixel_accuracy"],
+                "seam_score": seam["seam_score"], "seam_score_truth": seam_truth, "border_change_rate": seam["border_change_rate"],
+                "other_change_rate": seam["other_change_rate"],
+                "seconds": round(float(res.seconds) + smooth_s, 2), "predict_seconds": float(res.seconds),
+                "smooth_seconds": round(smooth_s, 3), "tiles": int(res.tiles_tissue),
+                "tiles_per_second": float(res.tiles_per_second), "tile_size": int(res.tile_size),
+                "stride": int(res.stride), "downsample": ds,
+            })
+            log.info("%s o%d %s %s: tumour IoU %.4f, mean IoU %.4f, seam %.2f, %.1f s", name, overlap, blend, kernel,
+                     s["tumor_iou"], s["mean_iou"], seam["seam_score"], rows[-1]["seconds"])
+        del probs
+        if not keep_predictions:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if not keep_predictions:
+        with contextlib.suppress(OSError):
+            (out_dir / "variants").rmdir()
+    table = pd.DataFrame(rows)
+    with atomic_path(csv, overwrite) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    return table
+
+
+def variant_label(row: Mapping[str, Any], with_model: bool = False) -> str:
+    """Short name of a setting, e.g. ``o16 gaussian, median:5``."""
+    txt = f"o{int(row['overlap'])} {row['blend']}, {row['kernel']}"
+    return f"{row['model']}: {txt}" if with_model else txt
+
+
+def recommend_variant(table: pd.DataFrame, metric: str = "tumor_iou", tolerance: float = 0.005) -> str:
+    """One sentence: the cheapest setting within ``tolerance`` (0.005 = 0.5 IoU points) of the best."""
+    best = table.loc[table[metric].idxmax()]
+    pick = cheapest_within(table, metric, tolerance)
+    multi = table["model"].nunique() > 1 if "model" in table else False
+    return (f"best {metric.replace('_', ' ')} {best[metric]:.4f} ({variant_label(best, multi)}, {best['seconds']:.1f} s); "
+            f"cheapest within {tolerance * 100:.1f} IoU points: {variant_label(pick, multi)} "
+            f"with {pick[metric]:.4f} in {pick['seconds']:.1f} s "
+            f"({best['seconds'] / max(pick['seconds'], 1e-9):.1f}x faster than the best)")
+
+
+def plot_variants(table: pd.DataFrame, metric: str = "tumor_iou", tolerance: float = 0.005):
+    """Figure: IoU against seconds for every setting (colour = overlap, marker = blend, size = kernel)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    colors = {1: "tab:blue", 4: "tab:orange", 16: "tab:red"}
+    markers = {"mean": "s", "gaussian": "o"}
+    kernels = list(dict.fromkeys(table["kernel"]))
+    multi = table["model"].nunique() > 1
+    pick = cheapest_within(table, metric, tolerance)
+    for ax, m in zip(axes, (metric, "seam_score")):
+        for _, r in table.iterrows():
+            ax.scatter(r["seconds"], r[m], color=colors.get(int(r["overlap"]), "tab:gray"),
+                       marker=markers.get(r["blend"], "^"), s=30 + 25 * kernels.index(r["kernel"]),
+                       alpha=0.8, edgecolor="black", linewidth=0.5)
+        ax.set_xlabel("seconds (prediction + smoothing)")
+        ax.grid(alpha=0.3)
+    axes[0].scatter(pick["seconds"], pick[metric], s=260, facecolor="none", edgecolor="green", linewidth=2)
+    axes[0].annotate(f"chosen: {variant_label(pick, multi)}", (pick["seconds"], pick[metric]), xytext=(8, -14),
+                     textcoords="offset points", fontsize=8, color="green")
+    best = table[metric].max()
+    axes[0].axhspan(best - tolerance, best, color="green", alpha=0.08, label=f"within {tolerance * 100:.1f} points of best")
+    axes[0].set_ylabel(metric.replace("_", " ").replace("iou", "IoU"))
+    axes[0].set_title("quality vs cost")
+    axes[1].axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    axes[1].set_ylabel("seam score (label changes on tile borders / elsewhere)")
+    axes[1].set_title("tile seams (1 = invisible)")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, marker="o", linestyle="", label=f"overlap {o}") for o, c in colors.items()
+               if o in set(table["overlap"])]
+    handles += [Line2D([], [], color="gray", marker=mk, linestyle="", label=f"blend {b}") for b, mk in markers.items()
+                if b in set(table["blend"])]
+    handles += [Line2D([], [], color="gray", marker="o", linestyle="", markersize=np.sqrt(30 + 25 * i),
+                       label=f"kernel {k}") for i, k in enumerate(kernels)]
+    axes[1].legend(handles=handles, fontsize=7, loc="best")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

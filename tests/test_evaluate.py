@@ -199,3 +199,68 @@ def test_label_tiff_against_geojson(class_map, tmp_path):
     # evaluated coarser than the prediction was made
     res4 = ev.evaluate_labels(tiff, gj, class_map, downsample=4.0)
     assert res4.reference.shape == (12, 16) and res4.summary["tumor_iou"] == 1.0
+
+
+# ----------------------------------------------------------------------------- variants study
+def _brightness_model(model_dir, class_map, tile=64, mpp=1.0):
+    """A trained-model folder whose 'model' calls dark pixels Tumor and bright ones Background."""
+    import keras
+    import yaml
+
+    inp = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(class_map.n_classes, 1, activation="softmax")
+    out = conv(inp)
+    model = keras.Model(inp, out)
+    w = np.zeros((1, 1, 3, class_map.n_classes), np.float32)
+    w[..., 0] = 4.0  # Background grows with (normalized) brightness
+    w[..., 1] = -4.0  # Tumor with darkness
+    b = np.array([0.0, 0.0] + [-50.0] * (class_map.n_classes - 2), np.float32)
+    conv.set_weights([w, b])
+    model_dir.mkdir(parents=True)
+    model.save(model_dir / "best.keras")
+    (model_dir / "training_params.yaml").write_text(yaml.safe_dump(
+        {"mpp": mpp, "tile_size": tile, "classes": class_map.to_dict()["classes"]}))
+    return model_dir
+
+
+def _two_tone_slide(tmp_path, size=512, slide_mpp=0.5):
+    """Glass with a dark purple disc ('tumour'); truth at level 0 (1 = Background, 2 = Tumor)."""
+    from helpers.rasters import write_pyramid_tiff
+
+    y, x = np.mgrid[0:size, 0:size]
+    disc = (x - size * 0.55) ** 2 + (y - size * 0.45) ** 2 < (size * 0.3) ** 2
+    rgb = np.full((size, size, 3), 245, np.uint8)
+    rgb[disc] = (90, 40, 120)
+    truth = np.where(disc, 2, 1).astype(np.uint8)
+    slide = write_pyramid_tiff(tmp_path / "two.tiff", rgb, kind="rgb", mpp=slide_mpp, compression="zlib", tile=128)
+    return slide, truth
+
+
+def test_variant_study_small(class_map, tmp_path):
+    pytest.importorskip("helpers.infer")
+    slide, truth = _two_tone_slide(tmp_path)
+    model_dir = _brightness_model(tmp_path / "model", class_map)
+    out = tmp_path / "evaluation"
+    table = ev.variant_study(slide, model_dir, truth[::2, ::2], out, class_map, overlaps=(1, 4), blends=("mean",),
+                             kernels=("none", "median:5"))
+    assert len(table) == 4
+    assert (out / "variants.csv").is_file() and not (out / "variants").exists()
+    assert set(table["stride"]) == {64, 32}
+    # the brightness model is right almost everywhere: the alignment of truth and prediction holds
+    assert (table["tumor_iou"] > 0.95).all(), table[["overlap", "kernel", "tumor_iou"]]
+    assert (table["seconds"] > 0).all() and table["seam_score"].notna().all()
+    pick = ev.cheapest_within(table)
+    assert pick["tumor_iou"] >= table["tumor_iou"].max() - 0.005
+    assert "cheapest within 0.5 IoU points" in ev.recommend_variant(table)
+    with pytest.raises(OutputExistsError):
+        ev.variant_study(slide, model_dir, truth, out, class_map, overlaps=(1,), blends=("mean",))
+    import matplotlib
+
+    assert isinstance(ev.plot_variants(table), matplotlib.figure.Figure)
+
+
+def test_cheapest_within():
+    t = pd.DataFrame({"tumor_iou": [0.80, 0.853, 0.85, 0.849], "seconds": [1, 9, 5, 2]})
+    assert ev.cheapest_within(t)["seconds"] == 2  # 0.849 is 0.4 points below the best 0.853
+    assert ev.cheapest_within(t, tolerance=0.002)["seconds"] == 9
+    assert ev.cheapest_within(t, tolerance=0.5)["seconds"] == 1
