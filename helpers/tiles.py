@@ -1,0 +1,356 @@
+"""Cut image and label tiles from slides and their QuPath annotations (step 01).
+
+Two routes write the same files (see ``docs/workfolder.md``):
+
+* QuPath: ``groovy/export_tiles.groovy`` (``LabeledImageServer`` + ``TileExporter``);
+  its folder has no manifest, :func:`read_tile_folder` rebuilds one from the names.
+* Python: :func:`export_tiles` reads slides with OpenSlide (``helpers.slides``) and
+  rasterizes the GeoJSON annotations (``helpers.annotations``).
+
+Names follow QuPath's ``TileExporter``: ``<slide> [d=D,x=X,y=Y,w=W,h=H].png`` with
+``d=`` omitted when the downsample is 1 and at most 5 decimals otherwise (``d=2``,
+``d=1.5``); the label tile is ``<same stem>-labelled.png``. The tile grid is QuPath's
+too: tile origins every ``tile_size - overlap`` output pixels from 0, level-0
+coordinates rounded half-up, partial tiles at the right/bottom edge dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from helpers.config import ClassMap, step_dir
+from helpers.errors import AnnotationError, HistoUNetError, ParameterError
+
+log = logging.getLogger(__name__)
+
+LABEL_SUFFIX = "-labelled.png"
+IMAGE_EXT = ".png"
+_NAME_RE = re.compile(r"^(?P<slide>.*) \[(?P<region>[^\[\]]*)\]$")
+
+
+def _round_half_up(v: float) -> int:
+    """Java's ``Math.round`` (QuPath rounds tile coordinates with it)."""
+    return int(math.floor(v + 0.5))
+
+
+def format_downsample(downsample: float) -> str:
+    """The ``d=`` value as QuPath writes it: up to 5 decimals, no trailing zeros."""
+    s = f"{downsample:,.5f}".rstrip("0").rstrip(".")
+    return s
+
+
+def tile_name(slide: str, x: int, y: int, w: int, h: int, downsample: float) -> str:
+    """Tile stem in QuPath TileExporter's convention, e.g. ``demo [d=2,x=0,y=512,w=512,h=512]``."""
+    d = "" if downsample == 1.0 else f"d={format_downsample(downsample)},"
+    return f"{slide} [{d}x={int(x)},y={int(y)},w={int(w)},h={int(h)}]"
+
+
+def parse_tile_name(stem: str) -> dict:
+    """Inverse of :func:`tile_name`: ``{"slide", "x", "y", "w", "h", "downsample"}``.
+
+    Raises:
+        ParameterError: the stem does not follow the convention.
+    """
+    m = _NAME_RE.match(stem)
+    if not m:
+        raise ParameterError(f"{stem!r}: not a QuPath tile name '<slide> [d=..,x=..,y=..,w=..,h=..]'")
+    values: dict[str, str] = {}
+    for part in re.split(r",(?=[a-z]=)", m.group("region")):
+        key, _, val = part.partition("=")
+        values[key.strip()] = val.strip()
+    try:
+        out = {"slide": m.group("slide"), "x": int(values["x"]), "y": int(values["y"]), "w": int(values["w"]),
+               "h": int(values["h"]), "downsample": float(values.get("d", "1").replace(",", ""))}
+    except (KeyError, ValueError):
+        raise ParameterError(f"{stem!r}: tile name lacks x, y, w or h") from None
+    return out
+
+
+def tile_grid(width: int, height: int, downsample: float, tile_size: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Tile regions ``(x, y, w, h)`` in level-0 pixels, as QuPath's TileExporter makes them.
+
+    Args:
+        width, height: Slide size in level-0 pixels.
+        downsample: Level-0 pixels per tile pixel.
+        tile_size: Tile side in output pixels.
+        stride: Step between tile origins in output pixels (``tile_size - overlap``).
+    """
+    if tile_size <= 0 or stride <= 0:
+        raise ParameterError(f"tile_size and stride must be > 0; got {tile_size}, {stride}")
+    max_x, max_y = int(width / downsample), int(height / downsample)
+    regions = []
+    for ty in range(0, max_y, stride):
+        y0, y1 = _round_half_up(ty * downsample), _round_half_up((ty + tile_size) * downsample)
+        if y1 > height or y1 == y0:
+            continue
+        for tx in range(0, max_x, stride):
+            x0, x1 = _round_half_up(tx * downsample), _round_half_up((tx + tile_size) * downsample)
+            if x1 > width or x1 == x0:
+                continue
+            regions.append((x0, y0, x1 - x0, y1 - y0))
+    return regions
+
+
+def label_counts(label: np.ndarray, class_map: ClassMap) -> dict[str, int]:
+    """``px_unlabelled`` and ``px_<Class>`` pixel counts of a label tile."""
+    counts = np.bincount(label.ravel(), minlength=256)
+    out = {"px_unlabelled": int(counts[class_map.ignore_label])}
+    for c in class_map.classes:
+        out[f"px_{c.name}"] = int(counts[c.label])
+    unknown = int(counts.sum() - out["px_unlabelled"] - sum(out[f"px_{n}"] for n in class_map.names))
+    if unknown:
+        raise HistoUNetError(f"label tile has {unknown} pixels with values outside 0..{class_map.n_classes}; "
+                             f"re-export with the class map {class_map.source}")
+    return out
+
+
+MANIFEST_COLUMNS = ["tile_id", "slide", "image", "label", "x", "y", "w", "h", "downsample", "mpp"]
+
+
+def _check_slides(slides: Sequence[Path], annotations: Path) -> list[tuple[Path, Path]]:
+    from helpers.annotations import find_annotation_file
+
+    pairs, missing = [], []
+    for s in slides:
+        a = find_annotation_file(annotations, s.stem)
+        (pairs.append((s, a)) if a is not None else missing.append(s.stem))
+    if missing:
+        log.warning("no annotations for slide(s) %s in %s; they are skipped", ", ".join(missing), annotations)
+    if not pairs:
+        raise AnnotationError(f"{annotations}: no <slide>.geojson matches the slides ({', '.join(s.stem for s in slides)}); "
+                              "export annotations from QuPath with the slide's name")
+    return pairs
+
+
+def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | None = None,
+                 annotations: str | Path | None = None, mpp: float = 1.0, slide_mpp: float | None = None,
+                 tile_size: int = 256, stride: int = 256, min_labelled_fraction: float = 0.05,
+                 max_glass_fraction: float = 0.95, unclassified: str = "skip", max_tiles_per_slide: int | None = None,
+                 overwrite: bool = False) -> pd.DataFrame:
+    """Python route of step 01: write image/label tile pairs and ``tiles/manifest.csv``.
+
+    Args:
+        workdir: Work folder; tiles go to ``<workdir>/tiles``.
+        class_map: Classes and label values.
+        slides: A slide file or folder (default ``<workdir>/slides``).
+        annotations: A GeoJSON file or folder of ``<slide>.geojson`` (default ``<workdir>/annotations``).
+        mpp: Tile resolution in microns per pixel.
+        slide_mpp: Level-0 microns per pixel of the slides, overriding the files' value
+            (needed for slides that store none).
+        tile_size: Tile side in pixels.
+        stride: Step between tiles in pixels (``tile_size`` = no overlap).
+        min_labelled_fraction: Keep tiles with at least this fraction of labelled pixels.
+        max_glass_fraction: Skip tiles that are more glass than this (1.0 keeps all).
+        unclassified: Policy for unclassified annotations (see :func:`helpers.annotations.read_annotations`).
+        max_tiles_per_slide: Keep at most this many tiles per slide (evenly spread); None = all.
+        overwrite: Replace an earlier ``tiles/`` folder.
+
+    Returns:
+        The manifest (also written to ``tiles/manifest.csv``).
+    """
+    from shapely import STRtree
+    from shapely.geometry import box
+    from tqdm.auto import tqdm
+
+    from helpers.annotations import rasterize, read_annotations
+    from helpers.io import atomic_dir, write_image, write_manifest
+    from helpers.labels import glass_mask
+    from helpers.slides import find_slides, open_slide
+
+    workdir = Path(workdir)
+    if not 0 <= min_labelled_fraction <= 1:
+        raise ParameterError(f"min_labelled_fraction must be within 0..1; got {min_labelled_fraction}")
+    if not 0 <= max_glass_fraction <= 1:
+        raise ParameterError(f"max_glass_fraction must be within 0..1; got {max_glass_fraction}")
+    if tile_size < 16:
+        raise ParameterError(f"tile_size must be >= 16 pixels; got {tile_size}")
+    slides_path = Path(slides) if slides else step_dir(workdir, "slides")
+    ann_path = Path(annotations) if annotations else step_dir(workdir, "annotations")
+    pairs = _check_slides(find_slides(slides_path), ann_path)
+    out_dir = step_dir(workdir, "tiles")
+    rows: list[dict] = []
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for slide_path, geojson in pairs:
+            with open_slide(slide_path, mpp=slide_mpp) as slide:
+                ds = slide.downsample_for(mpp)
+                width, height = slide.dimensions
+                if tile_size * ds > width or tile_size * ds > height:
+                    raise ParameterError(f"{slide_path}: tile_size {tile_size} px at {mpp} um/px spans {tile_size * ds:.0f} "
+                                         f"level-0 px, more than the slide ({width}x{height}); use a smaller tile_size or larger mpp")
+                if ds < 1:
+                    log.warning("%s: %s um/px is finer than the slide (%s um/px); tiles are upsampled", slide_path, mpp, slide.mpp)
+                anns = read_annotations(geojson, class_map, slide_size=(width, height), unclassified=unclassified)
+                tree = STRtree([a.geometry for a in anns])
+                grid = tile_grid(width, height, ds, tile_size, stride)
+                kept: list[tuple] = []
+                for (x, y, w, h) in tqdm(grid, desc=slide.name, unit="tile", leave=False):
+                    idx = tree.query(box(x, y, x + w, y + h))
+                    if len(idx) == 0:
+                        continue
+                    label = rasterize([anns[i] for i in idx], x=x, y=y, width=tile_size, height=tile_size, downsample=ds)
+                    if (label > 0).mean() < max(min_labelled_fraction, 1e-12):
+                        continue
+                    kept.append((x, y, w, h, label))
+                if max_tiles_per_slide and len(kept) > max_tiles_per_slide:
+                    pick = np.linspace(0, len(kept) - 1, max_tiles_per_slide).round().astype(int)
+                    kept = [kept[i] for i in sorted(set(pick))]
+                n_glass = 0
+                for (x, y, w, h, label) in tqdm(kept, desc=f"{slide.name} write", unit="tile", leave=False):
+                    image = slide.read(x, y, tile_size, tile_size, ds)
+                    if max_glass_fraction < 1 and glass_mask(image).mean() > max_glass_fraction:
+                        n_glass += 1
+                        continue
+                    stem = tile_name(slide.name, x, y, w, h, ds)
+                    write_image(image, tmp / f"{stem}{IMAGE_EXT}")
+                    write_image(label, tmp / f"{stem}{LABEL_SUFFIX}")
+                    rows.append({"tile_id": stem, "slide": slide.name, "image": f"tiles/{stem}{IMAGE_EXT}",
+                                 "label": f"tiles/{stem}{LABEL_SUFFIX}", "x": x, "y": y, "w": w, "h": h,
+                                 "downsample": ds, "mpp": mpp, **label_counts(label, class_map)})
+                log.info("%s: %d tiles of %d kept (%d annotations, %d glass tiles skipped, downsample %.4g)",
+                         slide.name, sum(r["slide"] == slide.name for r in rows), len(grid), len(anns), n_glass, ds)
+        if not rows:
+            raise AnnotationError(f"{ann_path}: no tile has >= {min_labelled_fraction:.0%} labelled pixels; "
+                                  "lower min_labelled_fraction or tile_size, or check the annotations")
+        manifest = pd.DataFrame(rows)
+        write_manifest(manifest, tmp / "manifest.csv")
+    return manifest
+
+
+def read_tile_folder(folder: str | Path, class_map: ClassMap, workdir: str | Path | None = None,
+                     slide_mpp: float | dict[str, float] | None = None) -> pd.DataFrame:
+    """Manifest of a tile folder, rebuilt from TileExporter file names when it has no ``manifest.csv``.
+
+    Args:
+        folder: Folder of ``<slide> [d=..,x=..,y=..,w=..,h=..].png`` + ``-labelled.png`` pairs.
+        class_map: Classes (for the ``px_*`` counts and a check of the label values).
+        workdir: Paths in the manifest are relative to it (default: ``folder``'s parent).
+        slide_mpp: Level-0 um/px of the slides (one value or per slide name) to fill
+            ``mpp``; NaN when unknown.
+
+    Raises:
+        HistoUNetError: no tiles, or a tile without its label tile.
+    """
+    from helpers.io import read_image, read_manifest
+
+    folder = Path(folder)
+    workdir = Path(workdir) if workdir else folder.parent
+    if (folder / "manifest.csv").is_file():
+        return read_manifest(folder / "manifest.csv")
+    if not folder.is_dir():
+        raise HistoUNetError(f"{folder}: tile folder not found; run notebook 01 or export tiles with groovy/export_tiles.groovy")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff", ".jpg")
+                    and not p.stem.endswith("-labelled") and _NAME_RE.match(p.stem))
+    if not images:
+        raise HistoUNetError(f"{folder}: no tiles named '<slide> [d=..,x=..,y=..,w=..,h=..].png'; export them with groovy/export_tiles.groovy")
+    rows = []
+    missing = []
+    for img in images:
+        lab = img.with_name(img.stem + LABEL_SUFFIX)
+        if not lab.is_file():
+            missing.append(lab.name)
+            continue
+        info = parse_tile_name(img.stem)
+        label = read_image(lab)
+        if label.ndim == 3:
+            label = label[..., 0]
+        smpp = slide_mpp.get(info["slide"]) if isinstance(slide_mpp, dict) else slide_mpp
+        rows.append({"tile_id": img.stem, "slide": info["slide"],
+                     "image": Path(img).resolve().relative_to(workdir.resolve()).as_posix(),
+                     "label": Path(lab).resolve().relative_to(workdir.resolve()).as_posix(),
+                     "x": info["x"], "y": info["y"], "w": info["w"], "h": info["h"], "downsample": info["downsample"],
+                     "mpp": smpp * info["downsample"] if smpp else float("nan"), **label_counts(label, class_map)})
+    if missing:
+        raise HistoUNetError(f"{folder}: {len(missing)} tile(s) lack a label tile (e.g. {missing[0]}); export with a labeledServer")
+    return pd.DataFrame(rows)
+
+
+def import_tile_folder(folder: str | Path, workdir: str | Path, class_map: ClassMap,
+                       slide_mpp: float | dict[str, float] | None = None, overwrite: bool = False) -> pd.DataFrame:
+    """QuPath route of step 01: copy a TileExporter folder into ``<workdir>/tiles`` with a manifest."""
+    from helpers.io import atomic_dir, write_manifest
+
+    folder, workdir = Path(folder), Path(workdir)
+    out_dir = step_dir(workdir, "tiles")
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for p in Path(folder).iterdir():
+            if p.is_file() and _NAME_RE.match(p.stem.removesuffix("-labelled")):
+                shutil.copy2(p, tmp / p.name)
+        manifest = read_tile_folder(tmp, class_map, workdir=tmp.parent, slide_mpp=slide_mpp)
+        manifest["image"] = "tiles/" + manifest["image"].str.split("/").str[-1]
+        manifest["label"] = "tiles/" + manifest["label"].str.split("/").str[-1]
+        write_manifest(manifest, tmp / "manifest.csv")
+    return manifest
+
+
+def plot_tile_overview(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMap, slide: str | None = None,
+                       slides: str | Path | None = None, annotations: str | Path | None = None, slide_mpp: float | None = None,
+                       max_size: int = 1200):
+    """Figure: slide thumbnail with the annotations (class colours) and the exported tiles (boxes)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from helpers.annotations import find_annotation_file, read_annotations
+    from helpers.slides import find_slides, open_slide
+    from helpers.viz import legend_handles
+
+    workdir = Path(workdir)
+    slide = slide or str(manifest["slide"].iloc[0])
+    paths = [p for p in find_slides(Path(slides) if slides else step_dir(workdir, "slides")) if p.stem == slide]
+    if not paths:
+        raise HistoUNetError(f"slide {slide!r} not found in {slides or step_dir(workdir, 'slides')}")
+    with open_slide(paths[0], mpp=slide_mpp) as s:
+        thumb, tds = s.thumbnail(max_size)
+        size = s.dimensions
+    fig, ax = plt.subplots(figsize=(9, 9 * thumb.shape[0] / thumb.shape[1] + 0.5))
+    ax.imshow(thumb)
+    geo = find_annotation_file(Path(annotations) if annotations else step_dir(workdir, "annotations"), slide)
+    if geo is not None:
+        for a in read_annotations(geo, class_map, slide_size=size, allow_empty=True):
+            color = np.array(class_map.by_label(a.label).color) / 255
+            polys = getattr(a.geometry, "geoms", [a.geometry])
+            for p in polys:
+                for ring in [p.exterior, *p.interiors]:
+                    xy = np.asarray(ring.coords) / tds
+                    ax.plot(xy[:, 0], xy[:, 1], color=color, lw=1.5)
+    for r in manifest[manifest["slide"] == slide].itertuples():
+        ax.add_patch(Rectangle((r.x / tds, r.y / tds), r.w / tds, r.h / tds, fill=False, ec="black", lw=0.6, alpha=0.7))
+    n = int((manifest["slide"] == slide).sum())
+    ax.set_title(f"{slide}: annotations (class colours) and {n} exported tiles (black boxes)")
+    ax.axis("off")
+    ax.legend(handles=legend_handles(class_map), loc="lower right", fontsize=8, framealpha=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_tile_samples(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMap, n: int = 8,
+                      label_col: str = "label", image_col: str = "image", seed: int = 0):
+    """Figure: ``n`` tiles (spread over the manifest) with their label overlay."""
+    from helpers.io import read_image
+    from helpers.viz import overlay, tile_grid
+
+    workdir = Path(workdir)
+    if manifest.empty:
+        raise HistoUNetError("no tiles to show")
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(manifest), size=min(n, len(manifest)), replace=False))
+    images, titles = [], []
+    for i in pick:
+        r = manifest.iloc[i]
+        img = read_image(workdir / r[image_col])
+        lab = read_image(workdir / r[label_col])
+        images += [img, overlay(img, lab, class_map, 0.45)]
+        short = f"{r['slide']} x={r['x']} y={r['y']}"
+        titles += [short, "labels"]
+    fig = tile_grid(images, titles, ncols=4, size=2.6, suptitle="tiles and their labels (unlabelled = no colour)")
+    from helpers.viz import legend_handles
+
+    fig.legend(handles=legend_handles(class_map), loc="lower center", ncol=len(class_map.names), fontsize=8)
+    return fig
