@@ -788,3 +788,79 @@ def plot_variants(table: pd.DataFrame, metric: str = "tumor_iou", tolerance: flo
     axes[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- notebook steps
+def prepare_output(workdir: str | Path, overwrite: bool = False) -> Path:
+    """``workdir/evaluation``, created; refuses a finished one (with a manifest) unless ``overwrite``."""
+    from helpers.config import step_dir
+    from helpers.io import check_writable
+
+    out = step_dir(workdir, "evaluation", create=True)
+    check_writable(out / "manifest.csv", overwrite)
+    return out
+
+
+def find_slide(workdir: str | Path, name: str) -> Path:
+    """``slides/<name>.*`` of the work folder, or the slide 07 predicted (``prediction.json``)."""
+    from helpers.config import step_dir
+    from helpers.slides import find_slides
+
+    d = step_dir(workdir, "slides")
+    for p in find_slides(d) if d.is_dir() else []:
+        if p.stem == name:
+            return p
+    info = step_dir(workdir, "predictions") / name / "prediction.json"
+    if info.is_file():
+        from helpers.io import read_json
+
+        p = Path(read_json(info)["slide_path"])
+        if p.is_file():
+            return p
+    raise HistoUNetError(f"{d}: slide {name!r} not found; put it in slides/ or run 07_infer_slide on it")
+
+
+def workdir_variant_study(workdir: str | Path, slide: str, class_map: ClassMap,
+                          model_dirs: Sequence[str | Path] | None = None, overwrite: bool = False,
+                          **kwargs: Any) -> pd.DataFrame:
+    """:func:`variant_study` on a slide of the work folder against ``truth/<slide>.tiff``.
+
+    The slide's mpp is taken from 07's ``prediction.json`` when present (so a slide
+    predicted with an mpp override is studied at the same resolution).
+
+    Args:
+        workdir: The work folder.
+        slide: Slide name (it needs a dense truth: the demo slide).
+        class_map: The classes.
+        model_dirs: Trained model folders; None = ``workdir/model``.
+        overwrite: Replace ``evaluation/variants.csv``.
+        **kwargs: Passed to :func:`variant_study` (overlaps, blends, kernels, batch_size, ...).
+    """
+    from helpers.config import step_dir
+
+    truth = step_dir(workdir, "truth") / f"{slide}.tiff"
+    if not truth.is_file():
+        raise HistoUNetError(f"{truth}: the variants study needs a dense truth (the demo slide has one); "
+                             "set variant_slide to the demo slide or run_variants=False")
+    info = step_dir(workdir, "predictions") / slide / "prediction.json"
+    if "mpp" not in kwargs and info.is_file():
+        from helpers.io import read_json
+
+        kwargs["mpp"] = read_json(info).get("slide_mpp")
+    dirs = list(model_dirs) if model_dirs else [step_dir(workdir, "model")]
+    return variant_study(find_slide(workdir, slide), dirs, truth, step_dir(workdir, "evaluation", create=True),
+                         class_map, overwrite=overwrite, **kwargs)
+
+
+def write_manifest(workdir: str | Path, overwrite: bool = False) -> Path:
+    """``evaluation/manifest.csv``: every file of the step (paths relative to the workdir); written last."""
+    from helpers.config import step_dir
+    from helpers.io import write_manifest as _write
+
+    workdir = Path(workdir)
+    out = step_dir(workdir, "evaluation")
+    files = sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "manifest.csv")
+    df = pd.DataFrame({"file": [str(p.relative_to(workdir)) for p in files],
+                       "kind": [p.suffix.lstrip(".") for p in files],
+                       "bytes": [p.stat().st_size for p in files]})
+    return _write(df, out / "manifest.csv", overwrite=overwrite)
