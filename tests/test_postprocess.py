@@ -1,0 +1,102 @@
+"""Post-processing: smoothing, argmax, morphology, holes, minimum area in um^2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import postprocess as pp
+
+
+def one_hot(labels: np.ndarray, n: int = 4) -> np.ndarray:
+    return np.eye(n, dtype=np.float32)[labels - 1]
+
+
+def scene() -> np.ndarray:
+    lab = np.ones((120, 160), np.uint8)
+    lab[20:100, 20:140] = 3  # stroma block
+    lab[40:80, 40:100] = 2  # tumour nest
+    lab[55:60, 60:65] = 3  # 25 px stroma hole inside the tumour
+    lab[30:33, 120:123] = 2  # 9 px tumour speck in stroma
+    lab[90:91, 30:130] = 4  # one-pixel-thin line of 'other'
+    return lab
+
+
+def test_argmax_is_label_plus_one():
+    probs = one_hot(scene())
+    assert np.array_equal(pp.argmax_labels(probs), scene())
+
+
+def test_every_step_optional():
+    lab = scene()
+    res = pp.postprocess(one_hot(lab), mpp=1.0, smoothing=None)
+    assert np.array_equal(res.labels, lab) and np.array_equal(res.raw, lab)
+    assert set(res.changed.values()) == {0}
+
+
+def test_min_area_is_in_square_microns_not_pixels():
+    lab = scene()
+    # the 9 px speck is 9 um^2 at 1 um/px but 36 um^2 at 2 um/px
+    res1 = pp.postprocess(one_hot(lab), mpp=1.0, smoothing=None, min_area_um2=20)
+    res2 = pp.postprocess(one_hot(lab), mpp=2.0, smoothing=None, min_area_um2=20)
+    assert (res1.labels[30:33, 120:123] == 3).all()  # removed, refilled by the surrounding stroma
+    assert (res2.labels[30:33, 120:123] == 2).all()  # kept
+    assert res1.changed["small_objects"] == 9
+
+
+def test_fill_holes_by_area():
+    lab = scene()
+    small = pp.postprocess(one_hot(lab), mpp=1.0, smoothing=None, fill_holes_um2=10)
+    big = pp.postprocess(one_hot(lab), mpp=1.0, smoothing=None, fill_holes_um2=30)
+    assert (small.labels[55:60, 60:65] == 3).all()
+    assert (big.labels[55:60, 60:65] == 2).all()
+    assert (big.labels[20:88, 20:40] == 3).all()  # stroma outside the nest untouched
+
+
+def test_opening_removes_thin_structures_and_closing_bridges_gaps():
+    lab = scene()
+    opened = pp.postprocess(one_hot(lab), mpp=1.0, smoothing=None, opening_px=1).labels
+    assert not (opened[90] == 4).any()  # the 1-px line is gone ...
+    assert (opened[90, 30:130] == 3).all()  # ... replaced by its neighbour
+    assert (opened[45:52, 45:95] == 2).all() and (opened[63:75, 45:95] == 2).all()  # the nest survives
+    assert (opened[56:59, 61:64] == 3).all()  # and so does the core of its hole
+    gap = np.ones((60, 60), np.uint8)
+    gap[10:50, 10:28] = 2
+    gap[10:50, 30:50] = 2  # two px gap
+    closed = pp.postprocess(one_hot(gap), mpp=1.0, smoothing=None, closing_px=2).labels
+    assert (closed[15:45, 28:30] == 2).all()
+    assert (closed[:5] == 1).all()
+
+
+@pytest.mark.parametrize("method", ["gaussian", "median"])
+def test_smoothing_removes_salt_noise(method):
+    rng = np.random.default_rng(0)
+    lab = scene()
+    probs = one_hot(lab) * 0.6 + 0.1
+    noisy = probs.copy()
+    flip = rng.random(lab.shape) < 0.05
+    noisy[flip] = np.roll(noisy[flip], 1, axis=-1) * 1.5
+    raw = pp.argmax_labels(noisy)
+    smooth = pp.postprocess(noisy, mpp=1.0, smoothing=method, smoothing_size=2 if method == "gaussian" else 5).labels
+    assert (raw != lab).mean() > 0.03
+    assert (smooth != lab).mean() < (raw != lab).mean() / 3
+
+
+def test_bad_parameters():
+    from helpers.errors import ParameterError
+
+    with pytest.raises(ParameterError):
+        pp.postprocess(one_hot(scene()), mpp=1.0, smoothing="box")
+    with pytest.raises(ParameterError):
+        pp.postprocess(one_hot(scene()), mpp=0)
+
+
+def test_before_after_figure(class_map):
+    import matplotlib.figure
+
+    lab = scene()
+    res = pp.postprocess(one_hot(lab), mpp=1.0, smoothing=None, min_area_um2=20)
+    img = np.full(lab.shape + (3,), 230, np.uint8)
+    fig = pp.before_after_figure(img, res.raw, res.labels, class_map)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert "9 px" in fig._suptitle.get_text()
