@@ -720,3 +720,189 @@ def infer_slide(slide_path: str | Path, workdir: str | Path, *, model_dir: str |
     predict_slide(slide_path, model_dir or workdir / "model", out_dir, mpp=mpp, overwrite=overwrite,
                   **(predict_kwargs or {}))
     return export_prediction(out_dir, overwrite=True, **(export_kwargs or {}))
+
+
+# --------------------------------------------------------------------------- viewer
+
+
+def _png(img: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR))
+    return buf.tobytes()
+
+
+def heatmap(prob: np.ndarray, image: np.ndarray, alpha: float) -> np.ndarray:
+    """Blend a 0-1 probability map (matplotlib 'inferno') over an RGB image."""
+    import matplotlib
+
+    color = (matplotlib.colormaps["inferno"](np.clip(prob, 0, 1))[..., :3] * 255).astype(np.float32)
+    out = image.astype(np.float32) * (1 - alpha) + color * alpha
+    return out.round().astype(np.uint8)
+
+
+def prediction_viewer(pred_dir: str | Path, class_map: ClassMap | str | Path | None = None, max_size: int = 1024,
+                      zoom_size: int = 384):
+    """An ipywidgets viewer of one slide's prediction (call only when a person looks).
+
+    Left: the slide thumbnail with the class overlay (opacity slider, class toggles,
+    raw argmax vs post-processed) or the tumour-probability heat map. Right: a zoom at
+    model resolution around the point chosen with the x/y sliders.
+
+    Returns:
+        An ``ipywidgets.VBox``.
+    """
+    import ipywidgets as w
+
+    from helpers.rasters import read_raster
+    from helpers.slides import open_slide
+    from helpers.viz import overlay
+
+    pred_dir = Path(pred_dir)
+    info = read_prediction_info(pred_dir)
+    cmap = check_class_map(class_map_from_params(info["classes"], str(pred_dir)), class_map)
+    slide = open_slide(info["slide_path"], mpp=info["slide_mpp"])
+    thumb, tds = slide.thumbnail(max_size)
+    ds = float(info["downsample"])
+    has_labels = (pred_dir / "labels.tiff").is_file()
+    post_small = np.asarray(read_raster(pred_dir / "labels.tiff", downsample=tds)) if has_labels else None
+    probs_small = np.asarray(read_raster(_prob_path(pred_dir), downsample=tds))
+    probs_small = probs_small.astype(np.float32) / 255.0
+    raw_small = (np.argmax(probs_small, -1) + 1).astype(np.uint8)
+    tumour = next((i for i, c in enumerate(cmap.classes) if c.name.lower() in ("tumor", "tumour")), 0)
+
+    def fit(a: np.ndarray) -> np.ndarray:
+        import cv2
+
+        if a.shape[:2] == thumb.shape[:2]:
+            return a
+        interp = cv2.INTER_NEAREST if a.dtype == np.uint8 and a.ndim == 2 else cv2.INTER_LINEAR
+        return cv2.resize(a, (thumb.shape[1], thumb.shape[0]), interpolation=interp)
+
+    modes = (["post-processed classes"] if has_labels else []) + ["raw argmax classes", f"{cmap.names[tumour]} probability"]
+    mode = w.Dropdown(options=modes, description="show")
+    opacity = w.FloatSlider(value=0.45, min=0, max=1, step=0.05, description="opacity")
+    toggles = [w.Checkbox(value=c.name.lower() not in ("background", "glass"), description=c.name, indent=False)
+               for c in cmap.classes]
+    zx = w.FloatSlider(value=0.5, min=0, max=1, step=0.01, description="zoom x")
+    zy = w.FloatSlider(value=0.5, min=0, max=1, step=0.01, description="zoom y")
+    left, right = w.Image(format="png"), w.Image(format="png")
+    label = w.HTML()
+
+    def render(*_: Any) -> None:
+        hidden = [c.label for c, t in zip(cmap.classes, toggles) if not t.value]
+        if mode.value.endswith("probability"):
+            pic = heatmap(fit(probs_small[..., tumour]), thumb, opacity.value)
+        else:
+            lab = post_small if mode.value.startswith("post") else raw_small
+            pic = overlay(thumb, fit(lab), cmap, alpha=opacity.value, hidden=hidden)
+        left.value = _png(pic)
+        # zoom at model resolution
+        cx, cy = zx.value * info["width"], zy.value * info["height"]
+        x0 = int(np.clip(cx - zoom_size / 2, 0, max(0, info["width"] - zoom_size)))
+        y0 = int(np.clip(cy - zoom_size / 2, 0, max(0, info["height"] - zoom_size)))
+        zw, zh = min(zoom_size, info["width"]), min(zoom_size, info["height"])
+        img = slide.read(round(x0 * ds), round(y0 * ds), zw, zh, ds)
+        region = (x0 * ds, y0 * ds, zw * ds, zh * ds)
+        if mode.value.endswith("probability"):
+            p = np.asarray(read_raster(_prob_path(pred_dir), downsample=ds, region=region))[..., tumour] / 255.0
+            zpic = heatmap(p[:zh, :zw], img, opacity.value)
+        else:
+            if mode.value.startswith("post"):
+                lab = np.asarray(read_raster(pred_dir / "labels.tiff", downsample=ds, region=region))
+            else:
+                p = np.asarray(read_raster(_prob_path(pred_dir), downsample=ds, region=region))
+                lab = (np.argmax(p, -1) + 1).astype(np.uint8)
+            zpic = overlay(img, lab[:zh, :zw], cmap, alpha=opacity.value, hidden=hidden)
+        right.value = _png(zpic)
+        label.value = (f"<b>{info['slide']}</b>: zoom at model resolution ({info['mpp']} um/px), "
+                       f"x={x0}..{x0 + zw}, y={y0}..{y0 + zh} model px")
+
+    for wid in [mode, opacity, zx, zy, *toggles]:
+        wid.observe(render, names="value")
+    render()
+    return w.VBox([w.HBox([mode, opacity]), w.HBox(toggles), w.HBox([zx, zy]), label, w.HBox([left, right])])
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _thumb_and(pred_dir: Path, max_size: int) -> tuple[dict, np.ndarray, float]:
+    from helpers.slides import open_slide
+
+    info = read_prediction_info(pred_dir)
+    with open_slide(info["slide_path"], mpp=info["slide_mpp"]) as slide:
+        thumb, tds = slide.thumbnail(max_size)
+    return info, thumb, tds
+
+
+def probability_figure(pred_dir: str | Path, class_name: str = "Tumor", max_size: int = 1024):
+    """Figure: slide thumbnail | probability heat map of one class (0-1)."""
+    import cv2
+    import matplotlib.pyplot as plt
+
+    from helpers.rasters import read_raster
+
+    pred_dir = Path(pred_dir)
+    info, thumb, tds = _thumb_and(pred_dir, max_size)
+    names = [c["name"] for c in info["classes"]]
+    if class_name not in names:
+        raise ParameterError(f"class_name {class_name!r} is not one of the model's classes {names}")
+    p = np.asarray(read_raster(_prob_path(pred_dir), downsample=tds))[..., names.index(class_name)] / 255.0
+    p = cv2.resize(p.astype(np.float32), (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_LINEAR)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6 * thumb.shape[0] / thumb.shape[1] + 0.8))
+    axes[0].imshow(thumb)
+    axes[0].set_title(info["slide"])
+    im = axes[1].imshow(p, cmap="inferno", vmin=0, vmax=1)
+    axes[1].set_title(f"{class_name} probability ({info['tiles_tissue']} tiles, overlap {info['overlap']}, "
+                      f"{info['blend']})")
+    for ax in axes:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes[1], fraction=0.035)
+    fig.tight_layout()
+    return fig
+
+
+def postprocess_figure(pred_dir: str | Path, max_size: int = 1024):
+    """Figure: raw argmax vs post-processed labels (``labels.tiff``) over the thumbnail."""
+    from helpers import postprocess as pp
+    from helpers.rasters import read_raster
+
+    pred_dir = Path(pred_dir)
+    info, thumb, tds = _thumb_and(pred_dir, max_size)
+    cmap = class_map_from_params(info["classes"], str(pred_dir))
+    probs = np.asarray(read_raster(_prob_path(pred_dir), downsample=info["downsample"]))
+    raw = pp.argmax_labels(probs)
+    post = np.asarray(read_raster(pred_dir / "labels.tiff"))
+    return pp.before_after_figure(thumb, raw, post, cmap, max_size=max_size)
+
+
+def geojson_figure(pred_dir: str | Path, max_size: int = 1024):
+    """Figure: the exported GeoJSON outlines (holes dashed) drawn over the slide thumbnail."""
+    import matplotlib.pyplot as plt
+    from shapely.geometry import shape
+
+    from helpers.viz import legend_handles
+
+    pred_dir = Path(pred_dir)
+    info, thumb, tds = _thumb_and(pred_dir, max_size)
+    cmap = class_map_from_params(info["classes"], str(pred_dir))
+    fc = read_json(pred_dir / f"{info['slide']}.geojson")
+    fig, ax = plt.subplots(figsize=(9, 9 * thumb.shape[0] / thumb.shape[1] + 0.5))
+    ax.imshow(thumb)
+    n_holes = 0
+    for f in fc["features"]:
+        geom = shape(f["geometry"])
+        color = np.array(f["properties"]["classification"]["color"]) / 255
+        for poly in getattr(geom, "geoms", [geom]):
+            x, y = np.asarray(poly.exterior.coords).T / tds
+            ax.plot(x, y, color=color, lw=1.2)
+            for ring in poly.interiors:
+                x, y = np.asarray(ring.coords).T / tds
+                ax.plot(x, y, color=color, lw=1.0, ls="--")
+                n_holes += 1
+    ax.set_title(f"{info['slide']}.geojson: {len(fc['features'])} regions, {n_holes} holes (dashed)")
+    ax.axis("off")
+    ax.legend(handles=legend_handles(cmap), loc="lower right", fontsize=8, framealpha=0.8)
+    fig.tight_layout()
+    return fig
