@@ -1,0 +1,69 @@
+"""groovy/export_tiles.groovy: parses with Groovy 4 and its settings match the class map and the Python route."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from groovy_check import ROOT, GroovyUnavailable, ensure_groovy, parse_groovy
+
+SCRIPT = ROOT / "groovy" / "export_tiles.groovy"
+
+
+@pytest.fixture(scope="module")
+def groovy_jar() -> Path:
+    try:
+        return ensure_groovy()
+    except GroovyUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def _settings(text: str) -> dict:
+    block = text.split("USER SETTINGS", 1)[1].split("END USER SETTINGS", 1)[0]
+    num = lambda name: float(re.search(rf"\b{name}\s*=\s*([0-9.]+)", block).group(1))  # noqa: E731
+    classes = {m.group(1): int(m.group(2)) for m in re.finditer(r"'([^']+)'\s*:\s*(\d+)", block)}
+    return {"pixel_size": num("requestedPixelSize"), "tile_size": int(num("tileSize")), "overlap": int(num("overlap")),
+            "classes": classes}
+
+
+def test_export_script_parses(groovy_jar):
+    assert parse_groovy(SCRIPT) == []
+
+
+def test_broken_copy_fails_to_parse(groovy_jar, tmp_path):
+    broken = tmp_path / "broken.groovy"
+    text = SCRIPT.read_text()
+    # drop the closing brace of the first `if (...) {` block
+    broken.write_text(text.replace("    return\n}", "    return\n", 1))
+    errors = parse_groovy(broken)
+    assert errors and str(broken) in errors[0]
+    missing_paren = tmp_path / "paren.groovy"
+    shutil.copy(SCRIPT, missing_paren)
+    missing_paren.write_text(text.replace(".writeTiles(pathOutput)", ".writeTiles(pathOutput"))
+    assert parse_groovy(missing_paren)
+
+
+def test_settings_match_class_map_and_python_route(class_map):
+    import papermill as pm
+
+    from helpers.tiles import export_tiles
+
+    s = _settings(SCRIPT.read_text())
+    assert s["classes"] == {c.name: c.label for c in class_map.classes}
+    defaults = {k: p.default for k, p in inspect.signature(export_tiles).parameters.items()}
+    assert s["pixel_size"] == defaults["mpp"]
+    assert s["tile_size"] == defaults["tile_size"]
+    assert s["overlap"] == defaults["tile_size"] - defaults["stride"]
+    nb = pm.inspect_notebook(str(ROOT / "notebooks" / "01_export_tiles.ipynb"))
+    assert float(nb["mpp"]["default"]) == s["pixel_size"]
+    assert int(nb["tile_size"]["default"]) == s["tile_size"]
+    assert int(nb["tile_size"]["default"]) - int(nb["stride"]["default"]) == s["overlap"]
+    text = SCRIPT.read_text()
+    for call in ["backgroundLabel(0", "multichannelOutput(false)", "annotatedTilesOnly(true)", "imageExtension('.png')",
+                 "labeledImageExtension('.png')", "labeledServer(labelServer)", "PROJECT_BASE_DIR"]:
+        assert call in text, call
+    assert "QuPath script -p project.qpproj -s groovy/export_tiles.groovy" in text
