@@ -210,7 +210,7 @@ def plot_label_stats(stats: pd.DataFrame, class_map: ClassMap):
     colors = [(0.2, 0.2, 0.2)] + [np.array(c.color) / 255 for c in class_map.classes]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     x = np.arange(len(stats))
-    for ax, what, unit in [(axes[0], "pixels", "labelled pixels (millions)"), (axes[1], "tiles", "tiles containing the class")]:
+    for ax, what, unit in [(axes[0], "pixels", "pixels (millions)"), (axes[1], "tiles", "tiles containing the class")]:
         scale = 1e6 if what == "pixels" else 1
         ax.bar(x - 0.2, stats[f"{what}_before"] / scale, 0.4, color=colors, alpha=0.45, edgecolor="black", label="before")
         ax.bar(x + 0.2, stats[f"{what}_after"] / scale, 0.4, color=colors, edgecolor="black", hatch="//", label="after")
