@@ -131,26 +131,16 @@ def _is_geojson(source: Any) -> bool:
 
 
 def raster_geometry(path: str | Path) -> tuple[tuple[int, int], float]:
-    """``((slide width, slide height), downsample)`` of a label raster written by the project.
+    """``((slide width, slide height), downsample)`` of a raster written by :mod:`helpers.rasters`.
 
-    The slide size is estimated as raster size x downsample when the raster does not
-    record it.
+    The slide size is the raster size x its downsample (exact up to the rounding of
+    the raster size), used when the slide itself is not at hand.
     """
     from helpers.rasters import raster_info
 
     info = raster_info(path)
-    get = info.get if isinstance(info, Mapping) else lambda k, d=None: getattr(info, k, d)
-    ds = float(get("downsample", 1.0) or 1.0)
-    slide_size = get("slide_size", None)
-    if slide_size is None:
-        w, h = get("width", None), get("height", None)
-        if w is None or h is None:
-            shape = get("shape", None) or get("size", None)
-            if shape is None:
-                raise HistoUNetError(f"{path}: raster_info gives no size; re-write the raster with helpers.rasters")
-            h, w = (shape[0], shape[1]) if get("shape", None) is not None else (shape[1], shape[0])
-        slide_size = (int(round(w * ds)), int(round(h * ds)))
-    return (int(slide_size[0]), int(slide_size[1])), ds
+    ds = float(info["downsample"])
+    return (int(round(info["width"] * ds)), int(round(info["height"] * ds))), ds
 
 
 def load_labels(source: Any, class_map: ClassMap, downsample: float | None = None,
@@ -363,7 +353,7 @@ def plot_metrics(metrics: pd.DataFrame, title: str = ""):
                             ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, classes)
         ax.set_ylim(0, 1.08)
-        ax.set_title(metric.upper() if metric == "iou" else "Dice")
+        ax.set_title("IoU" if metric == "iou" else "Dice")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("score (reference-labelled pixels)")
     if len(kinds) > 1:
