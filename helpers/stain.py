@@ -46,6 +46,8 @@ _OD_LUT = np.maximum(-np.log(np.maximum(np.arange(256), 1) / 255.0), 1e-6).astyp
 
 #: Tissue pixels darker than this luminosity (0-1) are treated as ink, folds or dirt.
 DARK_LUMINOSITY = 0.12
+#: Reinhard leaves pixels at least this light (0-1) unchanged: glass stays white.
+GLASS_LUMINOSITY = 0.95
 #: Minimum number of tissue pixels needed to estimate stains.
 MIN_TISSUE_PIXELS = 500
 
@@ -129,7 +131,8 @@ def _extractor(method: str):
 
 def _estimate_stain_matrix(method: str, pixels: np.ndarray, luminosity_threshold: float) -> np.ndarray:
     """staintools' stain matrix (2 x 3, rows H then E, unit length) from tissue pixels."""
-    matrix = _extractor(method).get_stain_matrix(_pixels_image(pixels), luminosity_threshold=luminosity_threshold)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a degenerate fit gives NaN, rejected below
+        matrix = _extractor(method).get_stain_matrix(_pixels_image(pixels), luminosity_threshold=luminosity_threshold)
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (2, 3) or not np.all(np.isfinite(matrix)):
         raise ValueError(f"stain matrix estimate is not finite: {matrix}")
@@ -163,12 +166,20 @@ def _lab_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _reinhard_apply(img: np.ndarray, src_mean: np.ndarray, src_std: np.ndarray, tgt_mean: np.ndarray,
-                    tgt_std: np.ndarray) -> np.ndarray:
+                    tgt_std: np.ndarray, luminosity_threshold: float = 0.8) -> np.ndarray:
+    """Reinhard's LAB mean/std transfer, faded out towards glass so white background stays white.
+
+    Statistics are of tissue only, so applied to glass they would tint it; the weight is 1
+    below ``luminosity_threshold``, 0 above :data:`GLASS_LUMINOSITY`, linear between (pointwise,
+    hence still seamless across tiles).
+    """
     from staintools import ReinhardColorNormalizer
 
     chans = ReinhardColorNormalizer.lab_split(np.ascontiguousarray(img))
+    weight = np.clip((GLASS_LUMINOSITY - chans[0] / 100.0) / max(GLASS_LUMINOSITY - luminosity_threshold, 1e-3), 0, 1)
     scale = tgt_std / np.maximum(src_std, 1e-6)
     out = [((c - src_mean[i]) * scale[i] + tgt_mean[i]).astype(np.float32) for i, c in enumerate(chans)]
+    out = [(weight * o + (1 - weight) * c).astype(np.float32) for o, c in zip(out, chans)]
     return ReinhardColorNormalizer.merge_back(*out)
 
 
@@ -225,7 +236,8 @@ class SlideTransform:
         if self.status != "normalized" or self.normalizer.method == "none":
             return img.copy()
         if self.normalizer.method == "reinhard":
-            return _reinhard_apply(img, self.lab_mean, self.lab_std, self.normalizer.lab_mean, self.normalizer.lab_std)
+            return _reinhard_apply(img, self.lab_mean, self.lab_std, self.normalizer.lab_mean, self.normalizer.lab_std,
+                                   self.normalizer.luminosity_threshold)
         conc = _lstsq_concentrations(optical_density(img), self._pinv)
         return _reconstruct(conc, self.normalizer.stain_matrix, img.shape)
 
@@ -295,7 +307,7 @@ class StainNormalizer:
                 mean, std = _lab_stats(pixels)
                 if np.any(std < 0.5):
                     return self._passthrough(img, "colour spread too small to rescale")
-                out = _reinhard_apply(img, mean, std, self.lab_mean, self.lab_std)
+                out = _reinhard_apply(img, mean, std, self.lab_mean, self.lab_std, self.luminosity_threshold)
             else:
                 src = _estimate_stain_matrix(self.method, pixels, self.luminosity_threshold)
                 conc = _lasso_concentrations(img.reshape(-1, 3), src)
@@ -355,7 +367,8 @@ class StainNormalizer:
         import staintools  # noqa: F401 - recorded for reproducibility
 
         def arr(a: np.ndarray | None, nd: int = 6) -> list | None:
-            return None if a is None else np.round(np.asarray(a, dtype=np.float64), nd).tolist()
+            # full precision: inference must reproduce training's normalization bit for bit
+            return None if a is None else np.asarray(a, dtype=np.float64).tolist()
 
         from importlib.metadata import version
 
