@@ -162,7 +162,7 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
     from tqdm.auto import tqdm
 
     from helpers.io import atomic_dir, read_image, write_image, write_manifest
-    from helpers.tiles import label_counts
+    from helpers.tiles import label_counts, read_label_tile
 
     workdir = Path(workdir)
     manifest, source = _input_manifest(workdir, input_step)
@@ -174,7 +174,7 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
     with atomic_dir(step_dir(workdir, "labels"), overwrite=overwrite) as tmp:
         for r in tqdm(manifest.to_dict("records"), desc="refine labels", unit="tile"):
             image = read_image(workdir / r[image_col])
-            raw = read_image(workdir / r["label"])
+            raw = read_label_tile(workdir / r["label"])
             refined = refine_label(image, raw, class_map, **rules)
             rel = f"labels/tiles/{r['tile_id']}-labelled.png"
             write_image(refined, tmp / "tiles" / f"{r['tile_id']}-labelled.png")
@@ -227,6 +227,7 @@ def plot_before_after(workdir: str | Path, manifest: pd.DataFrame, class_map: Cl
     import matplotlib.pyplot as plt
 
     from helpers.io import read_image
+    from helpers.tiles import read_label_tile
     from helpers.viz import legend_handles, overlay
 
     workdir = Path(workdir)
@@ -240,8 +241,8 @@ def plot_before_after(workdir: str | Path, manifest: pd.DataFrame, class_map: Cl
         r = manifest.iloc[i]
         img = read_image(workdir / r[image_col])
         panels = [(img, f"{r['slide']} x={r['x']} y={r['y']}"),
-                  (overlay(img, read_image(workdir / r["label_raw"]), class_map, 0.5), "annotations (before)"),
-                  (overlay(img, read_image(workdir / r["label"]), class_map, 0.5), "refined (after)")]
+                  (overlay(img, read_label_tile(workdir / r["label_raw"]), class_map, 0.5), "annotations (before)"),
+                  (overlay(img, read_label_tile(workdir / r["label"]), class_map, 0.5), "refined (after)")]
         if show_truth:
             t = truth_tile(workdir, r, img.shape[:2])
             panels.append((overlay(img, t, class_map, 0.5) if t is not None else img, "dense truth" if t is not None else "no truth"))
@@ -279,12 +280,12 @@ def disagreement_with_truth(workdir: str | Path, manifest: pd.DataFrame, label_c
         ``{"labelled_pixels", "wrong_pixels", "wrong_fraction", "tiles"}``; NaN fraction
         when no tile has a truth raster.
     """
-    from helpers.io import read_image
+    from helpers.tiles import read_label_tile
 
     workdir = Path(workdir)
     labelled = wrong = tiles = 0
     for r in manifest.to_dict("records"):
-        lab = read_image(workdir / r[label_col])
+        lab = read_label_tile(workdir / r[label_col])
         t = truth_tile(workdir, r, lab.shape[:2])
         if t is None:
             continue
@@ -305,6 +306,7 @@ def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMa
     import matplotlib.pyplot as plt
 
     from helpers.io import read_image
+    from helpers.tiles import read_label_tile
     from helpers.viz import overlay
 
     workdir = Path(workdir)
@@ -325,7 +327,7 @@ def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMa
             lab = truth_tile(workdir, r, img.shape[:2])
             lab = np.zeros(img.shape[:2], np.uint8) if lab is None else lab
         else:
-            lab = read_image(workdir / r["label_raw" if view.value == "before" else "label"])
+            lab = read_label_tile(workdir / r["label_raw" if view.value == "before" else "label"])
         hidden = [k for k, w in toggles.items() if not w.value]
         with out:
             out.clear_output(wait=True)

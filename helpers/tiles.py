@@ -112,6 +112,31 @@ def label_counts(label: np.ndarray, class_map: ClassMap) -> dict[str, int]:
     return out
 
 
+def read_label_tile(path: str | Path) -> np.ndarray:
+    """A label tile as a 2-D uint8 array of label values.
+
+    QuPath's ``LabeledImageServer`` writes *indexed* (palette) PNGs; generic readers turn
+    those into palette colours, so the indices are read here with Pillow.
+
+    Raises:
+        HistoUNetError: unreadable file, or an RGB image whose channels differ (not labels).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im) if im.mode in ("P", "L", "I", "I;16") else np.array(im.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the same user problem
+        raise HistoUNetError(f"{path}: cannot read label tile ({exc}); re-export it") from None
+    if arr.ndim == 3:
+        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise HistoUNetError(f"{path}: a colour image, not a label tile; export labels with multichannelOutput(false)")
+        arr = arr[..., 0]
+    if arr.max(initial=0) > 255:
+        raise HistoUNetError(f"{path}: label values above 255; labels must be uint8 (0 unlabelled, 1..N classes)")
+    return arr.astype(np.uint8)
+
+
 MANIFEST_COLUMNS = ["tile_id", "slide", "image", "label", "x", "y", "w", "h", "downsample", "mpp"]
 
 
@@ -238,7 +263,7 @@ def read_tile_folder(folder: str | Path, class_map: ClassMap, workdir: str | Pat
     Raises:
         HistoUNetError: no tiles, or a tile without its label tile.
     """
-    from helpers.io import read_image, read_manifest
+    from helpers.io import read_manifest
 
     folder = Path(folder)
     workdir = Path(workdir) if workdir else folder.parent
@@ -258,9 +283,7 @@ def read_tile_folder(folder: str | Path, class_map: ClassMap, workdir: str | Pat
             missing.append(lab.name)
             continue
         info = parse_tile_name(img.stem)
-        label = read_image(lab)
-        if label.ndim == 3:
-            label = label[..., 0]
+        label = read_label_tile(lab)
         smpp = slide_mpp.get(info["slide"]) if isinstance(slide_mpp, dict) else slide_mpp
         rows.append({"tile_id": img.stem, "slide": info["slide"],
                      "image": Path(img).resolve().relative_to(workdir.resolve()).as_posix(),
@@ -274,15 +297,22 @@ def read_tile_folder(folder: str | Path, class_map: ClassMap, workdir: str | Pat
 
 def import_tile_folder(folder: str | Path, workdir: str | Path, class_map: ClassMap,
                        slide_mpp: float | dict[str, float] | None = None, overwrite: bool = False) -> pd.DataFrame:
-    """QuPath route of step 01: copy a TileExporter folder into ``<workdir>/tiles`` with a manifest."""
-    from helpers.io import atomic_dir, write_manifest
+    """QuPath route of step 01: copy a TileExporter folder into ``<workdir>/tiles`` with a manifest.
+
+    Label tiles are rewritten as plain greyscale PNGs (QuPath writes palette PNGs, which
+    generic image readers would turn into colours).
+    """
+    from helpers.io import atomic_dir, write_image, write_manifest
 
     folder, workdir = Path(folder), Path(workdir)
     out_dir = step_dir(workdir, "tiles")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for p in Path(folder).iterdir():
             if p.is_file() and _NAME_RE.match(p.stem.removesuffix("-labelled")):
-                shutil.copy2(p, tmp / p.name)
+                if p.name.endswith(LABEL_SUFFIX):
+                    write_image(read_label_tile(p), tmp / p.name)
+                else:
+                    shutil.copy2(p, tmp / p.name)
         manifest = read_tile_folder(tmp, class_map, workdir=tmp.parent, slide_mpp=slide_mpp)
         manifest["image"] = "tiles/" + manifest["image"].str.split("/").str[-1]
         manifest["label"] = "tiles/" + manifest["label"].str.split("/").str[-1]
@@ -345,7 +375,7 @@ def plot_tile_samples(workdir: str | Path, manifest: pd.DataFrame, class_map: Cl
     for i in pick:
         r = manifest.iloc[i]
         img = read_image(workdir / r[image_col])
-        lab = read_image(workdir / r[label_col])
+        lab = read_label_tile(workdir / r[label_col])
         images += [img, overlay(img, lab, class_map, 0.45)]
         short = f"{r['slide']} x={r['x']} y={r['y']}"
         titles += [short, "labels"]

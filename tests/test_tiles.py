@@ -170,3 +170,32 @@ def test_missing_or_unusable_annotations(tmp_path, class_map):
     with pytest.raises(AnnotationError, match="min_labelled_fraction"):
         export_tiles(wd, class_map, annotations=tiny)
     assert not (wd / "tiles").exists()  # nothing half-written
+
+
+def test_qupath_palette_label_tiles(tmp_path, class_map):
+    """QuPath writes indexed (palette) label PNGs: the label values, not the colours, are read."""
+    from PIL import Image
+
+    from helpers.tiles import import_tile_folder, read_label_tile
+
+    qp = tmp_path / "export"
+    qp.mkdir()
+    lab = np.zeros((32, 32), np.uint8)
+    lab[:, 8:16], lab[:, 16:24], lab[:, 24:] = 1, 2, 3
+    stem = "slide A [d=4,x=128,y=256,w=128,h=128]"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(qp / f"{stem}.png")
+    im = Image.fromarray(lab, mode="P")
+    im.putpalette([0, 0, 0, 180, 180, 180, 200, 0, 0, 150, 200, 150] + [0] * 252 * 3)
+    im.save(qp / f"{stem}-labelled.png")
+    assert np.array_equal(read_label_tile(qp / f"{stem}-labelled.png"), lab)
+    m = read_tile_folder(qp, class_map, slide_mpp={"slide A": 0.25})
+    r = m.iloc[0]
+    assert (r.slide, r.x, r.y, r.w, r.h, r.downsample, r.mpp) == ("slide A", 128, 256, 128, 128, 4.0, 1.0)
+    assert (r.px_unlabelled, r.px_Background, r.px_Tumor, r.px_Stroma, r.px_Other) == (256, 256, 256, 256, 0)
+    wd = tmp_path / "wd"
+    imported = import_tile_folder(qp, wd, class_map)
+    assert np.isnan(imported["mpp"].iloc[0])
+    assert np.array_equal(read_image(wd / imported["label"].iloc[0]), lab)  # plain greyscale now
+    (qp / f"{stem}-labelled.png").unlink()
+    with pytest.raises(Exception, match="lack a label tile"):
+        read_tile_folder(qp, class_map)
