@@ -307,3 +307,50 @@ def test_real_slides_give_valid_geojson(tmp_path, class_map_, shared_data, name,
     for f in fc["features"]:
         assert shape(f["geometry"]).is_valid
         assert f["properties"]["classification"]["name"] != "Background"
+
+
+def test_viewer_builds_headless(setup):
+    import ipywidgets as w
+
+    from helpers.infer import export_prediction, predict_slide, prediction_viewer
+
+    d, _, _ = setup
+    out = d / "viewer"
+    predict_slide(d / "slide.tiff", d / "model", out, overlap=1, progress=False)
+    export_prediction(out)
+    viewer = prediction_viewer(out, max_size=256, zoom_size=128)
+    assert isinstance(viewer, w.VBox)
+    images = [c for c in viewer.children[-1].children if isinstance(c, w.Image)]
+    mode = viewer.children[0].children[0]
+    seen = set()
+    for option in mode.options:  # raw / post-processed / probability all render
+        mode.value = option
+        seen.add(images[0].value[:8] == b"\x89PNG\r\n\x1a\n" and len(images[1].value) > 100)
+    assert seen == {True}
+
+
+def test_batch_skips_done_and_continues_past_failures(setup, tmp_path, shared_data, capsys):
+    import shutil
+
+    from helpers.batch import main
+
+    d, _, _ = setup
+    wd = tmp_path / "wd"
+    shutil.copytree(d / "model", wd / "model")
+    slides = tmp_path / "incoming"
+    slides.mkdir()
+    shutil.copy(d / "slide.tiff", slides / "good.tiff")
+    shutil.copy(shared_data / "slides" / "broken.svs", slides / "bad.svs")
+    params = tmp_path / "p.yaml"
+    params.write_text("overlap: 1\nbatch_size: 4\nmin_area_um2: 100.0\n")
+    rc = main(["--slides", str(slides), "--workdir", str(wd), "--params", str(params)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "FAILED bad" in err and "broken" not in err.split("FAILED bad")[0]
+    summary = json.loads((wd / "predictions" / "good" / "summary.json").read_text())
+    assert summary["features"] > 0
+    assert (wd / "notebooks" / "batch" / "07_infer_slide_good.ipynb").is_file()
+    (slides / "bad.svs").unlink()
+    rc = main(["--slides", str(slides), "--workdir", str(wd), "--params", str(params)])
+    assert rc == 0
+    assert "0 done, 1 skipped, 0 failed" in capsys.readouterr().out
