@@ -217,6 +217,46 @@ def load_pairs(manifest: str | Path, workdir: str | Path | None = None, n: int =
     return images, masks, rows["tile_id"].astype(str).tolist()
 
 
+def tile_manifest(workdir: str | Path) -> Path:
+    """The newest tile manifest of the work folder: ``labels/`` (03), else ``stain/`` (02), else ``tiles/`` (01)."""
+    from helpers.config import step_dir
+
+    for step in ("labels", "stain", "tiles"):
+        path = step_dir(workdir, step) / "manifest.csv"
+        if path.is_file():
+            return path
+    raise HistoUNetError(f"{workdir}: no tile manifest (labels/, stain/ or tiles/); run 01_export_tiles first")
+
+
+def check_label_safety(aug: A.BaseCompose, masks: Sequence[np.ndarray], images: Sequence[np.ndarray] | None = None,
+                       rounds: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Run the pipeline ``rounds`` times per mask; count new label values and labelled padding.
+
+    Padding is found by augmenting an all-black marker image alongside: pixels that come out
+    white were invented by a transform and must be unlabelled (0). Photometric transforms
+    do not touch masks, so only the geometry matters here.
+
+    Returns:
+        ``{"runs", "new_label_values", "labelled_padding_pixels", "padding_pixels"}``; both
+        counts are 0 for a safe pipeline.
+    """
+    geo = A.Compose([t for t in aug.transforms if isinstance(t, A.DualTransform)], seed=seed)
+    new_values, bad_pad, pad = 0, 0, 0
+    runs = 0
+    for i, mask in enumerate(masks):
+        allowed = set(np.unique(mask).tolist()) | {MASK_FILL}
+        h, w = mask.shape[:2]
+        marker = np.zeros((h, w, 3), np.uint8)
+        for _ in range(rounds):
+            out = geo(image=marker, mask=np.ascontiguousarray(mask))
+            runs += 1
+            new_values += len(set(np.unique(out["mask"]).tolist()) - allowed)
+            padded = out["image"].min(axis=2) > 250
+            pad += int(padded.sum())
+            bad_pad += int((out["mask"][padded] != MASK_FILL).sum())
+    return {"runs": runs, "new_label_values": new_values, "labelled_padding_pixels": bad_pad, "padding_pixels": pad}
+
+
 def plot_preview(aug: A.BaseCompose, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], class_map,
                  n_aug: int = 3, seed: int | None = 0, alpha: float = 0.4):
     """Figure: each tile (first column) and ``n_aug`` augmented versions, label overlay below each.

@@ -598,6 +598,41 @@ def choose_reference(source: Sequence[np.ndarray] | Sequence[str | Path] | str |
 # --------------------------------------------------------------------------- whole step
 
 
+def check_step(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse to redo step 02 when ``out_dir/manifest.csv`` exists and ``overwrite`` is False."""
+    out_dir = Path(out_dir)
+    if (out_dir / "manifest.csv").exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir / 'manifest.csv'} already exists; pass overwrite=True to normalize again")
+    return out_dir
+
+
+def reference_from(manifest_path: str | Path, reference_tile: str = "", workdir: str | Path | None = None,
+                   **choose_kw: Any) -> ReferenceChoice:
+    """The reference tile: ``reference_tile`` (a tile_id of the manifest or an image path), or automatic.
+
+    Raises:
+        ParameterError: ``reference_tile`` is neither a tile of the manifest nor an image file.
+    """
+    from helpers.io import read_image, read_manifest
+
+    manifest_path = Path(manifest_path)
+    root = Path(workdir) if workdir is not None else manifest_path.resolve().parent.parent
+    if not reference_tile:
+        return choose_reference(manifest_path, workdir=root, **choose_kw)
+    df = read_manifest(manifest_path, "01_export_tiles.ipynb")
+    hit = df[df["tile_id"].astype(str) == reference_tile]
+    if len(hit):
+        image = read_image(root / hit["image"].iloc[0])
+        idx = int(hit.index[0])
+    elif Path(reference_tile).is_file():
+        image, idx = read_image(reference_tile), -1
+    else:
+        raise ParameterError(f"reference_tile={reference_tile!r} is neither a tile_id in {manifest_path} nor an "
+                             "image file; leave it empty to choose automatically")
+    row = {"index": idx, "name": reference_tile, "tissue_fraction": tissue_fraction(image)}
+    return ReferenceChoice(_as_rgb_uint8(image).copy(), idx, reference_tile, pd.DataFrame([row]))
+
+
 def normalize_tiles(manifest_path: str | Path, out_dir: str | Path, normalizer: StainNormalizer, mode: str = "slide",
                     workdir: str | Path | None = None, samples_per_slide: int = 32, overwrite: bool = False,
                     seed: int = 0) -> pd.DataFrame:
