@@ -60,6 +60,15 @@ def pyramid_shapes(width: int, height: int, tile: int = 256) -> list[tuple[int, 
     return shapes
 
 
+def source_regions(width: int, height: int, tile: int = 256) -> list[tuple[int, int, int, int]]:
+    """The level-0 regions ``(x, y, w, h)`` that :func:`write_pyramid_tiff` asks a callable
+    source for, in the order it asks (row-major strips ``tile`` high, at most
+    ``8 * tile`` wide). A source may use it to compute regions ahead, e.g. in threads."""
+    block = tile * _BLOCK_TILES
+    return [(bx, y, min(block, width - bx), min(tile, height - y))
+            for y in range(0, height, tile) for bx in range(0, width, block)]
+
+
 def _reduce2(block: np.ndarray, kind: str) -> np.ndarray:
     """Halve a (h, w, c) block: area mean, or 2x2 majority vote for labels."""
     h, w = block.shape[:2]
@@ -208,23 +217,19 @@ def write_pyramid_tiff(
 
     def level0_regions() -> Iterator[tuple[int, int, np.ndarray]]:
         """Level-0 tiles in row-major order, as (x, y, tile array)."""
-        block = tile * _BLOCK_TILES
-        for y in range(0, height, tile):
-            th = min(tile, height - y)
-            for bx in range(0, width, block):
-                bw = min(block, width - bx)
-                if array is not None:
-                    region = array[y:y + th, bx:bx + bw]
-                else:
-                    region = source(bx, y, bw, th)  # type: ignore[operator]
-                region = _as_hwc(np.asarray(region))
-                if region.shape[:2] != (th, bw) or region.shape[2] != channels:
-                    raise ParameterError(
-                        f"{path}: read_tile({bx}, {y}, {bw}, {th}) returned shape {region.shape}; "
-                        f"expected ({th}, {bw}, {channels})")
-                region = region.astype(dtype, copy=False)
-                for x in range(bx, bx + bw, tile):
-                    yield x, y, region[:, x - bx:x - bx + tile]
+        for bx, y, bw, th in source_regions(width, height, tile):
+            if array is not None:
+                region = array[y:y + th, bx:bx + bw]
+            else:
+                region = source(bx, y, bw, th)  # type: ignore[operator]
+            region = _as_hwc(np.asarray(region))
+            if region.shape[:2] != (th, bw) or region.shape[2] != channels:
+                raise ParameterError(
+                    f"{path}: read_tile({bx}, {y}, {bw}, {th}) returned shape {region.shape}; "
+                    f"expected ({th}, {bw}, {channels})")
+            region = region.astype(dtype, copy=False)
+            for x in range(bx, bx + bw, tile):
+                yield x, y, region[:, x - bx:x - bx + tile]
 
     def level_regions(buf: np.ndarray, w: int, h: int) -> Iterator[tuple[int, int, np.ndarray]]:
         for y in range(0, h, tile):

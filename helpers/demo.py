@@ -1,0 +1,906 @@
+"""A synthetic but realistic H&E demo slide with a known dense truth and sparse annotations.
+
+The slide shows a tongue section on glass: squamous cell carcinoma (confluent in the
+centre, breaking up into nests at the invasive front and infiltrating the muscle),
+collagenous stroma with fibroblasts and lymphocytes, skeletal muscle cut across and
+along its fibres ("Other"), and glass. Pixels are made in optical-density space
+(Beer-Lambert: hematoxylin and eosin concentrations times their stain vectors), with
+stain strength and hue drifting smoothly across the slide.
+
+How it stays seamless, deterministic and memory-bounded at any size:
+
+* **Layout**: smooth class fields (tissue, muscle, tumour, ...) are computed once for the
+  whole slide on a coarse grid (a few level-0 pixels per grid point) from hashed
+  lattice noise. Each tile upsamples them (bicubic) at its own pixels, and the classes
+  are thresholds of the upsampled fields, so the borders are smooth and the truth and
+  the slide come from the very same numbers.
+* **Texture**: nuclei, fibres and muscle cells are procedural and keyed by *global*
+  coordinates: lattice values and nuclei come from a hash of (seed, grid cell), and a
+  tile draws every nucleus of the cells overlapping it plus a margin. Tiles therefore
+  join invisibly and the result does not depend on the tile size or order.
+* **Output**: :func:`helpers.rasters.write_pyramid_tiff` pulls the slide and the truth
+  region by region, so a 40,000 x 40,000 px slide needs only the coarse layout and a
+  strip of tiles in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from helpers.config import DEFAULT_CLASS_MAP, ClassMap, load_class_map, step_dir
+from helpers.errors import ParameterError
+from helpers.io import check_writable
+
+log = logging.getLogger(__name__)
+
+#: The demo's tissue roles and the class-map names they are written as (the one place).
+ROLE_NAMES: dict[str, str] = {"glass": "Background", "tumour": "Tumor", "stroma": "Stroma", "other": "Other"}
+
+# Stain optical-density vectors (R, G, B) per unit concentration (typical H&E values).
+_H_VEC = np.array([0.56, 0.72, 0.41], np.float32)
+_H_VEC_BLUE = np.array([0.50, 0.66, 0.56], np.float32)  # a bluer hematoxylin for the hue drift
+_E_VEC = np.array([0.20, 0.80, 0.54], np.float32)
+_E_VEC_RED = np.array([0.10, 0.86, 0.46], np.float32)  # a redder eosin
+_E_VEC_MUSCLE = np.array([0.05, 0.90, 0.40], np.float32)  # eosin on muscle fibres looks redder
+
+
+# --------------------------------------------------------------------------------------
+# Hashed lattice noise: the same value for the same global position, whatever the tile.
+# --------------------------------------------------------------------------------------
+
+def _hash(ix: np.ndarray, iy: np.ndarray, salt: int) -> np.ndarray:
+    """Uniform [0, 1) float32 from integer lattice coordinates and a salt (splitmix64 mix)."""
+    with np.errstate(over="ignore"):
+        h = np.asarray(ix, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= np.asarray(iy, np.int64).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+        h ^= np.uint64((salt * 0x165667B19E3779F9) & 0xFFFFFFFFFFFFFFFF)
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return ((h >> np.uint64(40)).astype(np.float32) / np.float32(2**24))
+
+
+def _catmull_rom_matrix(coords: np.ndarray, cell: float) -> tuple[np.ndarray, int]:
+    """Interpolation weights (len(coords), n_lattice) of a cubic through lattice values."""
+    c = coords / cell
+    i0 = int(np.floor(c.min())) - 1
+    n = int(np.floor(c.max())) - i0 + 3
+    base = np.floor(c).astype(int)
+    t = c - base
+    w = [(-t**3 + 2 * t**2 - t) / 2, (3 * t**3 - 5 * t**2 + 2) / 2, (-3 * t**3 + 4 * t**2 + t) / 2, (t**3 - t**2) / 2]
+    m = np.zeros((len(c), n), np.float64)
+    rows = np.arange(len(c))
+    for k in range(4):
+        m[rows, base - 1 + k - i0] += w[k]
+    return m, i0
+
+
+def _grid_noise(xs: np.ndarray, ys: np.ndarray, cell: float, salt: int) -> np.ndarray:
+    """Smooth noise in [-1, 1] on the grid xs x ys (exact, separable): for the coarse layout."""
+    mx, ix0 = _catmull_rom_matrix(xs, cell)
+    my, iy0 = _catmull_rom_matrix(ys, cell)
+    jy, jx = np.mgrid[iy0:iy0 + my.shape[1], ix0:ix0 + mx.shape[1]]
+    lattice = _hash(jx, jy, salt).astype(np.float64) * 2 - 1
+    return (my @ lattice @ mx.T).astype(np.float32)
+
+
+def _fine_noise(gx: np.ndarray, gy: np.ndarray, cell_u: float, cell_v: float, salt: int,
+                angle: float = 0.0) -> np.ndarray:
+    """Smooth noise in about [-1, 1] at pixel positions, stretched along ``angle`` (textures)."""
+    import cv2
+
+    ca, sa = math.cos(angle), math.sin(angle)
+    u = (gx * ca + gy * sa) / cell_u
+    v = (-gx * sa + gy * ca) / cell_v
+    iu0, iv0 = int(np.floor(u.min())) - 2, int(np.floor(v.min())) - 2
+    nu, nv = int(np.floor(u.max())) - iu0 + 4, int(np.floor(v.max())) - iv0 + 4
+    jv, ju = np.mgrid[iv0:iv0 + nv, iu0:iu0 + nu]
+    lattice = _hash(ju, jv, salt) * 2 - 1
+    return cv2.remap(lattice, (u - iu0).astype(np.float32), (v - iv0).astype(np.float32),
+                     cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+
+
+def _smooth01(x: np.ndarray) -> np.ndarray:
+    """Signed distance-like value -> soft weight in [0, 1] (0.5 on the border)."""
+    return np.clip(0.5 + x, 0.0, 1.0)
+
+
+@dataclass
+class _Points:
+    """Procedural objects (nuclei, pearls): centres and per-object random numbers."""
+
+    x: np.ndarray
+    y: np.ndarray
+    r: np.ndarray  # (n, k) uniform [0, 1) attributes
+
+    def take(self, keep: np.ndarray) -> "_Points":
+        return _Points(self.x[keep], self.y[keep], self.r[keep])
+
+
+def _points(x0: float, y0: float, x1: float, y1: float, cell: float, salt: int, jitter: float = 1.0,
+            n_attr: int = 6) -> _Points:
+    """One candidate object per grid cell overlapping [x0, x1) x [y0, y1), keyed by the cell."""
+    ix = np.arange(math.floor(x0 / cell), math.floor(x1 / cell) + 1)
+    iy = np.arange(math.floor(y0 / cell), math.floor(y1 / cell) + 1)
+    jy, jx = np.meshgrid(iy, ix, indexing="ij")
+    jx, jy = jx.ravel(), jy.ravel()
+    px = (jx + 0.5 + jitter * (_hash(jx, jy, salt) - 0.5)) * cell
+    py = (jy + 0.5 + jitter * (_hash(jx, jy, salt + 1) - 0.5)) * cell
+    attrs = np.stack([_hash(jx, jy, salt + 2 + k) for k in range(n_attr)], axis=1) if len(jx) else np.zeros((0, n_attr))
+    return _Points(px, py, attrs)
+
+
+# --------------------------------------------------------------------------------------
+# The slide model
+# --------------------------------------------------------------------------------------
+
+class DemoSlide:
+    """The procedural slide: coarse layout for the whole slide + tile rendering.
+
+    Args:
+        width, height: Slide size in level-0 pixels.
+        mpp: Microns per pixel (textures have physical sizes; the layout scales with the slide).
+        seed: Everything is a function of the seed and the global position.
+        labels: Label value of each role of :data:`ROLE_NAMES`.
+    """
+
+    FIELDS = ("tissue", "muscle", "tumour", "zone", "orient", "stain_h", "stain_e", "hue", "inflam")
+
+    def __init__(self, width: int, height: int, mpp: float, seed: int, labels: dict[str, int]):
+        self.width, self.height, self.mpp, self.seed = int(width), int(height), float(mpp), int(seed)
+        self.labels = labels
+        self.size = min(width, height)
+        self.um = 1.0 / mpp  # pixels per micron
+        # Coarse grid: <= ~1024 points a side, at least every 8 px.
+        self.step = max(8, math.ceil(max(width, height) / 1024))
+        self.gx = (np.arange(math.ceil(width / self.step)) + 0.5) * self.step
+        self.gy = (np.arange(math.ceil(height / self.step)) + 0.5) * self.step
+        rng = np.random.default_rng(seed)
+        self.salt = int(rng.integers(1, 2**31))
+        # Macro geometry (fractions of the slide), jittered by the seed.
+        self.centre = (width * (0.5 + rng.uniform(-0.03, 0.03)), height * (0.5 + rng.uniform(-0.03, 0.03)))
+        self.radii = (width * rng.uniform(0.40, 0.44), height * rng.uniform(0.37, 0.42))
+        self.muscle_dir = rng.uniform(0.15, 0.6) * math.pi  # muscle lies deep, towards this direction
+        d = np.array([math.cos(self.muscle_dir), math.sin(self.muscle_dir)])
+        main = np.array(self.centre) - d * np.array(self.radii) * 0.18
+        self.tumour_centres = [
+            (main[0], main[1], 0.30),
+            (self.centre[0] + d[0] * self.radii[0] * 0.55, self.centre[1] + d[1] * self.radii[1] * 0.55, 0.13),
+            (self.centre[0] - d[1] * self.radii[0] * 0.6, self.centre[1] + d[0] * self.radii[1] * 0.6, 0.10),
+        ]
+        self.tumour_cell = 17 * self.um  # spacing of tumour cells (one nucleus each)
+        self.nest_cell = float(np.clip(self.size / 11, 70 * self.um, 230 * self.um))
+        self.layout = self._layout()
+        # Sensor grain: a fixed random texture repeated with prime periods (cheap, global).
+        self._grain = (rng.random((509, 521), dtype=np.float32) - 0.5) * 5.0
+
+    # ---- layout -------------------------------------------------------------------
+    def _noise(self, cell: float, k: int) -> np.ndarray:
+        return _grid_noise(self.gx, self.gy, cell, self.salt + 1000 * k)
+
+    def _layout(self) -> dict[str, np.ndarray]:
+        """Coarse fields for the whole slide, each roughly a signed distance in pixels."""
+        gx, gy = np.meshgrid(self.gx, self.gy)
+        cx, cy = self.centre
+        rx, ry = self.radii
+        s = self.size
+        r = np.sqrt(((gx - cx) / rx) ** 2 + ((gy - cy) / ry) ** 2)
+        tissue = (1 - r + 0.22 * self._noise(s / 3.5, 1) + 0.07 * self._noise(s / 10, 2)) * 0.42 * s
+        d = (math.cos(self.muscle_dir), math.sin(self.muscle_dir))
+        depth = ((gx - cx) * d[0] + (gy - cy) * d[1]) / s
+        muscle = (depth - 0.06 + 0.10 * self._noise(s / 4, 3) + 0.04 * self._noise(s / 12, 4)) * s
+        envelope = np.full(gx.shape, -1.0, np.float32)
+        for tx, ty, rad in self.tumour_centres:
+            dist = np.sqrt((gx - tx) ** 2 + (gy - ty) ** 2) / s
+            envelope = np.maximum(envelope, (rad - dist) / rad)
+        envelope = envelope + 0.25 * self._noise(s / 5, 5)
+        nests = self._noise(self.nest_cell, 6) + 0.5 * self._noise(self.nest_cell / 2.3, 7)
+        # Confluent where the envelope is high, islands at its edge, nothing outside.
+        tumour = (0.9 * envelope + 0.6 * nests - 0.5) * self.nest_cell * 0.45
+        zone = self._noise(90 * self.um * 4, 8)  # muscle bundle orientation zones
+        orient = self._noise(s / 5, 9)  # stroma fibre direction
+        stain_h = self._noise(s / 2.5, 10)
+        stain_e = self._noise(s / 2.5, 11)
+        hue = self._noise(s / 2, 12)
+        inflam = self._noise(s / 6, 13)
+        return {k: np.ascontiguousarray(v, np.float32) for k, v in zip(
+            self.FIELDS, (tissue, muscle, tumour, zone, orient, stain_h, stain_e, hue, inflam))}
+
+    def sample(self, names: tuple[str, ...], xs: np.ndarray, ys: np.ndarray) -> dict[str, np.ndarray]:
+        """Bicubic values of layout fields at level-0 positions (arrays of the same shape)."""
+        import cv2
+
+        mx = (np.asarray(xs, np.float64) / self.step - 0.5).astype(np.float32)
+        my = (np.asarray(ys, np.float64) / self.step - 0.5).astype(np.float32)
+        if mx.ndim == 1:
+            mx, my = mx[None, :], my[None, :]
+            return {n: cv2.remap(self.layout[n], mx, my, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)[0]
+                    for n in names}
+        return {n: cv2.remap(self.layout[n], mx, my, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+                for n in names}
+
+    def classify(self, f: dict[str, np.ndarray]) -> np.ndarray:
+        """Label per position from the fields (the single definition of the truth)."""
+        lab = np.full(f["tissue"].shape, self.labels["glass"], np.uint8)
+        tissue = f["tissue"] > 0
+        tumour = tissue & (f["tumour"] > 0)
+        other = tissue & ~tumour & (f["muscle"] > 0) & (f["tumour"] < -self.halo)
+        lab[tissue] = self.labels["stroma"]
+        lab[other] = self.labels["other"]
+        lab[tumour] = self.labels["tumour"]
+        return lab
+
+    @property
+    def halo(self) -> float:
+        """Desmoplastic stroma kept around tumour nests inside muscle (pixels of the tumour field)."""
+        return 25 * self.um
+
+    def coarse_labels(self) -> np.ndarray:
+        """The truth on the coarse grid (``step`` level-0 pixels per value)."""
+        return self.classify(self.layout)
+
+    # ---- rendering ----------------------------------------------------------------
+    def render_labels(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        xs, ys = np.meshgrid(x + np.arange(w) + 0.5, y + np.arange(h) + 0.5)
+        return self.classify(self.sample(("tissue", "muscle", "tumour"), xs, ys))
+
+    def render_rgb(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 of the level-0 region (x, y, w, h)."""
+        um = self.um
+        gxx, gyy = np.meshgrid(x + np.arange(w, dtype=np.float64) + 0.5, y + np.arange(h, dtype=np.float64) + 0.5)
+        f = self.sample(self.FIELDS, gxx, gyy)
+        gx, gy = gxx.astype(np.float32), gyy.astype(np.float32)
+        soft = 2.5 * um  # half-width of soft class borders, in pixels
+        w_tis = _smooth01(f["tissue"] / (2 * soft))
+        w_tum = _smooth01(f["tumour"] / (2 * soft))
+        w_mus = _smooth01(f["muscle"] / (2 * soft)) * _smooth01((-f["tumour"] - self.halo) / (2 * soft)) * (1 - w_tum)
+        w_str = np.clip(1 - w_tum - w_mus, 0, 1)
+        lab = self.classify(f)
+        present = {role: bool((lab == self.labels[role]).any()) for role in ("tumour", "stroma", "other")}
+        c_h = np.zeros((h, w), np.float32)
+        c_e = np.zeros((h, w), np.float32)
+        # Stroma: wavy collagen bundles in three fixed directions, blended by the direction field.
+        near = (w_str > 0) & (w_tis > 0)
+        if near.any():
+            fib = np.zeros((h, w), np.float32)
+            warp = 4 * um * _fine_noise(gx, gy, 30 * um, 30 * um, self.salt + 50)
+            t = (f["orient"] + 1) * 1.5
+            for k in range(3):
+                dist = np.abs(t - k)
+                wk = np.clip(1 - np.minimum(dist, 3 - dist), 0, 1)
+                n = _fine_noise(gx + warp, gy - warp, 40 * um, 3.5 * um, self.salt + 60 + k, _fibre_angle(k))
+                fib += wk * n
+            fib = np.clip(0.6 + 1.0 * fib, 0, 1)
+            loose = 0.5 + 0.5 * _fine_noise(gx, gy, 60 * um, 60 * um, self.salt + 70)
+            ce_str = 0.2 + 0.62 * fib * (0.55 + 0.45 * loose)
+            # Retraction clefts: a thin pale gap around tumour nests, as in fixed tissue.
+            gap = np.exp(-(((f["tumour"] + 2.5 * um) / (1.5 * um)) ** 2))
+            ce_str *= 1 - 0.75 * gap
+            c_e += w_str * ce_str
+            c_h += w_str * (0.05 + 0.03 * loose)
+        if present["tumour"] or (w_tum > 0.01).any():
+            cyto = 0.48 + 0.08 * _fine_noise(gx, gy, 5 * um, 5 * um, self.salt + 80)
+            m = w_tum > 0
+            f1, f2 = _voronoi(gx[m], gy[m], self.tumour_cell, self.salt + 200, jitter=0.55)
+            cyto[m] += 0.2 * np.exp(-(((f2 - f1) / (0.9 * um)) ** 2)) - 0.06 * np.exp(-(((f2 - f1 - 2.2 * um) / (1.0 * um)) ** 2))
+            c_e += w_tum * cyto
+            c_h += w_tum * (0.20 + 0.05 * _fine_noise(gx, gy, 12 * um, 12 * um, self.salt + 81))
+        c_m = np.zeros((h, w), np.float32)  # muscle eosin: stains redder than collagen
+        if present["other"] or (w_mus > 0.01).any():
+            ce_mus, ch_mus = self._muscle(gx, gy, f)
+            c_m += w_mus * ce_mus
+            c_h += w_mus * ch_mus
+        nuc, pearl = self._nuclei(x, y, w, h, f, gx, gy)
+        if pearl is not None:
+            c_e += w_tum * pearl * 0.55
+            c_h -= w_tum * pearl * 0.12
+        c_h += nuc
+        c_h *= w_tis
+        c_e *= w_tis
+        c_m *= w_tis
+        # Stain drift across the slide: strength and hue of both stains.
+        c_h *= 1 + 0.22 * f["stain_h"]
+        c_e *= 1 + 0.25 * f["stain_e"]
+        c_m *= 1 + 0.25 * f["stain_e"]
+        hue = np.clip(0.5 + 0.9 * f["hue"], 0, 1)[..., None]
+        v_h = (1 - hue) * _H_VEC + hue * _H_VEC_BLUE
+        v_e = (1 - hue) * _E_VEC + hue * _E_VEC_RED
+        od = c_h[..., None] * v_h + c_e[..., None] * v_e + c_m[..., None] * (0.5 * v_e + 0.5 * _E_VEC_MUSCLE)
+        od += 0.012 * w_tis[..., None]  # faint haze of mounting medium over tissue
+        # Illumination: near-white glass with a faint vignette, plus sensor noise.
+        light = 243 + 4 * _fine_noise(gx, gy, self.size / 3, self.size / 3, self.salt + 90)
+        rgb = light[..., None] * np.exp(-od)
+        rgb += self._grain[(gyy.astype(np.int64) % 509)[:, :1], (gxx.astype(np.int64) % 521)[:1, :]][..., None]
+        return np.clip(rgb, 0, 255).round().astype(np.uint8)
+
+    def _muscle_kinds(self, zone: np.ndarray) -> list[tuple[np.ndarray, float, float]]:
+        """Bundle types by the zone field: (mask, fibre angle, stretch along it); septa at +-0.12."""
+        return [(zone > 0.12, 0.0, 1.0), (zone < -0.12, 0.5, 5.0), ((zone >= -0.12) & (zone <= 0.12), 2.0, 5.0)]
+
+    def _muscle_edge(self, gx: np.ndarray, gy: np.ndarray, zone: np.ndarray) -> np.ndarray:
+        """Distance (px) to the nearest muscle-fibre boundary at each position (f2 - f1)."""
+        out = np.full(gx.shape, np.inf, np.float32)
+        for mask, ang, stretch in self._muscle_kinds(zone):
+            if not mask.any():
+                continue
+            ca, sa = math.cos(ang), math.sin(ang)
+            mx, my = gx[mask], gy[mask]
+            f1, f2 = _voronoi((mx * ca + my * sa) / stretch, -mx * sa + my * ca, 55 * self.um,
+                              self.salt + 100 + int(ang * 10))
+            out[mask] = f2 - f1
+        return out
+
+    def _muscle(self, gx, gy, f) -> tuple[np.ndarray, np.ndarray]:
+        """Skeletal muscle: fibre cells (Voronoi) cut across, or stretched along, by zone."""
+        um = self.um
+        fib_d = 55 * um
+        ce = np.zeros(gx.shape, np.float32)
+        ch = np.full(gx.shape, 0.05, np.float32)
+        zone = f["zone"]
+        # Three bundle types: transverse, longitudinal at two angles; septa between them.
+        body_noise = _fine_noise(gx, gy, 20 * um, 20 * um, self.salt + 110)
+        grain = _fine_noise(gx, gy, 2.5 * um, 2.5 * um, self.salt + 111)
+        kinds = self._muscle_kinds(zone)
+        for mask, ang, stretch in kinds:
+            if not mask.any():
+                continue
+            ca, sa = math.cos(ang), math.sin(ang)
+            mx, my = gx[mask], gy[mask]
+            along = mx * ca + my * sa
+            f1, f2 = _voronoi(along / stretch, -mx * sa + my * ca, fib_d, self.salt + 100 + int(ang * 10))
+            edge = np.clip((f2 - f1) / (2.2 * um), 0, 1)  # 0 at the cell boundary
+            body = 0.95 + 0.12 * body_noise[mask] + 0.05 * grain[mask]
+            if stretch > 1:  # cross-striations, about every 2.5 um along the fibre
+                body = body * (1 + 0.07 * np.sin(along * (2 * math.pi / (2.5 * um))))
+            ce[mask] = 0.15 + (body - 0.15) * edge
+        septa = np.exp(-((np.abs(zone) - 0.12) / 0.02) ** 2)
+        ce = ce * (1 - 0.6 * septa) + 0.25 * septa
+        return ce, ch
+
+    def _nuclei(self, x, y, w, h, f, gx, gy) -> tuple[np.ndarray, np.ndarray | None]:
+        """Hematoxylin of all nuclei overlapping the region, and the keratin-pearl map."""
+        import cv2
+
+        um = self.um
+        margin = int(math.ceil(16 * um))
+        ox, oy = x - margin, y - margin
+        W, H = w + 2 * margin, h + 2 * margin
+        canvas = np.zeros((H, W), np.float32)
+        shift = 4  # cv2 sub-pixel bits
+        sc = 1 << shift
+
+        def draw(p: _Points, a_um, b_um, ang, val):
+            for i in range(len(p.x)):
+                centre = (int(round((p.x[i] - ox) * sc)), int(round((p.y[i] - oy) * sc)))
+                axes = (max(1, int(round(a_um[i] * um * sc))), max(1, int(round(b_um[i] * um * sc))))
+                cv2.ellipse(canvas, centre, axes, float(ang[i]), 0, 360, float(val[i]), -1, cv2.LINE_8, shift)
+
+        def where(p: _Points, names=("tissue", "muscle", "tumour", "inflam")):
+            return self.sample(names, p.x, p.y) if len(p.x) else {n: np.zeros(0, np.float32) for n in names}
+
+        lab_t, lab_s, lab_o = self.labels["tumour"], self.labels["stroma"], self.labels["other"]
+        box = (x - margin, y - margin, x + w + margin, y + h + margin)
+        # Tumour: crowded, large, pleomorphic nuclei; some vesicular with nucleoli.
+        p = _points(*box, self.tumour_cell, self.salt + 200, jitter=0.55)
+        fp = where(p)
+        p = p.take(self.classify(fp) == lab_t)
+        pearls = _points(*box, 220 * um, self.salt + 300, jitter=0.6)
+        fpe = where(pearls)
+        pearls = pearls.take((fpe["tumour"] > 45 * um) & (pearls.r[:, 0] < 0.6))
+        pearl_map = None
+        if len(pearls.x):
+            pearl_map = np.zeros((h, w), np.float32)
+            for i in range(len(pearls.x)):
+                rad = (22 + 28 * pearls.r[i, 1]) * um
+                d = np.sqrt((gx - pearls.x[i]) ** 2 + ((gy - pearls.y[i]) * (1 + 0.3 * pearls.r[i, 2])) ** 2)
+                inside = np.clip((rad - d) / (4 * um), 0, 1)
+                rings = 0.75 + 0.25 * np.cos(d / (2.2 * um))
+                pearl_map = np.maximum(pearl_map, inside * rings)
+            # No nuclei in the middle of a pearl.
+            dmin = np.full(len(p.x), np.inf)
+            for i in range(len(pearls.x)):
+                rad = (22 + 28 * pearls.r[i, 1]) * um
+                dmin = np.minimum(dmin, np.hypot(p.x - pearls.x[i], p.y - pearls.y[i]) - rad * 0.8)
+            p = p.take(dmin > 0)
+        if len(p.x):
+            giant = p.r[:, 0] > 0.94
+            a = np.where(giant, 9.5 + 3 * p.r[:, 1], 5.2 + 2.6 * p.r[:, 1])
+            b = a * (0.62 + 0.33 * p.r[:, 2])
+            val = 1.05 + 0.6 * p.r[:, 3] + 0.3 * giant
+            draw(p, a, b, p.r[:, 4] * 180, val)
+            # Vesicular nuclei: a paler centre with a dark nucleolus.
+            ves = p.take(p.r[:, 5] < 0.45)
+            if len(ves.x):
+                a2 = 0.55 * np.where(ves.r[:, 0] > 0.94, 9.5 + 3 * ves.r[:, 1], 5.2 + 2.6 * ves.r[:, 1])
+                draw(ves, a2, a2 * (0.62 + 0.33 * ves.r[:, 2]), ves.r[:, 4] * 180, 0.8 + 0.25 * ves.r[:, 3])
+                draw(ves, np.full(len(ves.x), 1.0), np.full(len(ves.x), 0.9), ves.r[:, 4] * 0, np.full(len(ves.x), 2.1))
+        # Stroma: sparse spindle fibroblast nuclei along the fibres; lymphocytes near tumour.
+        p = _points(*box, 26 * um, self.salt + 400, jitter=0.9)
+        fp = where(p, ("tissue", "muscle", "tumour", "orient"))
+        keep = (self.classify(fp) == lab_s) & (p.r[:, 0] < 0.4)
+        p, o = p.take(keep), fp["orient"][keep]
+        if len(p.x):
+            direction = np.degrees([_fibre_angle(int(k)) for k in np.round((o + 1) * 1.5) % 3])
+            draw(p, 5 + 4 * p.r[:, 1], 1.1 + 0.7 * p.r[:, 2], direction + 20 * (p.r[:, 3] - 0.5), 1.25 + 0.3 * p.r[:, 4])
+        p = _points(*box, 11 * um, self.salt + 500, jitter=0.9)
+        fp = where(p)
+        cls = self.classify(fp)
+        band = np.exp(-(((fp["tumour"] + 30 * um) / (35 * um)) ** 2))
+        prob = 0.006 + 0.3 * band * (cls == lab_s) + 0.12 * np.clip(fp["inflam"] - 0.3, 0, 1)
+        keep = ((cls == lab_s) | (cls == lab_t)) & (p.r[:, 0] < prob) & (fp["tissue"] > 0)
+        keep &= (cls == lab_s) | (p.r[:, 0] < 0.5 * prob)
+        p = p.take(keep)
+        if len(p.x):
+            r = 2.9 + 0.8 * p.r[:, 1]
+            draw(p, r, r * (0.85 + 0.15 * p.r[:, 2]), p.r[:, 3] * 180, 1.9 + 0.3 * p.r[:, 4])
+        # Muscle: small flat nuclei at the edge of the fibres.
+        p = _points(*box, 16 * um, self.salt + 600, jitter=0.9)
+        fp = where(p, ("tissue", "muscle", "tumour", "zone"))
+        keep = self.classify(fp) == lab_o
+        p, zone = p.take(keep), fp["zone"][keep]
+        if len(p.x):
+            p = p.take(self._muscle_edge(p.x, p.y, zone) < 3.5 * um)
+        if len(p.x):
+            draw(p, 3.5 + 2 * p.r[:, 1], 1.2 + 0.5 * p.r[:, 2], p.r[:, 3] * 180, 1.2 + 0.3 * p.r[:, 4])
+        canvas = cv2.GaussianBlur(canvas, (0, 0), 0.45 * um)
+        nuc = canvas[margin:margin + h, margin:margin + w]
+        chromatin = 0.82 + 0.3 * _fine_noise(gx, gy, 1.4 * um, 1.4 * um, self.salt + 700)
+        return nuc * chromatin, pearl_map
+
+
+def _fibre_angle(k: int) -> float:
+    """Direction (radians) of stroma fibre family ``k`` of three."""
+    return k * math.pi / 3 + 0.3
+
+
+def _voronoi(u: np.ndarray, v: np.ndarray, cell: float, salt: int, jitter: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from each (u, v) to the nearest and second-nearest site of :func:`_points`."""
+    iu = np.floor(u / cell).astype(np.int64)
+    iv = np.floor(v / cell).astype(np.int64)
+    u0, v0 = int(iu.min()) - 1, int(iv.min()) - 1
+    nu, nv = int(iu.max()) - u0 + 2, int(iv.max()) - v0 + 2
+    jv, ju = np.mgrid[v0:v0 + nv, u0:u0 + nu]
+    site_u = ((ju + 0.5 + jitter * (_hash(ju, jv, salt) - 0.5)) * cell).astype(np.float32)
+    site_v = ((jv + 0.5 + jitter * (_hash(ju, jv, salt + 1) - 0.5)) * cell).astype(np.float32)
+    lu, lv = iu - u0, iv - v0
+    f1 = np.full(u.shape, np.inf, np.float32)
+    f2 = np.full(u.shape, np.inf, np.float32)
+    for du in (-1, 0, 1):
+        for dv in (-1, 0, 1):
+            d = np.hypot(u - site_u[lv + dv, lu + du], v - site_v[lv + dv, lu + du])
+            f2 = np.minimum(f2, np.maximum(f1, d))
+            f1 = np.minimum(f1, d)
+    return f1, f2
+
+
+# --------------------------------------------------------------------------------------
+# Sparse annotations, as a person would draw them in QuPath
+# --------------------------------------------------------------------------------------
+
+def _mask_polygons(mask: np.ndarray, step: float, min_area: float = 0.0):
+    """Polygons (level-0 px) of a coarse boolean mask; holes kept."""
+    import cv2
+    from shapely.geometry import Polygon
+    from shapely.ops import unary_union
+
+    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    polys = []
+    if hierarchy is None:
+        return polys
+    for i, c in enumerate(contours):
+        if hierarchy[0][i][3] != -1 or len(c) < 3:
+            continue
+        holes = [(contours[j][:, 0, :] + 0.5) * step for j in range(len(contours))
+                 if hierarchy[0][j][3] == i and len(contours[j]) >= 3]
+        poly = Polygon((c[:, 0, :] + 0.5) * step, holes).buffer(0)
+        if poly.area > min_area:
+            polys.append(poly)
+    return list(getattr(unary_union(polys), "geoms", [unary_union(polys)])) if polys else []
+
+
+def _stroke(dist: np.ndarray, start: tuple[int, int], rng: np.random.Generator, n_steps: int,
+            step_len: float, min_dist: float) -> list[tuple[float, float]]:
+    """A wandering line on the coarse grid that stays where ``dist`` > ``min_dist``."""
+    h, w = dist.shape
+    pts = [(float(start[0]), float(start[1]))]
+    heading = rng.uniform(0, 2 * math.pi)
+    for _ in range(n_steps):
+        best = None
+        for turn in rng.permutation(np.linspace(-0.9, 0.9, 7)):
+            ang = heading + turn
+            nx, ny = pts[-1][0] + step_len * math.cos(ang), pts[-1][1] + step_len * math.sin(ang)
+            if not (0 <= nx < w and 0 <= ny < h):
+                continue
+            d = dist[int(ny), int(nx)]
+            if d > min_dist and (best is None or d > best[0]):
+                best = (d, ang, nx, ny)
+        if best is None:
+            break
+        heading = best[1]
+        pts.append((best[2], best[3]))
+    return pts
+
+
+def make_annotations(model: DemoSlide, class_map: ClassMap, seed: int, budget: float = 0.12) -> tuple[list[dict], dict]:
+    """Sparse, partly imperfect QuPath annotations drawn from the demo's coarse layout.
+
+    A tumour region of interest around the main tumour mass (drawn a little generously,
+    so it spills onto stroma and glass), small tumour outlines elsewhere, and wandering
+    brush strokes of stroma (one running off the tissue onto the glass), muscle and glass.
+    Their total area stays below ``budget`` of the tissue area.
+
+    Returns:
+        ``(features, stats)``: QuPath GeoJSON features (level-0 px) and area statistics.
+    """
+    import cv2
+    from shapely.geometry import LineString, Point, box
+    from shapely.ops import unary_union
+
+    from helpers.qupath import make_feature
+
+    rng = np.random.default_rng([seed, 7])
+    lab = model.coarse_labels()
+    step = model.step
+    um_grid = model.um / step  # coarse grid points per micron
+    L = min(lab.shape)
+    tissue_area = float((lab != model.labels["glass"]).sum()) * step * step
+    frame = box(0, 0, model.width, model.height)
+    shapes: list[tuple[str, object, str]] = []  # (role, geometry, description)
+
+    def mask(role):
+        return lab == model.labels[role]
+
+    def dist_of(m):
+        return cv2.distanceTransform(m.astype(np.uint8), cv2.DIST_L2, 5)
+
+    # Tumour ROI: the tumour component around the main centre, inside a disk, drawn generously.
+    tum = mask("tumour")
+    core = dist_of(tum) > 6 * um_grid
+    n, comp = cv2.connectedComponents(core.astype(np.uint8))
+    cx, cy = model.tumour_centres[0][0] / step, model.tumour_centres[0][1] / step
+    spill = 12 * model.um
+    if n > 1:
+        yy, xx = np.nonzero(comp > 0)
+        k = int(np.argmin((xx - cx) ** 2 + (yy - cy) ** 2))
+        cx, cy = xx[k], yy[k]
+        chosen = comp == comp[cy, cx]
+        radius = 0.16 * L
+        while True:
+            yy, xx = np.mgrid[:lab.shape[0], :lab.shape[1]]
+            roi = chosen & ((xx - cx) ** 2 + (yy - cy) ** 2 < radius ** 2)
+            area = roi.sum() * step * step
+            if area <= 0.055 * tissue_area or radius < 0.03 * L:
+                break
+            radius *= 0.9
+        polys = _mask_polygons(roi, step)
+        if polys:
+            roi_poly = max(polys, key=lambda g: g.area).buffer(spill).simplify(2 * model.um)
+            shapes.append(("tumour", roi_poly, "tumour region of interest"))
+    # Small tumour outlines at the other tumour sites (nests at the invasive front).
+    for tx, ty, _ in model.tumour_centres[1:]:
+        if n <= 1:
+            break
+        yy, xx = np.nonzero(core)
+        if not len(xx):
+            break
+        k = int(np.argmin((xx - tx / step) ** 2 + (yy - ty / step) ** 2))
+        comp_mask = comp == comp[yy[k], xx[k]]
+        disk = Point(xx[k] * step, yy[k] * step).buffer(0.05 * L * step)
+        for poly in _mask_polygons(comp_mask, step):
+            piece = poly.buffer(-4 * model.um).intersection(disk)
+            if piece.area > 0:
+                piece = max(getattr(piece, "geoms", [piece]), key=lambda g: g.area)
+                shapes.append(("tumour", piece.simplify(2 * model.um), "tumour nest"))
+                break
+    # Brush strokes of the other classes, spread over the slide.
+    width_px = float(np.clip(0.012 * min(model.width, model.height), 10 * model.um, 35 * model.um))
+    plan = {"stroma": 4, "other": 3, "glass": 3}
+    used = np.zeros(lab.shape, bool)
+    for role, count in plan.items():
+        m = mask(role)
+        if role == "glass":  # background strokes near the tissue, where it matters
+            near = dist_of(~m) < 0.12 * L
+            m = m & near
+        d = dist_of(m)
+        min_d = width_px / step / 2 + 2
+        for i in range(count):
+            cand = np.argwhere((d > min_d + 1) & ~used)
+            if not len(cand):
+                break
+            yx = cand[rng.integers(len(cand))]
+            pts = _stroke(np.where(used, 0, d), (yx[1], yx[0]), rng, n_steps=int(rng.integers(4, 8)),
+                          step_len=0.035 * L, min_dist=min_d)
+            if len(pts) < 2:
+                continue
+            line = LineString([((px + 0.5) * step, (py + 0.5) * step) for px, py in pts])
+            desc = f"{role} stroke"
+            if role == "stroma" and i == 0:
+                line, desc = _run_off_tissue(line, lab, model, step), "stroma stroke touching glass"
+            geom = line.buffer(width_px / 2, cap_style="round")
+            shapes.append((role, geom, desc))
+            gx0, gy0, gx1, gy1 = (int(v / step) for v in geom.buffer(0.06 * L * step).bounds)
+            used[max(0, gy0):gy1 + 1, max(0, gx0):gx1 + 1] = True
+    # Keep within the budget: drop the last strokes of the most annotated class if needed.
+    shapes = [(r, g.intersection(frame), d) for r, g, d in shapes if not g.intersection(frame).is_empty]
+
+    def total():
+        return unary_union([g for _, g, _ in shapes]).area
+
+    while total() > budget * tissue_area:
+        areas: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for r, g, _ in shapes:
+            areas[r] = areas.get(r, 0) + g.area
+            counts[r] = counts.get(r, 0) + 1
+        droppable = [r for r in areas if counts[r] > 1]  # every class keeps its first shape
+        if not droppable:
+            break
+        worst = max(droppable, key=areas.get)
+        shapes.pop(max(i for i, (r, _, _) in enumerate(shapes) if r == worst))
+    features = []
+    for role, geom, desc in shapes:
+        cls = class_map.by_label(model.labels[role])
+        features.append(make_feature(geom, cls.name, cls.color, name=desc,
+                                     feature_id=str(_uuid(rng))))
+    stats = {"tissue_area_px": tissue_area, "annotated_fraction_of_tissue": total() / tissue_area}
+    for role in ROLE_NAMES:
+        name = class_map.by_label(model.labels[role]).name
+        area = sum(g.area for r, g, _ in shapes if r == role)
+        stats[f"annotated_fraction_{name}"] = area / tissue_area
+    return features, stats
+
+
+def _uuid(rng: np.random.Generator):
+    """A random-looking but seed-determined UUID (version 4 layout)."""
+    import uuid
+
+    return uuid.UUID(bytes=rng.bytes(16), version=4)
+
+
+def _run_off_tissue(line, lab: np.ndarray, model: DemoSlide, step: int):
+    """Extend a stroke from its end nearest the tissue edge a little beyond it, onto glass."""
+    import cv2
+    from shapely.geometry import LineString
+
+    glass = (lab == model.labels["glass"]).astype(np.uint8)
+    d_glass = cv2.distanceTransform(1 - glass, cv2.DIST_L2, 5)
+    coords = list(line.coords)
+    ends = [coords[0], coords[-1]]
+    dists = [d_glass[min(lab.shape[0] - 1, int(y / step)), min(lab.shape[1] - 1, int(x / step))] for x, y in ends]
+    end = ends[int(np.argmin(dists))]
+    yy, xx = np.nonzero(glass)
+    if not len(xx):
+        return line
+    k = int(np.argmin(((xx + 0.5) * step - end[0]) ** 2 + ((yy + 0.5) * step - end[1]) ** 2))
+    gx, gy = (xx[k] + 0.5) * step, (yy[k] + 0.5) * step
+    vx, vy = gx - end[0], gy - end[1]
+    norm = math.hypot(vx, vy) or 1.0
+    over = 25 * model.um  # how far the brush runs onto the glass
+    tip = (gx + vx / norm * over, gy + vy / norm * over)
+    if norm > 0.25 * min(model.width, model.height):
+        return line
+    return LineString(coords + [tip] if end == coords[-1] else [tip] + coords)
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
+
+class _Prefetch:
+    """A ``read_tile`` callable that renders the writer's next regions in worker threads."""
+
+    def __init__(self, render, regions: list[tuple[int, int, int, int]], workers: int = 2, ahead: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.render, self.regions = render, regions
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.futures: dict[tuple[int, int, int, int], object] = {}
+        self.next, self.ahead = 0, ahead
+
+    def __call__(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        while self.next < len(self.regions) and len(self.futures) < self.ahead:
+            r = self.regions[self.next]
+            self.futures[r] = self.pool.submit(self.render, *r)
+            self.next += 1
+        fut = self.futures.pop((x, y, w, h), None)
+        return fut.result() if fut is not None else self.render(x, y, w, h)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _labels_by_role(class_map: ClassMap) -> dict[str, int]:
+    return {role: class_map.label_of(name) for role, name in ROLE_NAMES.items()}
+
+
+def make_demo(workdir: str | Path, *, name: str = "demo", width: int = 4096, height: int = 4096, mpp: float = 0.5,
+              seed: int = 0, class_map: str | Path | ClassMap = DEFAULT_CLASS_MAP, overwrite: bool = False,
+              progress: bool = True) -> dict:
+    """Make the demo slide, its dense truth and sparse annotations in ``workdir``.
+
+    Args:
+        workdir: Work folder; writes ``slides/<name>.tiff`` (pyramidal JPEG TIFF),
+            ``truth/<name>.tiff`` (labels raster, downsample 1), ``annotations/<name>.geojson``,
+            ``slides/<name>_thumbnail.png`` and ``annotations/<name>_overlay.png``.
+        name: Slide name (file stem).
+        width, height: Slide size in pixels (>= 512).
+        mpp: Microns per pixel at full resolution.
+        seed: Same seed, same slide, truth and annotations.
+        class_map: Class map (path or loaded); needs the classes of :data:`ROLE_NAMES`.
+        overwrite: Replace earlier demo files of this name.
+        progress: Show progress bars.
+
+    Returns:
+        ``{"slide", "truth", "annotations", "thumbnail", "overlay"}`` paths plus ``"stats"``
+        (tissue fraction, annotated fraction of the tissue per class, seconds).
+    """
+    from helpers.io import write_image
+    from helpers.qupath import write_feature_collection
+    from helpers.rasters import source_regions, write_pyramid_tiff
+    from helpers.viz import save_figure
+
+    t0 = time.perf_counter()
+    if width < 512 or height < 512:
+        raise ParameterError(f"width and height must be >= 512 px for a useful demo slide; got {width}x{height}")
+    if not mpp > 0:
+        raise ParameterError(f"mpp must be > 0; got {mpp}")
+    cmap = class_map if isinstance(class_map, ClassMap) else load_class_map(class_map)
+    labels = _labels_by_role(cmap)
+    workdir = Path(workdir)
+    out = {
+        "slide": step_dir(workdir, "slides") / f"{name}.tiff",
+        "truth": step_dir(workdir, "truth") / f"{name}.tiff",
+        "annotations": step_dir(workdir, "annotations") / f"{name}.geojson",
+        "thumbnail": step_dir(workdir, "slides") / f"{name}_thumbnail.png",
+        "overlay": step_dir(workdir, "annotations") / f"{name}_overlay.png",
+    }
+    for key in ("slide", "truth", "annotations"):
+        check_writable(out[key], overwrite)
+    model = DemoSlide(width, height, mpp, seed, labels)
+    regions = source_regions(width, height, 256)
+    fetch = _Prefetch(model.render_rgb, regions)
+    try:
+        write_pyramid_tiff(out["slide"], fetch, width=width, height=height, kind="rgb", mpp=mpp, quality=90,
+                           meta={"demo": True, "seed": seed}, overwrite=overwrite, progress=progress)
+    finally:
+        fetch.close()
+    t_slide = time.perf_counter() - t0
+    fetch = _Prefetch(model.render_labels, regions)
+    try:
+        write_pyramid_tiff(out["truth"], fetch, width=width, height=height, channels=1, kind="labels", mpp=mpp,
+                           downsample=1.0, meta={"demo": True, "seed": seed, "class_map": cmap.to_dict()},
+                           overwrite=overwrite, progress=progress)
+    finally:
+        fetch.close()
+    features, ann_stats = make_annotations(model, cmap, seed)
+    write_feature_collection(features, out["annotations"], overwrite=overwrite)
+    thumb, ds = slide_thumbnail(out["slide"])
+    write_image(thumb, out["thumbnail"], overwrite=True)
+    save_figure(annotation_figure(out["slide"], out["annotations"], cmap), out["overlay"])
+    lab = model.coarse_labels()
+    stats = {"width": width, "height": height, "mpp": mpp, "seed": seed,
+             "tissue_fraction": float((lab != labels["glass"]).mean())}
+    for role in ROLE_NAMES:
+        stats[f"truth_fraction_{ROLE_NAMES[role]}"] = float((lab == labels[role]).mean())
+    stats.update(ann_stats)
+    stats["n_annotations"] = len(features)
+    stats["seconds_slide"] = round(t_slide, 2)
+    stats["seconds"] = round(time.perf_counter() - t0, 2)
+    log.info("demo slide %s: %dx%d px in %.1f s", out["slide"], width, height, stats["seconds"])
+    return {**out, "stats": stats}
+
+
+# --------------------------------------------------------------------------------------
+# Pictures for notebook 00
+# --------------------------------------------------------------------------------------
+
+def slide_thumbnail(slide_path: str | Path, max_size: int = 1024) -> tuple[np.ndarray, float]:
+    """RGB thumbnail of a slide and its downsample (level-0 px per thumbnail px)."""
+    from helpers.slides import open_slide
+
+    with open_slide(slide_path) as slide:
+        return slide.thumbnail(max_size)
+
+
+def rasterize_annotations(geojson: str | Path, class_map: ClassMap, shape: tuple[int, int],
+                          downsample: float) -> np.ndarray:
+    """Label picture (0 = not annotated) of a QuPath GeoJSON at ``downsample``; later features win."""
+    import json
+
+    import cv2
+    from shapely.geometry import shape as to_shape
+
+    out = np.zeros(shape, np.uint8)
+    for feat in json.loads(Path(geojson).read_text())["features"]:
+        cls = ((feat.get("properties") or {}).get("classification") or {}).get("name")
+        if cls is None:
+            continue
+        label = class_map.label_of(cls)
+        geom = to_shape(feat["geometry"])
+        for poly in getattr(geom, "geoms", [geom]):
+            if poly.geom_type != "Polygon":
+                continue
+            ext = [np.round(np.asarray(poly.exterior.coords) / downsample * 16).astype(np.int32)]
+            holes = [np.round(np.asarray(r.coords) / downsample * 16).astype(np.int32) for r in poly.interiors]
+            tmp = np.zeros(shape, np.uint8)
+            cv2.fillPoly(tmp, ext, 1, cv2.LINE_8, 4)
+            if holes:
+                cv2.fillPoly(tmp, holes, 0, cv2.LINE_8, 4)
+            out[tmp > 0] = label
+    return out
+
+
+def annotation_figure(slide_path: str | Path, geojson: str | Path, class_map: ClassMap, max_size: int = 1024):
+    """Figure: slide thumbnail with the sparse annotations filled and outlined."""
+    import cv2
+
+    from helpers.viz import show_overlay
+
+    thumb, ds = slide_thumbnail(slide_path, max_size)
+    ann = rasterize_annotations(geojson, class_map, thumb.shape[:2], ds)
+    fig = show_overlay(thumb, ann, class_map, title=f"{Path(geojson).name}: sparse annotations", alpha=0.5)
+    outline = np.zeros(ann.shape, np.uint8)
+    for label in np.unique(ann[ann > 0]):
+        contours, _ = cv2.findContours((ann == label).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        for c in contours:
+            pts = c[:, 0, :]
+            fig.axes[0].plot(np.r_[pts[:, 0], pts[:1, 0]], np.r_[pts[:, 1], pts[:1, 1]],
+                             color=np.array(class_map.by_label(int(label)).color) / 255, lw=1.0)
+    return fig
+
+
+def truth_figure(slide_path: str | Path, truth_path: str | Path, class_map: ClassMap, max_size: int = 1024):
+    """Figure: slide thumbnail with the dense truth overlaid."""
+    from helpers.rasters import read_raster
+    from helpers.viz import show_overlay
+
+    thumb, ds = slide_thumbnail(slide_path, max_size)
+    truth = read_raster(truth_path, downsample=ds)
+    truth = truth[:thumb.shape[0], :thumb.shape[1]]
+    return show_overlay(thumb, truth, class_map, title=f"{Path(truth_path).name}: dense truth (evaluation only)",
+                        alpha=0.4)
+
+
+def class_crops(slide_path: str | Path, truth_path: str | Path, class_map: ClassMap, size: int = 512,
+                seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """One full-resolution crop per class, centred where the truth is that class."""
+    from helpers.rasters import read_raster
+    from helpers.slides import open_slide
+
+    rng = np.random.default_rng(seed)
+    coarse = 16.0
+    truth = read_raster(truth_path, downsample=coarse)
+    images, titles = [], []
+    with open_slide(slide_path) as slide:
+        w, h = slide.dimensions
+        for c in class_map.classes:
+            m = truth == c.label
+            if not m.any():
+                continue
+            # Prefer points deep inside the class so the crop shows its texture.
+            import cv2
+
+            d = cv2.distanceTransform(m.astype(np.uint8), cv2.DIST_L2, 3)
+            ys, xs = np.nonzero(d >= min(d.max(), size / coarse / 2))
+            k = rng.integers(len(xs))
+            x = int(np.clip(xs[k] * coarse - size / 2, 0, max(0, w - size)))
+            y = int(np.clip(ys[k] * coarse - size / 2, 0, max(0, h - size)))
+            images.append(slide.read(x, y, size, size))
+            titles.append(f"{c.name} (x={x}, y={y}, {size * (slide.mpp or 0):.0f} um)")
+    return images, titles
+
+
+def crops_figure(slide_path: str | Path, truth_path: str | Path, class_map: ClassMap, size: int = 512):
+    """Figure: a full-resolution crop of each class."""
+    from helpers.viz import tile_grid
+
+    images, titles = class_crops(slide_path, truth_path, class_map, size)
+    return tile_grid(images, titles, ncols=len(images), size=4.5, suptitle="full resolution, one crop per class")
