@@ -638,7 +638,11 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
             if p.exists():
                 raise OutputExistsError(f"{p}: already exists; pass overwrite=True to replace it")
     t0 = time.perf_counter()
-    probs = read_probabilities(pred_dir)
+    from helpers.rasters import read_raster
+
+    probs = np.asarray(read_raster(_prob_path(pred_dir)))  # uint8: a quarter of float32's memory
+    if probs.ndim == 2:
+        probs = probs[..., None]
     result = pp.postprocess(probs, mpp=info["mpp"], smoothing=smoothing, smoothing_size=smoothing_size,
                             opening_px=opening_px, closing_px=closing_px, fill_holes_um2=fill_holes_um2,
                             min_area_um2=min_area_um2, background_label=background_index(cmap) + 1)

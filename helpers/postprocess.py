@@ -59,9 +59,34 @@ def smooth_probabilities(probs: np.ndarray, method: str | None = "gaussian", siz
     raise ParameterError(f"smoothing must be 'gaussian', 'median' or None; got {method!r}")
 
 
-def argmax_labels(probs: np.ndarray) -> np.ndarray:
-    """Labels ``1..C`` (uint8): channel ``i`` is label ``i + 1``."""
-    return (np.argmax(probs, axis=-1) + 1).astype(np.uint8)
+def argmax_labels(probs: np.ndarray, band_rows: int = 1024) -> np.ndarray:
+    """Labels ``1..C`` (uint8): channel ``i`` is label ``i + 1`` (computed in bands of rows)."""
+    out = np.empty(probs.shape[:2], np.uint8)
+    for y in range(0, probs.shape[0], band_rows):
+        out[y:y + band_rows] = np.argmax(probs[y:y + band_rows], axis=-1) + 1
+    return out
+
+
+def smoothed_labels(probs: np.ndarray, method: str | None = "gaussian", size: float = 2.0,
+                    band_rows: int = 1024) -> np.ndarray:
+    """Smoothing + argmax in bands of rows (with a margin), so a whole slide never sits in memory as float.
+
+    ``probs`` may be float (0-1) or uint8 (0-255); the result equals smoothing the whole
+    image at once.
+    """
+    if method is None or method == "none" or size <= 0:
+        return argmax_labels(probs, band_rows)
+    halo = int(np.ceil(4 * size)) + 2 if method == "gaussian" else int(size) + 2
+    h = probs.shape[0]
+    out = np.empty(probs.shape[:2], np.uint8)
+    for y in range(0, h, band_rows):
+        y0, y1 = max(0, y - halo), min(h, y + band_rows + halo)
+        band = np.asarray(probs[y0:y1], np.float32)
+        if probs.dtype == np.uint8:
+            band /= 255.0
+        sm = smooth_probabilities(band, method, size)
+        out[y:y + band_rows] = argmax_labels(sm[y - y0:y - y0 + min(band_rows, h - y)])
+    return out
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -151,7 +176,7 @@ def postprocess(probs: np.ndarray, mpp: float, *, smoothing: str | None = "gauss
     """Probabilities -> cleaned labels.
 
     Args:
-        probs: ``(H, W, C)`` probabilities at model resolution.
+        probs: ``(H, W, C)`` probabilities at model resolution (float 0-1 or uint8 0-255).
         mpp: um per raster pixel (to convert the areas).
         smoothing: ``"gaussian"``, ``"median"`` or None; ``smoothing_size`` its size in px.
         opening_px, closing_px: Radii of the opening / closing (0 = skip).
@@ -170,7 +195,7 @@ def postprocess(probs: np.ndarray, mpp: float, *, smoothing: str | None = "gauss
             raise ParameterError(f"{name} must be >= 0; got {v}")
     raw = argmax_labels(probs)
     changed: dict[str, int] = {}
-    labels = argmax_labels(smooth_probabilities(probs, smoothing, smoothing_size)) if smoothing else raw.copy()
+    labels = smoothed_labels(probs, smoothing, smoothing_size) if smoothing else raw.copy()
     changed["smoothing"] = int((labels != raw).sum())
     prev = labels
     labels = open_close(labels, opening_px, closing_px, background_label)

@@ -115,9 +115,12 @@ def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, pro
         regions, n = ndimage.label(mask, structure=structure)
         sizes = np.bincount(regions.ravel(), minlength=n + 1)
         means = None
-        if probs is not None:
-            chan = probs[..., cls.label - 1].astype(np.float64) / scale
-            means = np.asarray(ndimage.mean(chan, regions, index=np.arange(n + 1)))
+        if probs is not None:  # mean class probability per region, in bands of rows (bounded memory)
+            total = np.zeros(n + 1, np.float64)
+            for y in range(0, labels.shape[0], 1024):
+                total += np.bincount(regions[y:y + 1024].ravel(), minlength=n + 1,
+                                     weights=probs[y:y + 1024, :, cls.label - 1].ravel().astype(np.float32))
+            means = total / np.maximum(sizes, 1) / scale
         geoms: dict[int, list] = {}
         for geom, value in rio_features.shapes(regions.astype(np.int32), mask=mask, connectivity=connectivity,
                                                transform=transform):

@@ -100,3 +100,14 @@ def test_before_after_figure(class_map):
     fig = pp.before_after_figure(img, res.raw, res.labels, class_map)
     assert isinstance(fig, matplotlib.figure.Figure)
     assert "9 px" in fig._suptitle.get_text()
+
+
+@pytest.mark.parametrize("method,size", [("gaussian", 2.0), ("median", 5)])
+def test_banded_smoothing_equals_whole_image(method, size):
+    rng = np.random.default_rng(1)
+    probs = rng.random((700, 90, 4)).astype(np.float32)
+    whole = pp.argmax_labels(pp.smooth_probabilities(probs, method, size))
+    assert np.array_equal(pp.smoothed_labels(probs, method, size, band_rows=128), whole)
+    u8 = np.rint(probs * 255).astype(np.uint8)
+    assert np.array_equal(pp.smoothed_labels(u8, method, size, band_rows=100),
+                          pp.smoothed_labels(u8.astype(np.float32) / 255, method, size, band_rows=700))
