@@ -810,6 +810,24 @@ def slide_thumbnail(slide_path: str | Path, max_size: int = 1024) -> tuple[np.nd
         return slide.thumbnail(max_size)
 
 
+def thumbnail_figure(slide_path: str | Path, max_size: int = 1024):
+    """Figure: the slide thumbnail with its size and pixel size in the title."""
+    import matplotlib.pyplot as plt
+
+    from helpers.slides import open_slide
+
+    with open_slide(slide_path) as slide:
+        thumb, _ = slide.thumbnail(max_size)
+        w, h = slide.dimensions
+        levels, mpp = len(slide.level_downsamples), slide.mpp
+    fig, ax = plt.subplots(figsize=(8, 8))
+    ax.imshow(thumb)
+    ax.set_title(f"{Path(slide_path).name}: {w} x {h} px, {mpp} um/px, {levels} levels")
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
 def rasterize_annotations(geojson: str | Path, class_map: ClassMap, shape: tuple[int, int],
                           downsample: float) -> np.ndarray:
     """Label picture (0 = not annotated) of a QuPath GeoJSON at ``downsample``; later features win."""
