@@ -354,3 +354,62 @@ def test_batch_skips_done_and_continues_past_failures(setup, tmp_path, shared_da
     rc = main(["--slides", str(slides), "--workdir", str(wd), "--params", str(params)])
     assert rc == 0
     assert "0 done, 1 skipped, 0 failed" in capsys.readouterr().out
+
+
+def test_round_trip_on_demo_prediction(tmp_path, class_map_):
+    """label image -> GeoJSON -> label image on a noisy prediction of the demo slide (hundreds of regions)."""
+    from helpers.annotations import annotations_to_label_image
+    from helpers.demo import make_demo
+    from helpers.infer import export_prediction, predict_slide
+    from helpers.rasters import read_raster
+
+    demo = make_demo(tmp_path, width=1024, height=1024, seed=0, progress=False)
+    make_colour_model(tmp_path / "cmodel", class_map_, mpp=1.0, tile_size=64)
+    out = tmp_path / "pred"
+    predict_slide(demo["slide"], tmp_path / "cmodel", out, overlap=4, progress=False)
+    summary = export_prediction(out, smoothing=None, min_area_um2=None)
+    assert summary["features"] > 50  # unsmoothed: many small regions, holes within holes
+    labels = read_raster(out / "labels.tiff")
+    back = annotations_to_label_image(out / "demo.geojson", class_map_, slide_size=(1024, 1024), downsample=2.0)
+    back[back == 0] = 1  # Background is not exported
+    assert (back == labels).mean() >= 0.99
+
+
+def test_normalizer_auto_is_the_training_one_and_resumes_identically(setup, tmp_path, shared_data, monkeypatch):
+    import shutil
+
+    import imageio.v3 as iio
+
+    import helpers.infer as infer
+    from helpers.errors import ParameterError
+    from helpers.io import read_yaml, write_yaml
+    from helpers.stain import fit_normalizer
+
+    d, _, _ = setup
+    wd = tmp_path / "wd"
+    shutil.copytree(d / "model", wd / "model")
+    ref = np.asarray(iio.imread(shared_data / "stain" / "TUM-AEPINLNQ.png"))[..., :3].copy()
+    fit_normalizer(ref, method="reinhard").save(wd / "stain" / "normalizer.json")
+    p = read_yaml(wd / "model" / "training_params.yaml")
+    p["normalizer"] = "stain/normalizer.json"  # relative to the workdir, as 05 writes it
+    write_yaml(p, wd / "model" / "training_params.yaml", overwrite=True)
+    kw = dict(overlap=4, batch_size=4, progress=False, checkpoint_seconds=0)
+    res = infer.predict_slide(d / "slide.tiff", wd / "model", wd / "a", **kw)
+    assert res.normalizer == str(wd / "stain" / "normalizer.json")
+    plain = infer.predict_slide(d / "slide.tiff", wd / "model", wd / "plain", normalizer=None, **kw)
+    assert plain.normalizer is None
+    assert not np.array_equal(infer.read_probabilities(wd / "a"), infer.read_probabilities(wd / "plain"))
+
+    def interrupt(band):
+        if band == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer, "_band_done", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        infer.predict_slide(d / "slide.tiff", wd / "model", wd / "b", **kw)
+    monkeypatch.setattr(infer, "_band_done", lambda band: None)
+    assert infer.predict_slide(d / "slide.tiff", wd / "model", wd / "b", **kw).resumed_from_band == 3
+    assert np.array_equal(infer.read_probabilities(wd / "a"), infer.read_probabilities(wd / "b"))
+    (wd / "stain" / "normalizer.json").unlink()
+    with pytest.raises(ParameterError, match="normalizer.json"):
+        infer.predict_slide(d / "slide.tiff", wd / "model", wd / "c", **kw)
