@@ -17,7 +17,8 @@ Robustness rule (the same everywhere): only *tissue* pixels are used for fitting
 much darker than the input is passed through UNCHANGED with a logged warning. In
 per-slide mode every tile goes through the slide's fixed linear map (safe for any pixel:
 white stays white, no NaN); a slide whose sample holds too little tissue is passed
-through unchanged with a warning.
+through unchanged with a warning. Pen-ink pixels (green/blue hues) are never recoloured
+(Macenko/Vahadane would map them to dark "nuclei"); glass stays white.
 
 The fitted normalizer is saved as ``normalizer.json`` (+ ``reference.png``) so that
 inference uses exactly the normalization used for training.
@@ -191,6 +192,14 @@ def _reconstruct(conc: np.ndarray, stain_matrix: np.ndarray, shape: tuple[int, .
     return np.rint(rgb).astype(np.uint8).reshape(shape)
 
 
+def _keep_pen(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Leave pen-ink pixels as they were: decomposed into H and E they would turn into fake nuclei."""
+    pen = pen_mask(src)
+    if pen.any():
+        out[pen] = src[pen]
+    return out
+
+
 def _looks_broken(src: np.ndarray, out: np.ndarray) -> str:
     """Why an output must not be used ('' when it is fine)."""
     if out.shape != src.shape:
@@ -239,7 +248,7 @@ class SlideTransform:
             return _reinhard_apply(img, self.lab_mean, self.lab_std, self.normalizer.lab_mean, self.normalizer.lab_std,
                                    self.normalizer.luminosity_threshold)
         conc = _lstsq_concentrations(optical_density(img), self._pinv)
-        return _reconstruct(conc, self.normalizer.stain_matrix, img.shape)
+        return _keep_pen(img, _reconstruct(conc, self.normalizer.stain_matrix, img.shape))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -315,7 +324,7 @@ class StainNormalizer:
                 if np.any(max_src < 1e-3) or not np.all(np.isfinite(conc)):
                     return self._passthrough(img, "one stain is absent from the tile")
                 conc *= self.max_concentrations / max_src
-                out = _reconstruct(conc, self.stain_matrix, img.shape)
+                out = _keep_pen(img, _reconstruct(conc, self.stain_matrix, img.shape))
         except Exception as exc:  # noqa: BLE001 - staintools/SPAMS raise assorted errors on odd tiles
             return self._passthrough(img, f"stain estimation failed ({type(exc).__name__}: {exc})")
         broken = _looks_broken(img, out)

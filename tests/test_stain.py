@@ -136,12 +136,17 @@ def test_passthrough_is_logged(fitted, caplog):
     assert any("passed through unchanged" in r.message for r in caplog.records)
 
 
-def test_pen_pixels_are_not_tissue(slide_tiles):
+def test_pen_pixels_are_not_tissue_and_not_recoloured(fitted, slide_tiles):
     tile = slide_tiles[(1280, 2048)].copy()
     tile[:, :128] = (40, 160, 70)
+    tile[:10, 200:] = (30, 100, 200)  # blue marker (hue 215 degrees)
     mask = stain.tissue_mask(tile)
-    assert not mask[:, :128].any()
+    assert not mask[:, :128].any() and not mask[:10, 200:].any()
     assert mask[:, 128:].mean() > 0.3
+    for m in ("macenko", "vahadane"):
+        for out in (fitted[m].transform(tile), fitted[m].for_slide([tile])(tile)):
+            assert np.array_equal(out[:, :128], tile[:, :128]) and np.array_equal(out[:10, 200:], tile[:10, 200:])
+            assert not np.array_equal(out[20:, 128:], tile[20:, 128:])
 
 
 def test_read_only_input_is_not_modified(fitted, purple):
