@@ -593,18 +593,17 @@ def parse_kernel(spec: str) -> tuple[str, int]:
 def smooth_argmax(probabilities: np.ndarray, kernel: str) -> np.ndarray:
     """Labels (1..C) from ``(H, W, C)`` probabilities after a smoothing kernel, nothing else.
 
-    Uses the smoothing 07 applies (:func:`helpers.postprocess.smooth_probabilities`)
+    Uses the smoothing 07 applies (:func:`helpers.postprocess.smoothed_labels`)
     without the morphology steps, so the study isolates the kernel.
 
     Args:
         probabilities: Class probabilities at model resolution.
         kernel: ``"none"``, ``"gaussian:<sigma px>"`` or ``"median:<size px>"``.
     """
-    from helpers.postprocess import argmax_labels, smooth_probabilities
+    from helpers.postprocess import smoothed_labels
 
     method, size = parse_kernel(kernel)
-    probs = probabilities if method == "none" else smooth_probabilities(probabilities, method=method, size=size)
-    return argmax_labels(probs)
+    return smoothed_labels(probabilities, None if method == "none" else method, size)
 
 
 def cheapest_within(table: pd.DataFrame, metric: str = "tumor_iou", tolerance: float = 0.005,
@@ -764,6 +763,8 @@ def plot_variants(table: pd.DataFrame, metric: str = "tumor_iou", tolerance: flo
     axes[0].set_ylabel(metric.replace("_", " ").replace("iou", "IoU"))
     axes[0].set_title("quality vs cost")
     axes[1].axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    if "seam_score_truth" in table:
+        axes[1].scatter(table["seconds"], table["seam_score_truth"], marker="x", color="black", s=25, zorder=3)
     axes[1].set_ylabel("seam score (label changes on tile borders / elsewhere)")
     axes[1].set_title("tile seams (1 = invisible)")
     from matplotlib.lines import Line2D
@@ -774,6 +775,8 @@ def plot_variants(table: pd.DataFrame, metric: str = "tumor_iou", tolerance: flo
                 if b in set(table["blend"])]
     handles += [Line2D([], [], color="gray", marker="o", linestyle="", markersize=np.sqrt(30 + 25 * i),
                        label=f"kernel {k}") for i, k in enumerate(kernels)]
+    if "seam_score_truth" in table:
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="truth on the same grid"))
     axes[1].legend(handles=handles, fontsize=7, loc="best")
     axes[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
