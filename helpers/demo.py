@@ -271,16 +271,18 @@ class DemoSlide:
         near = (w_str > 0) & (w_tis > 0)
         if near.any():
             fib = np.zeros((h, w), np.float32)
-            warp = 4 * um * _fine_noise(gx, gy, 30 * um, 30 * um, self.salt + 50)
+            warp = 6 * um * _fine_noise(gx, gy, 25 * um, 25 * um, self.salt + 50)
             t = (f["orient"] + 1) * 1.5
             for k in range(3):
                 dist = np.abs(t - k)
                 wk = np.clip(1 - np.minimum(dist, 3 - dist), 0, 1)
-                n = _fine_noise(gx + warp, gy - warp, 40 * um, 3.5 * um, self.salt + 60 + k, _fibre_angle(k))
+                n = _fine_noise(gx + warp, gy - warp, 45 * um, 4.5 * um, self.salt + 60 + k, _fibre_angle(k))
+                n += 0.35 * _fine_noise(gx + warp, gy - warp, 20 * um, 1.4 * um, self.salt + 65 + k, _fibre_angle(k))
                 fib += wk * n
-            fib = np.clip(0.6 + 1.0 * fib, 0, 1)
+            # Crisp bundles with narrow pale gaps between them.
+            fib = 1 / (1 + np.exp(-5 * (fib + 0.3)))
             loose = 0.5 + 0.5 * _fine_noise(gx, gy, 60 * um, 60 * um, self.salt + 70)
-            ce_str = 0.2 + 0.62 * fib * (0.55 + 0.45 * loose)
+            ce_str = 0.18 + 0.6 * fib * (0.6 + 0.4 * loose)
             # Retraction clefts: a thin pale gap around tumour nests, as in fixed tissue.
             gap = np.exp(-(((f["tumour"] + 2.5 * um) / (1.5 * um)) ** 2))
             ce_str *= 1 - 0.75 * gap
@@ -289,7 +291,7 @@ class DemoSlide:
         if present["tumour"] or (w_tum > 0.01).any():
             cyto = 0.48 + 0.08 * _fine_noise(gx, gy, 5 * um, 5 * um, self.salt + 80)
             m = w_tum > 0
-            f1, f2 = _voronoi(gx[m], gy[m], self.tumour_cell, self.salt + 200, jitter=0.55)
+            f1, f2, _ = _voronoi(gx[m], gy[m], self.tumour_cell, self.salt + 200, jitter=0.55)
             cyto[m] += 0.2 * np.exp(-(((f2 - f1) / (0.9 * um)) ** 2)) - 0.06 * np.exp(-(((f2 - f1 - 2.2 * um) / (1.0 * um)) ** 2))
             c_e += w_tum * cyto
             c_h += w_tum * (0.20 + 0.05 * _fine_noise(gx, gy, 12 * um, 12 * um, self.salt + 81))
@@ -299,9 +301,9 @@ class DemoSlide:
             c_m += w_mus * ce_mus
             c_h += w_mus * ch_mus
         nuc, pearl = self._nuclei(x, y, w, h, f, gx, gy)
-        if pearl is not None:
-            c_e += w_tum * pearl * 0.55
-            c_h -= w_tum * pearl * 0.12
+        if pearl is not None:  # keratin pearls replace the cells they sit in
+            c_e = c_e * (1 - w_tum * pearl[0]) + w_tum * pearl[1]
+            c_h = c_h * (1 - 0.8 * w_tum * pearl[0])
         c_h += nuc
         c_h *= w_tis
         c_e *= w_tis
@@ -333,8 +335,8 @@ class DemoSlide:
                 continue
             ca, sa = math.cos(ang), math.sin(ang)
             mx, my = gx[mask], gy[mask]
-            f1, f2 = _voronoi((mx * ca + my * sa) / stretch, -mx * sa + my * ca, 55 * self.um,
-                              self.salt + 100 + int(ang * 10))
+            f1, f2, _ = _voronoi((mx * ca + my * sa) / stretch, -mx * sa + my * ca, 55 * self.um,
+                                 self.salt + 100 + int(ang * 10))
             out[mask] = f2 - f1
         return out
 
@@ -355,9 +357,9 @@ class DemoSlide:
             ca, sa = math.cos(ang), math.sin(ang)
             mx, my = gx[mask], gy[mask]
             along = mx * ca + my * sa
-            f1, f2 = _voronoi(along / stretch, -mx * sa + my * ca, fib_d, self.salt + 100 + int(ang * 10))
+            f1, f2, ident = _voronoi(along / stretch, -mx * sa + my * ca, fib_d, self.salt + 100 + int(ang * 10))
             edge = np.clip((f2 - f1) / (2.2 * um), 0, 1)  # 0 at the cell boundary
-            body = 0.95 + 0.12 * body_noise[mask] + 0.05 * grain[mask]
+            body = 0.95 + 0.25 * (ident - 0.5) + 0.1 * body_noise[mask] + 0.06 * grain[mask]
             if stretch > 1:  # cross-striations, about every 2.5 um along the fibre
                 body = body * (1 + 0.07 * np.sin(along * (2 * math.pi / (2.5 * um))))
             ce[mask] = 0.15 + (body - 0.15) * edge
@@ -394,16 +396,19 @@ class DemoSlide:
         p = p.take(self.classify(fp) == lab_t)
         pearls = _points(*box, 220 * um, self.salt + 300, jitter=0.6)
         fpe = where(pearls)
-        pearls = pearls.take((fpe["tumour"] > 45 * um) & (pearls.r[:, 0] < 0.6))
+        pearls = pearls.take((fpe["tumour"] > 22 * um) & (pearls.r[:, 0] < 0.7))
         pearl_map = None
         if len(pearls.x):
-            pearl_map = np.zeros((h, w), np.float32)
+            pearl_map = np.zeros((2, h, w), np.float32)  # (inside weight, keratin eosin)
+            wobble = 4 * um * _fine_noise(gx, gy, 9 * um, 9 * um, self.salt + 310)
+            flakes = _fine_noise(gx, gy, 3 * um, 3 * um, self.salt + 311)
             for i in range(len(pearls.x)):
                 rad = (22 + 28 * pearls.r[i, 1]) * um
-                d = np.sqrt((gx - pearls.x[i]) ** 2 + ((gy - pearls.y[i]) * (1 + 0.3 * pearls.r[i, 2])) ** 2)
+                d = np.sqrt((gx - pearls.x[i]) ** 2 + ((gy - pearls.y[i]) * (1 + 0.3 * pearls.r[i, 2])) ** 2) + wobble
                 inside = np.clip((rad - d) / (4 * um), 0, 1)
-                rings = 0.75 + 0.25 * np.cos(d / (2.2 * um))
-                pearl_map = np.maximum(pearl_map, inside * rings)
+                rings = 0.95 + 0.15 * np.cos(d / (1.2 * um)) + 0.12 * flakes
+                pearl_map[1] = np.where(inside > pearl_map[0], inside * rings, pearl_map[1])
+                pearl_map[0] = np.maximum(pearl_map[0], inside)
             # No nuclei in the middle of a pearl.
             dmin = np.full(len(p.x), np.inf)
             for i in range(len(pearls.x)):
@@ -434,7 +439,7 @@ class DemoSlide:
         fp = where(p)
         cls = self.classify(fp)
         band = np.exp(-(((fp["tumour"] + 30 * um) / (35 * um)) ** 2))
-        prob = 0.006 + 0.3 * band * (cls == lab_s) + 0.12 * np.clip(fp["inflam"] - 0.3, 0, 1)
+        prob = 0.004 + 0.22 * band * (cls == lab_s) + 0.1 * np.clip(fp["inflam"] - 0.4, 0, 1)
         keep = ((cls == lab_s) | (cls == lab_t)) & (p.r[:, 0] < prob) & (fp["tissue"] > 0)
         keep &= (cls == lab_s) | (p.r[:, 0] < 0.5 * prob)
         p = p.take(keep)
@@ -461,8 +466,10 @@ def _fibre_angle(k: int) -> float:
     return k * math.pi / 3 + 0.3
 
 
-def _voronoi(u: np.ndarray, v: np.ndarray, cell: float, salt: int, jitter: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
-    """Distances from each (u, v) to the nearest and second-nearest site of :func:`_points`."""
+def _voronoi(u: np.ndarray, v: np.ndarray, cell: float, salt: int,
+             jitter: float = 0.7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distances from each (u, v) to the nearest and second-nearest site of :func:`_points`,
+    and a random number in [0, 1) of the nearest site (a per-cell identity)."""
     iu = np.floor(u / cell).astype(np.int64)
     iv = np.floor(v / cell).astype(np.int64)
     u0, v0 = int(iu.min()) - 1, int(iv.min()) - 1
@@ -471,14 +478,18 @@ def _voronoi(u: np.ndarray, v: np.ndarray, cell: float, salt: int, jitter: float
     site_u = ((ju + 0.5 + jitter * (_hash(ju, jv, salt) - 0.5)) * cell).astype(np.float32)
     site_v = ((jv + 0.5 + jitter * (_hash(ju, jv, salt + 1) - 0.5)) * cell).astype(np.float32)
     lu, lv = iu - u0, iv - v0
+    site_id = _hash(ju, jv, salt + 2)
     f1 = np.full(u.shape, np.inf, np.float32)
     f2 = np.full(u.shape, np.inf, np.float32)
+    ident = np.zeros(u.shape, np.float32)
     for du in (-1, 0, 1):
         for dv in (-1, 0, 1):
             d = np.hypot(u - site_u[lv + dv, lu + du], v - site_v[lv + dv, lu + du])
             f2 = np.minimum(f2, np.maximum(f1, d))
+            closer = d < f1
+            ident = np.where(closer, site_id[lv + dv, lu + du], ident)
             f1 = np.minimum(f1, d)
-    return f1, f2
+    return f1, f2, ident
 
 
 # --------------------------------------------------------------------------------------
@@ -577,7 +588,7 @@ def make_annotations(model: DemoSlide, class_map: ClassMap, seed: int, budget: f
             yy, xx = np.mgrid[:lab.shape[0], :lab.shape[1]]
             roi = chosen & ((xx - cx) ** 2 + (yy - cy) ** 2 < radius ** 2)
             area = roi.sum() * step * step
-            if area <= 0.055 * tissue_area or radius < 0.03 * L:
+            if area <= 0.045 * tissue_area or radius < 0.03 * L:
                 break
             radius *= 0.9
         polys = _mask_polygons(roi, step)
@@ -601,7 +612,7 @@ def make_annotations(model: DemoSlide, class_map: ClassMap, seed: int, budget: f
                 shapes.append(("tumour", piece.simplify(2 * model.um), "tumour nest"))
                 break
     # Brush strokes of the other classes, spread over the slide.
-    width_px = float(np.clip(0.012 * min(model.width, model.height), 10 * model.um, 35 * model.um))
+    width_px = float(np.clip(0.018 * min(model.width, model.height), 10 * model.um, 50 * model.um))
     plan = {"stroma": 4, "other": 3, "glass": 3}
     used = np.zeros(lab.shape, bool)
     for role, count in plan.items():
