@@ -159,7 +159,7 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
                  annotations: str | Path | None = None, mpp: float = 1.0, slide_mpp: float | None = None,
                  tile_size: int = 256, stride: int = 256, min_labelled_fraction: float = 0.05,
                  max_glass_fraction: float = 0.95, unclassified: str = "skip", max_tiles_per_slide: int | None = None,
-                 overwrite: bool = False) -> pd.DataFrame:
+                 background_class: str = "Background", overwrite: bool = False) -> pd.DataFrame:
     """Python route of step 01: write image/label tile pairs and ``tiles/manifest.csv``.
 
     Args:
@@ -173,9 +173,11 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
         tile_size: Tile side in pixels.
         stride: Step between tiles in pixels (``tile_size`` = no overlap).
         min_labelled_fraction: Keep tiles with at least this fraction of labelled pixels.
-        max_glass_fraction: Skip tiles that are more glass than this (1.0 keeps all).
+        max_glass_fraction: Skip tiles that are more glass than this (1.0 keeps all), unless
+            they carry ``background_class`` annotations (glass annotated on purpose).
         unclassified: Policy for unclassified annotations (see :func:`helpers.annotations.read_annotations`).
         max_tiles_per_slide: Keep at most this many tiles per slide (evenly spread); None = all.
+        background_class: The class of glass (see ``max_glass_fraction``).
         overwrite: Replace an earlier ``tiles/`` folder.
 
     Returns:
@@ -228,9 +230,11 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
                     pick = np.linspace(0, len(kept) - 1, max_tiles_per_slide).round().astype(int)
                     kept = [kept[i] for i in sorted(set(pick))]
                 n_glass = 0
+                glass_label = class_map.label_of(background_class) if background_class in class_map.names else -1
                 for (x, y, w, h, label) in tqdm(kept, desc=f"{slide.name} write", unit="tile", leave=False):
                     image = slide.read(x, y, tile_size, tile_size, ds)
-                    if max_glass_fraction < 1 and glass_mask(image).mean() > max_glass_fraction:
+                    if (max_glass_fraction < 1 and not (label == glass_label).any()
+                            and glass_mask(image).mean() > max_glass_fraction):
                         n_glass += 1
                         continue
                     stem = tile_name(slide.name, x, y, w, h, ds)
