@@ -104,8 +104,13 @@ def tissue_fraction(img: np.ndarray, luminosity_threshold: float = 0.8) -> float
 
 
 def optical_density(img: np.ndarray) -> np.ndarray:
-    """(H, W, 3) float32 optical density of a uint8 RGB image (no copy of the input is modified)."""
-    return _OD_LUT[np.asarray(img)[..., :3]]
+    """(H, W, 3) float32 optical density of a uint8 RGB image (the input is not modified)."""
+    import cv2
+
+    img = np.ascontiguousarray(np.asarray(img)[..., :3])
+    if img.ndim == 3 and img.shape[0] * img.shape[1] < 2**31:
+        return cv2.LUT(img, _OD_LUT.reshape(1, 256))
+    return _OD_LUT[img]
 
 
 def _pixels_image(pixels: np.ndarray) -> np.ndarray:
@@ -149,7 +154,12 @@ def _lasso_concentrations(pixels: np.ndarray, stain_matrix: np.ndarray) -> np.nd
 
 def _lstsq_concentrations(od: np.ndarray, pinv: np.ndarray) -> np.ndarray:
     """Non-negative concentrations from a fixed pseudo-inverse: (N, 3) @ (3, 2), clipped at 0."""
-    conc = od.reshape(-1, 3) @ pinv
+    import cv2
+
+    # cv2.transform is a per-pixel SIMD matrix product; numpy's BLAS matmul on (N, 3) x (3, 2)
+    # is up to 50x slower on a busy 2-core machine
+    conc = cv2.transform(np.ascontiguousarray(od, dtype=np.float32).reshape(-1, 1, 3),
+                         np.ascontiguousarray(pinv.T, dtype=np.float32)).reshape(-1, 2)
     np.maximum(conc, 0.0, out=conc)
     return conc
 
@@ -185,11 +195,13 @@ def _reinhard_apply(img: np.ndarray, src_mean: np.ndarray, src_std: np.ndarray, 
 
 
 def _reconstruct(conc: np.ndarray, stain_matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """RGB uint8 from concentrations (N, 2) and a target stain matrix (2, 3)."""
-    od = conc @ stain_matrix.astype(np.float32)
-    rgb = 255.0 * np.exp(-od)
-    np.clip(rgb, 0, 255, out=rgb)
-    return np.rint(rgb).astype(np.uint8).reshape(shape)
+    """RGB uint8 from concentrations (N, 2) and a target stain matrix (2, 3): 255 exp(-C S), rounded, clipped."""
+    import cv2
+
+    od = cv2.transform(np.ascontiguousarray(conc, dtype=np.float32).reshape(-1, 1, 2),
+                       np.ascontiguousarray(np.asarray(stain_matrix).T, dtype=np.float32))
+    rgb = cv2.exp(-od)
+    return cv2.convertScaleAbs(rgb, alpha=255.0).reshape(shape)  # rounds and saturates to 0..255
 
 
 def _keep_pen(src: np.ndarray, out: np.ndarray) -> np.ndarray:
