@@ -104,20 +104,21 @@ def _read_label(path: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- split
 def split_tiles(df: pd.DataFrame, val_fraction: float = 0.25, by: str = "auto", block_size: float | None = None,
-                seed: int = 0, class_names: list[str] | None = None, trials: int = 200) -> pd.DataFrame:
+                seed: int = 0, class_names: list[str] | None = None, trials: int = 200, margin: float = 0.0) -> pd.DataFrame:
     """Split tiles into ``train`` / ``val`` (column ``split``) by slide or by spatial region.
 
     ``by="slide"`` puts whole slides on one side. ``by="region"`` cuts each slide into
-    square blocks of ``block_size`` level-0 pixels (default: 4 tile widths), assigns each
+    square blocks of ``block_size`` level-0 pixels (default: 2 tile widths), assigns each
     tile to the block holding its centre, and draws validation blocks; any training tile
-    whose region touches or overlaps a validation tile is then marked ``excluded``, so no
-    pixel (and no direct neighbour) is on both sides even when tiles overlap.
-    ``"auto"`` is by slide with three slides or more, else by region. Among ``trials``
-    random draws the one whose per-class labelled-pixel share in validation is closest
-    to ``val_fraction`` is kept (so the tumour is present on both sides).
+    that overlaps, touches or comes within ``margin`` level-0 pixels of a validation tile
+    is then marked ``excluded``, so no pixel (and no direct neighbour) is on both sides
+    even when tiles overlap. ``"auto"`` is by slide with three slides or more, else by
+    region. Among ``trials`` random draws the one whose per-class labelled-pixel share in
+    validation is closest to ``val_fraction`` (tumour present on both sides) and which
+    excludes the fewest tiles is kept.
 
     Returns:
-        A copy of ``df`` with ``split`` and ``group`` columns.
+        A copy of ``df`` with ``split`` (train / val / excluded) and ``group`` columns.
     """
     if not 0 < val_fraction < 1:
         raise ParameterError(f"val_fraction={val_fraction}: must be between 0 and 1")
@@ -133,7 +134,7 @@ def split_tiles(df: pd.DataFrame, val_fraction: float = 0.25, by: str = "auto", 
         df["group"] = df["slide"].astype(str)
     else:
         if block_size is None:
-            block_size = 4 * float(np.median(df["w"]))
+            block_size = 2 * float(np.median(df["w"]))
         cx = (df["x"] + df["w"] / 2) // block_size
         cy = (df["y"] + df["h"] / 2) // block_size
         df["group"] = [f"{s}|{int(i)},{int(j)}" for s, i, j in zip(df["slide"], cx, cy)]
@@ -143,9 +144,12 @@ def split_tiles(df: pd.DataFrame, val_fraction: float = 0.25, by: str = "auto", 
     px_cols = [f"px_{n}" for n in class_names] if class_names else []
     px_cols = [c for c in px_cols if c in df.columns]
     weights = df[px_cols].to_numpy(float) if px_cols else np.ones((len(df), 1))
-    per_group = pd.DataFrame(weights, index=df["group"]).groupby(level=0).sum().loc[groups].to_numpy()
+    group_idx = np.searchsorted(groups, df["group"].to_numpy())
+    per_group = np.zeros((len(groups), weights.shape[1]))
+    np.add.at(per_group, group_idx, weights)
     total = per_group.sum(axis=0)
     present = total > 0
+    touch = _touching(df, margin) if by == "region" and len(df) <= 6000 else None
     rng = np.random.default_rng(seed)
     best, best_score = None, np.inf
     for _ in range(max(1, trials)):
@@ -154,36 +158,35 @@ def split_tiles(df: pd.DataFrame, val_fraction: float = 0.25, by: str = "auto", 
         for g in order:
             if len(chosen) >= len(groups) - 1:
                 break
-            share = (acc[present].sum()) / max(total[present].sum(), 1)
+            share = acc[present].sum() / max(total[present].sum(), 1)
             if chosen and share >= val_fraction:
                 break
             chosen.append(g)
             acc = acc + per_group[g]
         frac = acc[present] / total[present] if present.any() else np.array([len(chosen) / len(groups)])
-        # missing a class on either side is the worst outcome; then closeness to the target
+        # a class missing on either side is the worst outcome; then closeness to the target; then lost tiles
         score = np.abs(frac - val_fraction).sum() + 10 * np.sum((frac == 0) | (frac == 1))
+        if touch is not None:
+            val = np.isin(group_idx, chosen)
+            score += 0.5 * np.mean(touch[:, val].any(axis=1) & ~val)
         if score < best_score:
-            best, best_score = set(chosen), score
-    val_groups = {groups[i] for i in best}
-    df[SPLIT_COLUMN] = np.where(df["group"].isin(val_groups), "val", "train")
+            best, best_score = list(chosen), score
+    val_mask = np.isin(group_idx, best)
+    df[SPLIT_COLUMN] = np.where(val_mask, "val", "train")
     if by == "region":
-        df = _exclude_touching(df)
+        near = (touch if touch is not None else _touching(df, margin))[:, val_mask].any(axis=1) & ~val_mask
+        df.loc[near, SPLIT_COLUMN] = "excluded"
     return df
 
 
-def _exclude_touching(df: pd.DataFrame) -> pd.DataFrame:
-    """Mark training tiles touching or overlapping any validation tile of the same slide ``excluded``."""
-    for slide, sub in df.groupby("slide"):
-        val = sub[sub[SPLIT_COLUMN] == "val"]
-        if val.empty:
-            continue
-        vx0, vy0 = val["x"].to_numpy(), val["y"].to_numpy()
-        vx1, vy1 = vx0 + val["w"].to_numpy(), vy0 + val["h"].to_numpy()
-        for idx, row in sub[sub[SPLIT_COLUMN] == "train"].iterrows():
-            touch = (row.x <= vx1) & (row.x + row.w >= vx0) & (row.y <= vy1) & (row.y + row.h >= vy0)
-            if touch.any():
-                df.at[idx, SPLIT_COLUMN] = "excluded"
-    return df
+def _touching(df: pd.DataFrame, margin: float = 0.0) -> np.ndarray:
+    """``(n, n)`` bool: tiles of the same slide that overlap, touch or lie within ``margin`` level-0 px."""
+    x0, y0 = df["x"].to_numpy(float), df["y"].to_numpy(float)
+    x1, y1 = x0 + df["w"].to_numpy(float), y0 + df["h"].to_numpy(float)
+    slide = pd.factorize(df["slide"])[0]
+    return ((x0[:, None] <= x1[None] + margin) & (x0[None] <= x1[:, None] + margin)
+            & (y0[:, None] <= y1[None] + margin) & (y0[None] <= y1[:, None] + margin)
+            & (slide[:, None] == slide[None]))
 
 
 # --------------------------------------------------------------------------- loss and metrics
@@ -422,6 +425,7 @@ class TrainConfig:
     val_fraction: float = 0.25
     split_by: str = "auto"
     block_size: float | None = None
+    split_margin: float = 0.0
     max_train_tiles: int | None = None
     max_val_tiles: int | None = None
     augment: bool = True
@@ -520,7 +524,8 @@ class Trainer:
             df = df.merge(old[["tile_id", SPLIT_COLUMN, "group"]], on="tile_id", how="left")
             df[SPLIT_COLUMN] = df[SPLIT_COLUMN].fillna("excluded")
         else:
-            df = split_tiles(df, cfg.val_fraction, cfg.split_by, cfg.block_size, cfg.seed, self.cm.names)
+            df = split_tiles(df, cfg.val_fraction, cfg.split_by, cfg.block_size, cfg.seed, self.cm.names,
+                             margin=cfg.split_margin)
         rng = np.random.default_rng(cfg.seed)
         df["used"] = df[SPLIT_COLUMN].isin(["train", "val"]) & (df["px_labelled"] > 0)
         for side, cap in (("train", cfg.max_train_tiles), ("val", cfg.max_val_tiles)):
@@ -662,11 +667,14 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     params_file = out / "training_params.yaml"
     state_file = out / "training_state.json"
     t_start = time.perf_counter()
-    if out.exists() and any(out.iterdir()):
+    earlier = [p for p in (out.iterdir() if out.is_dir() else []) if p.name != "split.png"]
+    if earlier:
         if overwrite:
             import shutil
 
-            shutil.rmtree(out)
+            for p in out.iterdir():  # the notebook's split.png of this run stays
+                if p.name != "split.png":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
         elif resume and state_file.is_file():
             state = json.loads(state_file.read_text())
             if params_file.is_file() and state["epochs_done"] >= cfg.epochs:
@@ -758,7 +766,7 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
         "seed": cfg.seed,
         "split": {"by": cfg.split_by if cfg.split_by != "auto" else
                   ("slide" if split_df["slide"].nunique() >= 3 else "region"),
-                  "block_size": cfg.block_size, "val_fraction": cfg.val_fraction, "file": "split.csv",
+                  "block_size": cfg.block_size, "margin": cfg.split_margin, "val_fraction": cfg.val_fraction, "file": "split.csv",
                   "n_train": len(trainer.train_df), "n_val": len(trainer.val_df),
                   "n_excluded": int((split_df[SPLIT_COLUMN] == "excluded").sum())},
         "source": trainer.source_step,
@@ -804,5 +812,44 @@ def plot_history(history: pd.DataFrame | str | Path, headline: str = "Tumor"):
         x = h.loc[h["phase"] == "warm-up", "epoch"].max() + 0.5
         for a in (a1, a2):
             a.axvline(x, color="grey", ls=":", lw=1)
+    fig.tight_layout()
+    return fig
+
+
+def preview_split(workdir: str | Path, cfg: TrainConfig | None = None, class_map: str | Path | None = None,
+                  use_saved: bool = True) -> pd.DataFrame:
+    """The train/val/excluded split :func:`train_model` will use (same seed), without training.
+
+    A resumed run keeps the split saved in ``model/split.csv`` (``use_saved``).
+    """
+    cfg = cfg or TrainConfig()
+    cmap = load_class_map(class_map) if class_map else load_class_map()
+    saved = step_dir(workdir, "model") / "split.csv"
+    if use_saved and saved.is_file():
+        return pd.read_csv(saved)
+    df, _ = read_tiles(workdir, cmap)
+    return split_tiles(df, cfg.val_fraction, cfg.split_by, cfg.block_size, cfg.seed, cmap.names, margin=cfg.split_margin)
+
+
+def plot_split(split: pd.DataFrame, max_slides: int = 4):
+    """Figure: tile footprints per slide coloured by split (train / val / excluded)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    colors = {"train": "tab:blue", "val": "tab:orange", "excluded": "lightgrey"}
+    slides = list(split["slide"].unique())[:max_slides]
+    fig, axes = plt.subplots(1, len(slides), figsize=(5 * len(slides), 5), squeeze=False)
+    for ax, slide in zip(axes[0], slides):
+        sub = split[split["slide"] == slide]
+        for r in sub.itertuples():
+            ax.add_patch(Rectangle((r.x, r.y), r.w, r.h, facecolor=colors.get(getattr(r, SPLIT_COLUMN), "white"),
+                                   edgecolor="k", lw=0.3, alpha=0.75))
+        ax.set_xlim(sub["x"].min(), (sub["x"] + sub["w"]).max())
+        ax.set_ylim((sub["y"] + sub["h"]).max(), sub["y"].min())
+        ax.set_aspect("equal")
+        counts = sub[SPLIT_COLUMN].value_counts().to_dict()
+        ax.set_title(f"{slide}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), fontsize=9)
+        ax.set_xlabel("x (level-0 px)")
+    axes[0][0].legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
