@@ -148,3 +148,18 @@ def test_input_step_prefers_stain_and_uses_raw_images(tmp_path, class_map):
         refine_tiles(wd, class_map, input_step="nope", overwrite=True)
     s = label_stats(tiles, out, class_map)
     assert int(s["pixels_before"].sum()) == int(s["pixels_after"].sum()) == len(tiles) * 64 * 64
+
+
+def test_demo_refinement_lowers_disagreement_with_truth(tmp_path, class_map):
+    """Done-when of step 03 on H1's demo slide (dense truth in truth/demo.tiff)."""
+    from helpers.demo import make_demo
+
+    wd = tmp_path / "wd"
+    make_demo(wd, width=1024, height=1024, progress=False)
+    tiles = export_tiles(wd, class_map, mpp=1.0, tile_size=128, stride=64, min_labelled_fraction=0.01)
+    refined = refine_tiles(wd, class_map)
+    before = disagreement_with_truth(wd, refined, label_col="label_raw")
+    after = disagreement_with_truth(wd, refined, label_col="label")
+    assert before["tiles"] == after["tiles"] == len(tiles) > 0
+    assert after["wrong_fraction"] < before["wrong_fraction"], (before, after)
+    assert after["wrong_pixels"] < before["wrong_pixels"]

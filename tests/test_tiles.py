@@ -199,3 +199,21 @@ def test_qupath_palette_label_tiles(tmp_path, class_map):
     (qp / f"{stem}-labelled.png").unlink()
     with pytest.raises(Exception, match="lack a label tile"):
         read_tile_folder(qp, class_map)
+
+
+def test_demo_slide_tiles_agree_with_geojson(tmp_path, class_map):
+    """On H1's demo slide: rasterized pixels per class == shapely area at the tile's scale (1%)."""
+    from helpers.demo import make_demo
+
+    wd = tmp_path / "wd"
+    make_demo(wd, width=1024, height=1024, progress=False)
+    m = export_tiles(wd, class_map, mpp=1.0, tile_size=128, stride=64, min_labelled_fraction=0.01)
+    anns = read_annotations(wd / "annotations" / "demo.geojson", class_map, slide_size=(1024, 1024))
+    assert {a.class_name for a in anns} == set(class_map.names)
+    checked = 0
+    for name in class_map.names:
+        expected = sum(class_areas(anns, class_map, box(r.x, r.y, r.x + r.w, r.y + r.h))[name] for r in m.itertuples()) / 4
+        if expected > 500:
+            assert m[f"px_{name}"].sum() == pytest.approx(expected, rel=0.01), name
+            checked += 1
+    assert checked >= 3
