@@ -127,7 +127,7 @@ def default_augmentation(flip: float = 0.5, rotate90: float = 0.75, scale: float
     if rotate90 > 0:
         t.append(A.RandomRotate90(p=rotate90))
     if scale > 0 or rotate > 0:
-        t.append(A.Affine(scale=(1 - scale, 1 + scale), rotate=(-rotate, rotate), p=0.5, **geo))
+        t.append(A.Affine(scale=(1 - scale, 1 + scale), rotate=(-rotate, rotate) if rotate else 0.0, p=0.5, **geo))
     if elastic > 0:
         t.append(A.ElasticTransform(alpha=float(elastic), sigma=max(4.0, float(elastic) / 2), p=0.3, **geo))
     if blur > 0:
@@ -301,7 +301,10 @@ def augmentation_widget(images: Sequence[np.ndarray], masks: Sequence[np.ndarray
     ranges = {"flip": (0, 1, 0.05), "rotate90": (0, 1, 0.05), "scale": (0, 0.4, 0.01), "rotate": (0, 45, 1),
               "elastic": (0, 60, 1), "blur": (0, 3, 0.1), "noise": (0, 0.2, 0.005), "brightness": (0, 0.4, 0.01),
               "contrast": (0, 0.4, 0.01), "hed_sigma": (0, 0.3, 0.01), "hed_bias": (0, 0.1, 0.005)}
-    defaults = {**{k: v for k, v in default_augmentation.__kwdefaults__.items() if k in ranges}, **strengths}
+    import inspect
+
+    params = inspect.signature(default_augmentation).parameters
+    defaults = {**{k: params[k].default for k in ranges}, **strengths}
     sliders = {k: widgets.FloatSlider(value=float(defaults[k]), min=lo, max=hi, step=st, description=k,
                                       continuous_update=False) for k, (lo, hi, st) in ranges.items()}
     button = widgets.Button(description="re-roll")
