@@ -337,12 +337,18 @@ def plot_tile_overview(workdir: str | Path, manifest: pd.DataFrame, class_map: C
 
     workdir = Path(workdir)
     slide = slide or str(manifest["slide"].iloc[0])
-    paths = [p for p in find_slides(Path(slides) if slides else step_dir(workdir, "slides")) if p.stem == slide]
-    if not paths:
-        raise HistoUNetError(f"slide {slide!r} not found in {slides or step_dir(workdir, 'slides')}")
-    with open_slide(paths[0], mpp=slide_mpp) as s:
-        thumb, tds = s.thumbnail(max_size)
-        size = s.dimensions
+    folder = Path(slides) if slides else step_dir(workdir, "slides")
+    paths = [p for p in find_slides(folder) if p.stem == slide] if folder.exists() else []
+    if paths:
+        with open_slide(paths[0], mpp=slide_mpp) as s:
+            thumb, tds = s.thumbnail(max_size)
+            size = s.dimensions
+    else:  # e.g. tiles exported in QuPath, slide elsewhere: draw the tile layout on blank glass
+        log.warning("slide %r not found in %s; the overview shows the tile layout only", slide, folder)
+        sub = manifest[manifest["slide"] == slide]
+        size = (int((sub["x"] + sub["w"]).max()), int((sub["y"] + sub["h"]).max()))
+        tds = max(size) / max_size
+        thumb = np.full((max(1, int(size[1] / tds)), max(1, int(size[0] / tds)), 3), 245, np.uint8)
     fig, ax = plt.subplots(figsize=(9, 9 * thumb.shape[0] / thumb.shape[1] + 0.5))
     ax.imshow(thumb)
     geo = find_annotation_file(Path(annotations) if annotations else step_dir(workdir, "annotations"), slide)

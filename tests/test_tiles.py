@@ -217,3 +217,12 @@ def test_demo_slide_tiles_agree_with_geojson(tmp_path, class_map):
             assert m[f"px_{name}"].sum() == pytest.approx(expected, rel=0.01), name
             checked += 1
     assert checked >= 3
+
+
+def test_overview_without_the_slide(tmp_path, class_map):
+    from helpers.tiles import plot_tile_overview
+
+    m = pd.DataFrame([{"tile_id": "s [x=0,y=0,w=64,h=64]", "slide": "s", "x": 0, "y": 0, "w": 64, "h": 64},
+                      {"tile_id": "s [x=64,y=0,w=64,h=64]", "slide": "s", "x": 64, "y": 0, "w": 64, "h": 64}])
+    fig = plot_tile_overview(tmp_path, m, class_map)
+    assert len(fig.axes[0].patches) == 2
