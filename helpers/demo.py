@@ -588,7 +588,7 @@ def make_annotations(model: DemoSlide, class_map: ClassMap, seed: int, budget: f
             yy, xx = np.mgrid[:lab.shape[0], :lab.shape[1]]
             roi = chosen & ((xx - cx) ** 2 + (yy - cy) ** 2 < radius ** 2)
             area = roi.sum() * step * step
-            if area <= 0.045 * tissue_area or radius < 0.03 * L:
+            if area <= 0.04 * tissue_area or radius < 0.03 * L:
                 break
             radius *= 0.9
         polys = _mask_polygons(roi, step)
@@ -604,7 +604,7 @@ def make_annotations(model: DemoSlide, class_map: ClassMap, seed: int, budget: f
             break
         k = int(np.argmin((xx - tx / step) ** 2 + (yy - ty / step) ** 2))
         comp_mask = comp == comp[yy[k], xx[k]]
-        disk = Point(xx[k] * step, yy[k] * step).buffer(0.05 * L * step)
+        disk = Point(xx[k] * step, yy[k] * step).buffer(0.035 * L * step)
         for poly in _mask_polygons(comp_mask, step):
             piece = poly.buffer(-4 * model.um).intersection(disk)
             if piece.area > 0:
@@ -618,7 +618,7 @@ def make_annotations(model: DemoSlide, class_map: ClassMap, seed: int, budget: f
     for role, count in plan.items():
         m = mask(role)
         if role == "glass":  # background strokes near the tissue, where it matters
-            near = dist_of(~m) < 0.12 * L
+            near = dist_of(m) < 0.08 * L  # distance from the glass to the tissue
             m = m & near
         d = dist_of(m)
         min_d = width_px / step / 2 + 2

@@ -124,3 +124,35 @@ def test_overwrite_refused_and_bad_sizes(demo):
         make_demo(wd, width=SIZE, height=SIZE, seed=3, progress=False)
     with pytest.raises(ParameterError):
         make_demo(wd, name="tiny", width=100, height=100, progress=False)
+
+
+def _truth_under(feature, truth: np.ndarray, ds: float) -> np.ndarray:
+    """Truth labels under one annotation (truth read at downsample ``ds``)."""
+    import cv2
+    from shapely.geometry import shape
+
+    mask = np.zeros(truth.shape, np.uint8)
+    geom = shape(feature["geometry"])
+    for poly in getattr(geom, "geoms", [geom]):
+        cv2.fillPoly(mask, [np.round(np.asarray(poly.exterior.coords) / ds).astype(np.int32)], 1)
+    return truth[mask > 0]
+
+
+def test_annotations_mostly_right_but_some_imperfect(demo, class_map):
+    """Annotations are mostly on their class, yet some spill over, as real ones do."""
+    from helpers.rasters import read_raster
+
+    ds = 2.0
+    truth = read_raster(demo["truth"], downsample=ds)
+    feats = json.loads(demo["annotations"].read_text())["features"]
+    glass = class_map.label_of(ROLE_NAMES["glass"])
+    spills = []
+    for f in feats:
+        under = _truth_under(f, truth, ds)
+        own = class_map.label_of(f["properties"]["classification"]["name"])
+        assert (under == own).mean() > 0.6, f["properties"].get("name")
+        spills.append((f["properties"].get("name", ""), (under != own).mean(), (under == glass).mean()))
+    roi = [s for s in spills if s[0] == "tumour region of interest"]
+    assert roi and roi[0][1] > 0.01  # the tumour outline covers some non-tumour tissue
+    touching = [s for s in spills if s[0] == "stroma stroke touching glass"]
+    assert touching and touching[0][2] > 0.005  # the stroma stroke reaches the glass
