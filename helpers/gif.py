@@ -115,7 +115,7 @@ def assemble_gif(frames_dir: str | Path, out_path: str | Path, fps: float = 2.0,
         frames_dir: Folder of ``epoch_NNN.png``.
         out_path: The GIF to write (atomically).
         fps: Frames per second.
-        hold_last: Repeat the last frame this many extra times so the result stays on screen.
+        hold_last: Show the last frame this many frame-times longer, so the result stays on screen.
         every: Keep every n-th epoch (the last is always kept).
         overwrite: Replace an existing GIF.
     """
@@ -133,9 +133,11 @@ def assemble_gif(frames_dir: str | Path, out_path: str | Path, fps: float = 2.0,
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise HistoUNetError(f"{frames_dir}: frames differ in size {sorted(shapes)}; delete the old frames and retrain")
-    images += [images[-1]] * max(0, int(hold_last))
+    # one GIF frame per kept epoch (identical frames would be merged by the encoder anyway)
+    durations = [1000.0 / fps] * len(images)
+    durations[-1] *= 1 + max(0, int(hold_last))
     with atomic_path(out_path, overwrite) as tmp:
-        iio.imwrite(tmp, np.stack(images), extension=".gif", duration=1000.0 / fps, loop=0)
+        iio.imwrite(tmp, np.stack(images), extension=".gif", duration=durations, loop=0)
     log.info("%s: %d frames at %.1f fps", out_path, len(images), fps)
     return Path(out_path)
 
