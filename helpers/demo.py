@@ -295,11 +295,12 @@ class DemoSlide:
             cyto[m] += 0.2 * np.exp(-(((f2 - f1) / (0.9 * um)) ** 2)) - 0.06 * np.exp(-(((f2 - f1 - 2.2 * um) / (1.0 * um)) ** 2))
             c_e += w_tum * cyto
             c_h += w_tum * (0.20 + 0.05 * _fine_noise(gx, gy, 12 * um, 12 * um, self.salt + 81))
-        c_m = np.zeros((h, w), np.float32)  # muscle eosin: stains redder than collagen
+        c_m = np.zeros((h, w), np.float32)  # muscle and red-cell eosin: redder than collagen
         if present["other"] or (w_mus > 0.01).any():
             ce_mus, ch_mus = self._muscle(gx, gy, f)
             c_m += w_mus * ce_mus
             c_h += w_mus * ch_mus
+        self._vessels(x, y, w, h, w_str * w_tis, c_h, c_e, c_m)
         nuc, pearl = self._nuclei(x, y, w, h, f, gx, gy)
         if pearl is not None:  # keratin pearls replace the cells they sit in
             c_e = c_e * (1 - w_tum * pearl[0]) + w_tum * pearl[1]
@@ -322,6 +323,62 @@ class DemoSlide:
         rgb = light[..., None] * np.exp(-od)
         rgb += self._grain[(gyy.astype(np.int64) % 509)[:, :1], (gxx.astype(np.int64) % 521)[:1, :]][..., None]
         return np.clip(rgb, 0, 255).round().astype(np.uint8)
+
+    def _vessels(self, x: int, y: int, w: int, h: int, weight: np.ndarray, c_h: np.ndarray, c_e: np.ndarray,
+                 c_m: np.ndarray) -> None:
+        """Small blood vessels in the stroma: pale lumen, eosinophilic wall, flat endothelial
+        nuclei, some filled with red blood cells (drawn in place into the stain maps)."""
+        import cv2
+
+        um = self.um
+        margin = 40 * um
+        p = _points(x - margin, y - margin, x + w + margin, y + h + margin, 110 * um, self.salt + 800, jitter=0.7,
+                    n_attr=8)
+        if not len(p.x):
+            return
+        f = self.sample(("tissue", "muscle", "tumour"), p.x, p.y)
+        keep = (self.classify(f) == self.labels["stroma"]) & (f["tumour"] < -15 * um) & (p.r[:, 0] < 0.55)
+        keep &= f["tissue"] > 20 * um
+        p = p.take(keep)
+        if not len(p.x):
+            return
+        sc = 16
+        lumen = np.zeros((h, w), np.float32)
+        wall = np.zeros((h, w), np.float32)
+        red = np.zeros((h, w), np.float32)
+        endo = np.zeros((h, w), np.float32)
+        for i in range(len(p.x)):
+            a = (6 + 16 * p.r[i, 1]) * um
+            b = a * (0.45 + 0.5 * p.r[i, 2])
+            ang = float(p.r[i, 3] * 180)
+            c = (int((p.x[i] - x) * sc), int((p.y[i] - y) * sc))
+            cv2.ellipse(wall, c, (int((a + 2.5 * um) * sc), int((b + 2.5 * um) * sc)), ang, 0, 360, 1.0, -1, cv2.LINE_8, 4)
+            cv2.ellipse(lumen, c, (int(a * sc), int(b * sc)), ang, 0, 360, 1.0, -1, cv2.LINE_8, 4)
+            rng = np.random.default_rng(int(p.r[i, 4] * 2**31))
+            t = np.radians(ang)
+            for phi in rng.uniform(0, 2 * np.pi, 2 + int(a / (8 * um))):  # flat endothelial nuclei on the wall
+                ex = p.x[i] - x + (a + 1.0 * um) * np.cos(phi) * np.cos(t) - (b + 1.0 * um) * np.sin(phi) * np.sin(t)
+                ey = p.y[i] - y + (a + 1.0 * um) * np.cos(phi) * np.sin(t) + (b + 1.0 * um) * np.sin(phi) * np.cos(t)
+                tang = np.degrees(np.arctan2((b * np.cos(phi) * np.cos(t) - 0) * 1.0 + 0, -a * np.sin(phi))) + np.degrees(t)
+                cv2.ellipse(endo, (int(ex * sc), int(ey * sc)), (int(5 * um * sc), int(1.5 * um * sc)), float(tang),
+                            0, 360, 1.0, -1, cv2.LINE_8, 4)
+            if p.r[i, 5] < 0.7:  # red blood cells packed in the lumen
+                n_rbc = int((0.3 + 0.7 * p.r[i, 6]) * a * b / (um * um * 10)) + 1
+                for _ in range(n_rbc):
+                    rr, th = np.sqrt(rng.uniform(0, 0.8)), rng.uniform(0, 2 * np.pi)
+                    rx = p.x[i] - x + rr * (a * np.cos(th) * np.cos(t) - b * np.sin(th) * np.sin(t))
+                    ry = p.y[i] - y + rr * (a * np.cos(th) * np.sin(t) + b * np.sin(th) * np.cos(t))
+                    cv2.circle(red, (int(rx * sc), int(ry * sc)), int(3.6 * um * sc), 1.0, -1, cv2.LINE_8, 4)
+        if not wall.any():
+            return
+        wall = cv2.GaussianBlur(wall - lumen, (0, 0), 0.5 * um) * weight
+        lumen = cv2.GaussianBlur(lumen, (0, 0), 0.5 * um) * weight
+        red = cv2.GaussianBlur(red, (0, 0), 0.6 * um) * lumen
+        c_e *= 1 - lumen
+        c_h *= 1 - 0.8 * lumen
+        c_e += 0.03 * lumen + 0.45 * wall
+        c_m += 1.1 * red
+        c_h += 1.4 * cv2.GaussianBlur(endo, (0, 0), 0.4 * um) * weight
 
     def _muscle_kinds(self, zone: np.ndarray) -> list[tuple[np.ndarray, float, float]]:
         """Bundle types by the zone field: (mask, fibre angle, stretch along it); septa at +-0.12."""
