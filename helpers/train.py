@@ -108,7 +108,7 @@ def split_tiles(df: pd.DataFrame, val_fraction: float = 0.25, by: str = "auto", 
     """Split tiles into ``train`` / ``val`` (column ``split``) by slide or by spatial region.
 
     ``by="slide"`` puts whole slides on one side. ``by="region"`` cuts each slide into
-    square blocks of ``block_size`` level-0 pixels (default: 2 tile widths), assigns each
+    square blocks of ``block_size`` level-0 pixels (default: 3 tile widths), assigns each
     tile to the block holding its centre, and draws validation blocks; any training tile
     that overlaps, touches or comes within ``margin`` level-0 pixels of a validation tile
     is then marked ``excluded``, so no pixel (and no direct neighbour) is on both sides
@@ -134,7 +134,7 @@ def split_tiles(df: pd.DataFrame, val_fraction: float = 0.25, by: str = "auto", 
         df["group"] = df["slide"].astype(str)
     else:
         if block_size is None:
-            block_size = 2 * float(np.median(df["w"]))
+            block_size = 3 * float(np.median(df["w"]))
         cx = (df["x"] + df["w"] / 2) // block_size
         cy = (df["y"] + df["h"] / 2) // block_size
         df["group"] = [f"{s}|{int(i)},{int(j)}" for s, i, j in zip(df["slide"], cx, cy)]
@@ -163,12 +163,13 @@ def split_tiles(df: pd.DataFrame, val_fraction: float = 0.25, by: str = "auto", 
                 break
             chosen.append(g)
             acc = acc + per_group[g]
-        frac = acc[present] / total[present] if present.any() else np.array([len(chosen) / len(groups)])
-        # a class missing on either side is the worst outcome; then closeness to the target; then lost tiles
-        score = np.abs(frac - val_fraction).sum() + 10 * np.sum((frac == 0) | (frac == 1))
-        if touch is not None:
-            val = np.isin(group_idx, chosen)
-            score += 0.5 * np.mean(touch[:, val].any(axis=1) & ~val)
+        val = np.isin(group_idx, chosen)
+        lost = touch[:, val].any(axis=1) & ~val if touch is not None else np.zeros(len(df), bool)
+        v, t = weights[val].sum(0)[present], weights[~val & ~lost].sum(0)[present]
+        frac = v / np.maximum(v + t, 1)
+        # a class missing on either side is the worst outcome; then closeness to the target; then lost pixels
+        score = (np.abs(frac - val_fraction).sum() + 10 * np.sum((v == 0) | (t == 0))
+                 + weights[lost].sum() / max(weights.sum(), 1))
         if score < best_score:
             best, best_score = list(chosen), score
     val_mask = np.isin(group_idx, best)
