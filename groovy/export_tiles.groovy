@@ -27,11 +27,14 @@
  *   Headless:  QuPath script -p project.qpproj -s groovy/export_tiles.groovy
  *              (runs once per image of the project).
  *
- * Overlaps: where annotations overlap, the label written is QuPath's (the object drawn
- * last). Draw small regions (e.g. Tumor nests) inside large ones (Stroma) so they win,
- * as in the Python route, which puts the smaller annotation on top.
+ * Overlaps: LabeledImageServer paints class by class in the order the labels are added,
+ * so where annotations of different classes overlap the class added last wins. DRAW_ORDER
+ * below puts Tumor last, so tumour nests outlined inside a Stroma region keep their label.
+ * (The Python route puts the smaller annotation on top, which agrees for nests drawn
+ * inside larger regions.)
  */
 
+import qupath.lib.common.ColorTools
 import qupath.lib.images.servers.LabeledImageServer
 import qupath.lib.images.writers.TileExporter
 
@@ -48,6 +51,8 @@ def CLASS_LABELS = [
     'Stroma'    : 3,
     'Other'     : 4,
 ]
+// Where classes overlap, the class drawn last wins: put small, important classes last.
+def DRAW_ORDER = ['Background', 'Other', 'Stroma', 'Tumor']
 // =================== END USER SETTINGS ===================
 
 def imageData = getCurrentImageData()
@@ -62,6 +67,10 @@ if (!cal.hasPixelSizeMicrons()) {
     return
 }
 double downsample = requestedPixelSize / cal.getAveragedPixelSize().doubleValue()
+if (DRAW_ORDER.toSet() != CLASS_LABELS.keySet()) {
+    println "ERROR: DRAW_ORDER ${DRAW_ORDER} must list exactly the classes of CLASS_LABELS ${CLASS_LABELS.keySet()}"
+    return
+}
 
 def known = getAnnotationObjects().findAll { it.getPathClass() != null }*.getPathClass()*.toString().unique()
 def unknown = known.findAll { !CLASS_LABELS.containsKey(it) }
@@ -73,7 +82,7 @@ def labelBuilder = new LabeledImageServer.Builder(imageData)
     .backgroundLabel(0, ColorTools.BLACK)   // unannotated pixels = 0 = unlabelled
     .downsample(downsample)
     .multichannelOutput(false)              // one label image with values 0..N
-CLASS_LABELS.each { className, label -> labelBuilder.addLabel(className, label as int) }
+DRAW_ORDER.each { className -> labelBuilder.addLabel(className, CLASS_LABELS[className] as int) }
 def labelServer = labelBuilder.build()
 
 def pathOutput = buildFilePath(PROJECT_BASE_DIR, outputFolder)

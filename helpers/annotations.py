@@ -17,8 +17,9 @@ Rules (documented decisions):
   lists them and the known classes.
 * **Overlaps**: where annotations of different classes overlap, the *smaller*
   annotation wins (it is drawn last), so a tumour nest drawn inside a large stroma
-  region keeps its label. (QuPath's LabeledImageServer draws in hierarchy order; draw
-  small objects inside large ones there too and both routes agree.)
+  region keeps its label. (QuPath's LabeledImageServer instead paints class by class,
+  the class added last winning; ``groovy/export_tiles.groovy`` adds Tumor last, so
+  both routes agree for nests drawn inside larger regions.)
 * **Invalid polygons** (self-intersections) are repaired with ``shapely.make_valid``
   and a warning says so; non-area geometries (points, lines) are skipped.
 * **Outside the slide**: parts outside the slide are clipped; annotations entirely

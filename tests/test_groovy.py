@@ -54,6 +54,8 @@ def test_settings_match_class_map_and_python_route(class_map):
 
     s = _settings(SCRIPT.read_text())
     assert s["classes"] == {c.name: c.label for c in class_map.classes}
+    order = re.search(r"DRAW_ORDER\s*=\s*\[([^\]]*)\]", SCRIPT.read_text()).group(1)
+    assert sorted(re.findall(r"'([^']+)'", order)) == sorted(class_map.names)
     defaults = {k: p.default for k, p in inspect.signature(export_tiles).parameters.items()}
     assert s["pixel_size"] == defaults["mpp"]
     assert s["tile_size"] == defaults["tile_size"]
