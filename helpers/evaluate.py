@@ -428,9 +428,9 @@ def plot_errors(result: SlideEvaluation, class_map: ClassMap, image: np.ndarray 
     else:
         base = cv2.resize(np.ascontiguousarray(image[..., :3]), (ref.shape[1], ref.shape[0]), interpolation=cv2.INTER_AREA)
     over = base.astype(np.float32)
-    for val, rgb in ((1, (0, 170, 0)), (2, (230, 0, 0))):
+    for val, rgb, alpha in ((1, (0, 170, 0), 0.35), (2, (230, 0, 0), 0.6)):  # errors stand out, tissue shows through
         m = err == val
-        over[m] = 0.45 * over[m] + 0.55 * np.array(rgb, np.float32)
+        over[m] = (1 - alpha) * over[m] + alpha * np.array(rgb, np.float32)
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))
     panels = [(colorize(ref, class_map), f"reference ({result.reference_kind})"),
               (colorize(pred, class_map), "prediction"),
