@@ -30,7 +30,6 @@ def make_synthetic(wd: Path, width: int = 1536, height: int = 1024, mpp: float =
     img = np.clip(img.astype(int) + rng.integers(-5, 6, img.shape), 0, 255).astype(np.uint8)
     tifffile.imwrite(wd / "slides" / "synth.tiff", img, tile=(256, 256), photometric="rgb", compression="zlib",
                      resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
-    stroma = Point(760, 500).buffer(1).__class__  # noqa: F841 - keep shapely import local
     from shapely import affinity
 
     feats = [make_feature(affinity.scale(Point(760, 500).buffer(1), 580, 400), "Stroma", (150, 200, 150)),
