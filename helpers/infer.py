@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import queue
 import shutil
 import threading
@@ -305,8 +304,11 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
     if in_shape[1] is not None and in_shape[1] != tile:
         raise ParameterError(f"tile_size={tile} but the model in {model_dir} takes {in_shape[1]} px tiles; "
                              "leave tile_size=None")
-    if tile < 16:
-        raise ParameterError(f"tile_size must be >= 16; got {tile}")
+    from helpers.model import SIZE_MULTIPLE
+
+    if tile < SIZE_MULTIPLE or tile % SIZE_MULTIPLE:
+        raise ParameterError(f"tile_size must be a multiple of {SIZE_MULTIPLE} (the U-Net halves it five times); "
+                             f"got {tile}")
     stride = tile // OVERLAP_STRIDE[overlap]
     weights = blend_weights(tile, blend)
     model_mpp = float(params["mpp"])

@@ -256,6 +256,8 @@ def test_bad_inputs(setup, tmp_path, class_map_, shared_data):
         predict_slide(d / "slide.tiff", d / "model", tmp_path / "g", overlap=9, progress=False)
     with pytest.raises(ParameterError):
         predict_slide(d / "slide.tiff", d / "model", tmp_path / "g", blend="max", progress=False)
+    with pytest.raises(ParameterError, match="tile_size"):
+        predict_slide(d / "slide.tiff", d / "model", tmp_path / "g", tile_size=100, progress=False)
 
 
 def test_disk_full_leaves_no_half_written_file(setup, monkeypatch):
