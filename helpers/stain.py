@@ -45,6 +45,10 @@ MODES = ("slide", "tile")
 #: Optical density of each uint8 value, as staintools computes it (0 counts as 1, floor 1e-6).
 _OD_LUT = np.maximum(-np.log(np.maximum(np.arange(256), 1) / 255.0), 1e-6).astype(np.float32)
 
+#: Ruifrok & Johnston's hematoxylin minus eosin OD direction (unit vectors), to tell H from E.
+_H_MINUS_E = (np.array([0.650, 0.704, 0.286]) / np.linalg.norm([0.650, 0.704, 0.286])
+              - np.array([0.072, 0.990, 0.105]) / np.linalg.norm([0.072, 0.990, 0.105]))
+
 #: Tissue pixels darker than this luminosity (0-1) are treated as ink, folds or dirt.
 DARK_LUMINOSITY = 0.12
 #: Reinhard leaves pixels at least this light (0-1) unchanged: glass stays white.
@@ -142,7 +146,10 @@ def _estimate_stain_matrix(method: str, pixels: np.ndarray, luminosity_threshold
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (2, 3) or not np.all(np.isfinite(matrix)):
         raise ValueError(f"stain matrix estimate is not finite: {matrix}")
-    return matrix
+    # staintools puts the vector with the larger red OD first; on pale tiles the two are nearly
+    # equal there and H/E swap at random. Order by projection on (H - E) of Ruifrok's reference.
+    score = matrix @ _H_MINUS_E
+    return matrix if score[0] >= score[1] else matrix[::-1].copy()
 
 
 def _lasso_concentrations(pixels: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
