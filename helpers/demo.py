@@ -152,7 +152,8 @@ class DemoSlide:
         labels: Label value of each role of :data:`ROLE_NAMES`.
     """
 
-    FIELDS = ("tissue", "muscle", "tumour", "zone", "orient", "stain_h", "stain_e", "hue", "inflam")
+    FIELDS = ("tissue", "muscle", "tumour", "zone", "orient", "stain_h", "stain_e", "hue", "inflam", "light")
+    SMOOTH_FIELDS = ("orient", "stain_h", "stain_e", "hue", "inflam", "light")
 
     def __init__(self, width: int, height: int, mpp: float, seed: int, labels: dict[str, int]):
         self.width, self.height, self.mpp, self.seed = int(width), int(height), float(mpp), int(seed)
@@ -211,8 +212,9 @@ class DemoSlide:
         stain_e = self._noise(s / 2.5, 11)
         hue = self._noise(s / 2, 12)
         inflam = self._noise(s / 6, 13)
+        light = self._noise(s / 3, 14)
         return {k: np.ascontiguousarray(v, np.float32) for k, v in zip(
-            self.FIELDS, (tissue, muscle, tumour, zone, orient, stain_h, stain_e, hue, inflam))}
+            self.FIELDS, (tissue, muscle, tumour, zone, orient, stain_h, stain_e, hue, inflam, light))}
 
     def sample(self, names: tuple[str, ...], xs: np.ndarray, ys: np.ndarray) -> dict[str, np.ndarray]:
         """Bicubic values of layout fields at level-0 positions (arrays of the same shape)."""
@@ -220,12 +222,16 @@ class DemoSlide:
 
         mx = (np.asarray(xs, np.float64) / self.step - 0.5).astype(np.float32)
         my = (np.asarray(ys, np.float64) / self.step - 0.5).astype(np.float32)
-        if mx.ndim == 1:
+        flat = mx.ndim == 1
+        if flat:
             mx, my = mx[None, :], my[None, :]
-            return {n: cv2.remap(self.layout[n], mx, my, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)[0]
-                    for n in names}
-        return {n: cv2.remap(self.layout[n], mx, my, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
-                for n in names}
+        out = {}
+        for n in names:
+            # Cubic where thresholds draw visible borders; linear suffices for slow drifts.
+            interp = cv2.INTER_LINEAR if n in self.SMOOTH_FIELDS else cv2.INTER_CUBIC
+            v = cv2.remap(self.layout[n], mx, my, interp, borderMode=cv2.BORDER_REPLICATE)
+            out[n] = v[0] if flat else v
+        return out
 
     def classify(self, f: dict[str, np.ndarray]) -> np.ndarray:
         """Label per position from the fields (the single definition of the truth)."""
@@ -319,7 +325,7 @@ class DemoSlide:
         od = c_h[..., None] * v_h + c_e[..., None] * v_e + c_m[..., None] * (0.5 * v_e + 0.5 * _E_VEC_MUSCLE)
         od += 0.012 * w_tis[..., None]  # faint haze of mounting medium over tissue
         # Illumination: near-white glass with a faint vignette, plus sensor noise.
-        light = 243 + 4 * _fine_noise(gx, gy, self.size / 3, self.size / 3, self.salt + 90)
+        light = 243 + 4 * f["light"]
         rgb = light[..., None] * np.exp(-od)
         rgb += self._grain[(gyy.astype(np.int64) % 509)[:, :1], (gxx.astype(np.int64) % 521)[:1, :]][..., None]
         return np.clip(rgb, 0, 255).round().astype(np.uint8)
@@ -359,7 +365,7 @@ class DemoSlide:
             for phi in rng.uniform(0, 2 * np.pi, 2 + int(a / (8 * um))):  # flat endothelial nuclei on the wall
                 ex = p.x[i] - x + (a + 1.0 * um) * np.cos(phi) * np.cos(t) - (b + 1.0 * um) * np.sin(phi) * np.sin(t)
                 ey = p.y[i] - y + (a + 1.0 * um) * np.cos(phi) * np.sin(t) + (b + 1.0 * um) * np.sin(phi) * np.cos(t)
-                tang = np.degrees(np.arctan2((b * np.cos(phi) * np.cos(t) - 0) * 1.0 + 0, -a * np.sin(phi))) + np.degrees(t)
+                tang = np.degrees(np.arctan2(b * np.cos(phi), -a * np.sin(phi)) + t)  # along the wall
                 cv2.ellipse(endo, (int(ex * sc), int(ey * sc)), (int(5 * um * sc), int(1.5 * um * sc)), float(tang),
                             0, 360, 1.0, -1, cv2.LINE_8, 4)
             if p.r[i, 5] < 0.7:  # red blood cells packed in the lumen
@@ -483,7 +489,8 @@ class DemoSlide:
             if len(ves.x):
                 a2 = 0.55 * np.where(ves.r[:, 0] > 0.94, 9.5 + 3 * ves.r[:, 1], 5.2 + 2.6 * ves.r[:, 1])
                 draw(ves, a2, a2 * (0.62 + 0.33 * ves.r[:, 2]), ves.r[:, 4] * 180, 0.8 + 0.25 * ves.r[:, 3])
-                draw(ves, np.full(len(ves.x), 1.0), np.full(len(ves.x), 0.9), ves.r[:, 4] * 0, np.full(len(ves.x), 2.1))
+                ones = np.ones(len(ves.x))
+                draw(ves, ones, 0.9 * ones, 0 * ones, 2.1 * ones)  # nucleolus
         # Stroma: sparse spindle fibroblast nuclei along the fibres; lymphocytes near tumour.
         p = _points(*box, 26 * um, self.salt + 400, jitter=0.9)
         fp = where(p, ("tissue", "muscle", "tumour", "orient"))
