@@ -604,19 +604,20 @@ def _stroke(dist: np.ndarray, start: tuple[int, int], rng: np.random.Generator, 
     return pts
 
 
-def make_annotations(model: DemoSlide, class_map: ClassMap, seed: int, budget: float = 0.12) -> tuple[list[dict], dict]:
+def make_annotations(model: DemoSlide, class_map: ClassMap, seed: int, budget: float = 0.13) -> tuple[list[dict], dict]:
     """Sparse, partly imperfect QuPath annotations drawn from the demo's coarse layout.
 
     A tumour region of interest around the main tumour mass (drawn a little generously,
-    so it spills onto stroma and glass), small tumour outlines elsewhere, and wandering
-    brush strokes of stroma (one running off the tissue onto the glass), muscle and glass.
+    so it spills onto stroma), small tumour outlines elsewhere, a rough polygon of glass
+    beside the tissue, and wandering brush strokes of stroma (one running off the tissue
+    onto the glass), muscle and glass.
     Their total area stays below ``budget`` of the tissue area.
 
     Returns:
         ``(features, stats)``: QuPath GeoJSON features (level-0 px) and area statistics.
     """
     import cv2
-    from shapely.geometry import LineString, Point, box
+    from shapely.geometry import LineString, Point, Polygon, box
     from shapely.ops import unary_union
 
     from helpers.qupath import make_feature
@@ -675,10 +676,22 @@ def make_annotations(model: DemoSlide, class_map: ClassMap, seed: int, budget: f
                 piece = max(getattr(piece, "geoms", [piece]), key=lambda g: g.area)
                 shapes.append(("tumour", piece.simplify(2 * model.um), "tumour nest"))
                 break
+    # A rough polygon of glass beside the tissue (people outline background generously).
+    glass_d = dist_of(mask("glass"))
+    used = np.zeros(lab.shape, bool)
+    cand = np.argwhere((glass_d > 0.03 * L) & (glass_d < 0.07 * L))
+    if len(cand):
+        gy_, gx_ = cand[rng.integers(len(cand))]
+        rad = float(min(0.045 * L, glass_d[gy_, gx_] - 1)) * step
+        angles = np.sort(rng.uniform(0, 2 * np.pi, 9))
+        radii = rad * rng.uniform(0.75, 1.0, 9)
+        poly = Polygon(np.c_[(gx_ + 0.5) * step + radii * np.cos(angles), (gy_ + 0.5) * step + radii * np.sin(angles)])
+        if poly.is_valid and poly.area > 0:
+            shapes.append(("glass", poly, "glass region"))
+            used[max(0, gy_ - int(0.1 * L)):gy_ + int(0.1 * L), max(0, gx_ - int(0.1 * L)):gx_ + int(0.1 * L)] = True
     # Brush strokes of the other classes, spread over the slide.
     width_px = float(np.clip(0.018 * min(model.width, model.height), 10 * model.um, 50 * model.um))
-    plan = {"stroma": 4, "other": 3, "glass": 3}
-    used = np.zeros(lab.shape, bool)
+    plan = {"stroma": 4, "other": 3, "glass": 2}
     for role, count in plan.items():
         m = mask(role)
         if role == "glass":  # background strokes near the tissue, where it matters
