@@ -24,6 +24,15 @@ import yaml
 from helpers.errors import HistoUNetError, OutputExistsError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def check_writable(path: str | Path, overwrite: bool = False) -> Path:
     """Raise :class:`OutputExistsError` if ``path`` exists and ``overwrite`` is False."""
     path = Path(path)
@@ -50,6 +59,7 @@ def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         yield tmp_path
         if not tmp_path.exists() or tmp_path.stat().st_size == 0:
             raise HistoUNetError(f"{path}: nothing was written")
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared files
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -129,3 +129,14 @@ def test_notebook_errors_are_one_line_not_tracebacks(tmp_path, shared_data):
     out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     error = [o for o in out.cells[-1].outputs if o.output_type == "error"][0]
     assert error.traceback == [f"SlideError: {exc.value.evalue}"]
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    p = write_json({"a": 1}, tmp_path / "perm.json")
+    mode = stat.S_IMODE(os.stat(p).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
