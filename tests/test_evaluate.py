@@ -264,3 +264,43 @@ def test_cheapest_within():
     assert ev.cheapest_within(t)["seconds"] == 2  # 0.849 is 0.4 points below the best 0.853
     assert ev.cheapest_within(t, tolerance=0.002)["seconds"] == 9
     assert ev.cheapest_within(t, tolerance=0.5)["seconds"] == 1
+
+
+def test_evaluate_workdir_dense_and_sparse(class_map, tmp_path):
+    infer = pytest.importorskip("helpers.infer")
+    from shapely.geometry import box
+
+    from helpers.errors import HistoUNetError
+    from helpers.qupath import make_feature, write_feature_collection
+    from helpers.rasters import write_pyramid_tiff
+
+    wd = tmp_path / "wd"
+    (wd / "slides").mkdir(parents=True)
+    slide, truth = _two_tone_slide(wd / "slides")
+    slide.rename(wd / "slides" / "demo.tiff")
+    write_pyramid_tiff(wd / "truth" / "demo.tiff", truth, kind="labels")
+    # sparse: a tumour box inside the disc and a glass box, 2 level-0 px per evaluation px
+    write_feature_collection([make_feature(box(240, 200, 320, 280), "Tumor", (200, 0, 0)),
+                              make_feature(box(0, 0, 64, 64), "Background", (180, 180, 180))],
+                             wd / "annotations" / "demo.geojson")
+    _brightness_model(wd / "model", class_map)
+    infer.infer_slide(wd / "slides" / "demo.tiff", wd, predict_kwargs={"overlap": 1, "progress": False})
+    assert ev.predicted_slides(wd) == ["demo"]
+    dense = ev.evaluate_workdir(wd, class_map, "dense")[0]
+    sparse = ev.evaluate_workdir(wd, class_map, "sparse")[0]
+    assert dense.downsample == 2.0 and dense.reference.shape == (256, 256)
+    assert dense.summary["tumor_iou"] > 0.95
+    assert sparse.summary["labelled_px"] == (80 * 80 + 64 * 64) // 4
+    assert sparse.summary["tumor_iou"] == 1.0  # easy, annotated examples only
+    table = ev.iou_table([dense, sparse])
+    assert list(table.columns) == ["demo (dense)", "demo (sparse)"]
+    (wd / "truth" / "demo.tiff").unlink()
+    with pytest.raises(HistoUNetError, match="reference not found"):
+        ev.evaluate_workdir(wd, class_map, "dense")
+    out = ev.prepare_output(wd)
+    ev.save_results([sparse], class_map, out)
+    ev.write_manifest(wd)
+    with pytest.raises(OutputExistsError):
+        ev.prepare_output(wd)
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert set(manifest["file"]) == {"evaluation/metrics.csv", "evaluation/confusion.csv", "evaluation/metrics.json"}
