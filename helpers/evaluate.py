@@ -673,6 +673,10 @@ def variant_study(slide_path: str | Path, model_dirs: str | Path | Sequence[str 
         raise ParameterError("model_dirs is empty; pass workdir/model or a list of trained model folders")
     for k in kernels:
         parse_kernel(k)
+    from helpers.model import load_trained
+
+    for d in dirs:  # warm-up: TensorFlow's import and first load are not charged to the first setting
+        load_trained(d)
     rows = []
     truth_cache: dict[float, np.ndarray] = {}
     combos = [(m, d, o, b) for m, d in zip(_model_names(dirs), dirs) for o in overlaps for b in blends]
