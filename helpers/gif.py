@@ -74,7 +74,8 @@ class FrameWriter:
     """Writes ``epoch_NNN.png`` for a fixed set of validation tiles (chosen once, by seed)."""
 
     def __init__(self, frames_dir: str | Path, images: list[np.ndarray], labels: list[np.ndarray],
-                 class_map: ClassMap, n_tiles: int = 4, headline: str = "Tumor", seed: int = 0):
+                 class_map: ClassMap, n_tiles: int = 4, headline: str = "Tumor", seed: int = 0,
+                 boxes: list | None = None):
         self.dir = Path(frames_dir)
         self.cm = class_map
         self.headline = headline
@@ -86,8 +87,18 @@ class FrameWriter:
             target = -1
         score = np.array([np.mean(lab == target) + 0.1 * np.mean(lab > 0) for lab in labels])
         rng = np.random.default_rng(seed)
-        order = np.lexsort((rng.random(len(labels)), -score))
-        self.index = sorted(order[:n].tolist())
+        order = np.lexsort((rng.random(len(labels)), -score)).tolist()
+        chosen: list[int] = []
+        if boxes is not None:  # (slide, x, y, w, h): prefer tiles that do not overlap each other
+            for i in order:
+                s, x, y, w, h = boxes[i]
+                if all(not (s == boxes[j][0] and x < boxes[j][1] + boxes[j][3] and boxes[j][1] < x + w
+                            and y < boxes[j][2] + boxes[j][4] and boxes[j][2] < y + h) for j in chosen):
+                    chosen.append(i)
+                if len(chosen) == n:
+                    break
+        chosen += [i for i in order if i not in chosen][: n - len(chosen)]
+        self.index = sorted(chosen)
         self.images = [images[i] for i in self.index]
         self.labels = [labels[i] for i in self.index]
 

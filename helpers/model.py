@@ -161,6 +161,20 @@ def set_encoder_trainable(model, trainable: bool) -> int:
     return len(layers)
 
 
+def set_batchnorm_momentum(model, momentum: float) -> int:
+    """Set the moving-statistics momentum of every BatchNormalization layer; returns how many.
+
+    Keras' default 0.99 needs hundreds of steps before the moving averages used at
+    inference fit the data; short CPU runs (and randomly initialised layers) need ~0.9.
+    """
+    n = 0
+    for layer in model.layers:
+        if layer.__class__.__name__ == "BatchNormalization":
+            layer.momentum = float(momentum)
+            n += 1
+    return n
+
+
 def preprocess(batch):
     """THE input transform: uint8 RGB ``(..., H, W, 3)`` -> float32 ImageNet-normalised.
 

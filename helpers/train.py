@@ -420,6 +420,7 @@ class TrainConfig:
     warmup_epochs: int = 2
     warmup_learning_rate: float = 1e-3
     learning_rate: float = 1e-4
+    lr_schedule: str = "cosine"
     batch_size: int = 8
     steps_per_epoch: int | None = None
     crop_size: int | None = None
@@ -437,6 +438,7 @@ class TrainConfig:
     encoder_weights: str | None = "imagenet"
     backbone: str = "efficientnetb0"
     decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
+    bn_momentum: float = 0.9
     headline_class: str = "Tumor"
     gif_tiles: int = 4
     seed: int = 42
@@ -451,6 +453,8 @@ class TrainConfig:
             raise ParameterError(f"batch_size={self.batch_size}: must be >= 1")
         if self.crop_size is not None and self.crop_size % 32:
             raise ParameterError(f"crop_size={self.crop_size}: must be a multiple of 32 (or None)")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ParameterError(f"lr_schedule={self.lr_schedule!r}: use 'cosine' or 'constant'")
         if self.class_weights not in (None, "auto", "none"):
             raise ParameterError(f"class_weights={self.class_weights!r}: use 'auto' or None")
 
@@ -465,13 +469,15 @@ def set_seeds(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def _compile(model, loss, lr: float, encoder_trainable: bool):
+def _compile(model, loss, lr: float, encoder_trainable: bool, decay_steps: int = 0):
+    """Compile with Adam; ``decay_steps`` > 0 decays the rate to 1 % along a cosine over that many steps."""
     import keras
 
     from helpers.model import set_encoder_trainable
 
     set_encoder_trainable(model, encoder_trainable)
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, jit_compile=False)
+    rate = keras.optimizers.schedules.CosineDecay(lr, decay_steps, alpha=0.01) if decay_steps > 0 else lr
+    model.compile(optimizer=keras.optimizers.Adam(rate), loss=loss, jit_compile=False)
 
 
 def _epoch_callback_class():
@@ -484,13 +490,16 @@ def _epoch_callback_class():
             super().__init__()
             self.t = trainer
             self.t_epoch = time.perf_counter()
+            self.c_epoch = time.process_time()
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t_epoch = time.perf_counter()
+            self.c_epoch = time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
             train_s = time.perf_counter() - self.t_epoch
+            self.t.epoch_cpu_seconds.append(time.process_time() - self.c_epoch)
             metrics = self.t.validate()
             logs.update({f"val_{k}": v for k, v in metrics.items()})
             self.t.end_epoch(epoch, dict(logs), train_s)
@@ -513,6 +522,7 @@ class Trainer:
         self.best_iou = -1.0
         self.best_epoch = -1
         self.epoch_seconds: list[float] = []
+        self.epoch_cpu_seconds: list[float] = []
         self.val_seconds: list[float] = []
 
     # ---- data
@@ -571,7 +581,7 @@ class Trainer:
         for i in range(0, len(images), bs):
             chunk = images[i:i + bs]
             if len({im.shape for im in chunk}) == 1:
-                prob = self.model(preprocess(np.stack(chunk)), training=False).numpy()
+                prob = np.asarray(self.model.predict_on_batch(preprocess(np.stack(chunk))))
                 out.extend(np.argmax(prob, -1).astype(np.uint8) + 1)
             else:
                 for im in chunk:
@@ -597,7 +607,8 @@ class Trainer:
 
         self.epoch_seconds.append(train_s)
         row = {"epoch": epoch + 1, "phase": self.phase, "seconds": round(train_s, 2),
-               "learning_rate": float(self.model.optimizer.learning_rate.numpy())}
+               "cpu_seconds": round(self.epoch_cpu_seconds[-1], 2) if self.epoch_cpu_seconds else None,
+               "learning_rate": float(np.asarray(self.model.optimizer.learning_rate))}
         row.update({k: (float(v) if np.ndim(v) == 0 else v) for k, v in logs.items()})
         self.history.append(row)
         iou = row.get("val_headline_iou", float("nan"))
@@ -613,7 +624,8 @@ class Trainer:
         with atomic_path(self.out / "history.csv", overwrite=True) as tmp:
             hist.to_csv(tmp, index=False)
         write_json({"epochs_done": epoch + 1, "best_iou": self.best_iou, "best_epoch": self.best_epoch,
-                    "epoch_seconds": self.epoch_seconds, "val_seconds": self.val_seconds},
+                    "epoch_seconds": self.epoch_seconds,
+                    "epoch_cpu_seconds": self.epoch_cpu_seconds, "val_seconds": self.val_seconds},
                    self.out / "training_state.json", overwrite=True)
         if self.frame_callback is not None:
             self.frame_callback(epoch + 1, float(iou), self.last_val_preds)
@@ -629,6 +641,7 @@ class Trainer:
         state = json.loads(state_file.read_text())
         self.best_iou, self.best_epoch = float(state["best_iou"]), int(state["best_epoch"])
         self.epoch_seconds = list(state.get("epoch_seconds", []))
+        self.epoch_cpu_seconds = list(state.get("epoch_cpu_seconds", []))
         self.val_seconds = list(state.get("val_seconds", []))
         if (self.out / "history.csv").is_file():
             self.history = pd.read_csv(self.out / "history.csv").to_dict("records")
@@ -659,7 +672,7 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     import keras
 
     from helpers.io import write_yaml
-    from helpers.model import build_model
+    from helpers.model import build_model, set_batchnorm_momentum
 
     cfg = cfg or TrainConfig()
     cfg.check()
@@ -667,7 +680,7 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     out = step_dir(workdir, "model")
     params_file = out / "training_params.yaml"
     state_file = out / "training_state.json"
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     earlier = [p for p in (out.iterdir() if out.is_dir() else []) if p.name != "split.png"]
     if earlier:
         if overwrite:
@@ -699,6 +712,7 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     else:
         trainer.model = build_model(cmap.n_classes, cfg.encoder_weights, cfg.backbone, tuple(cfg.decoder_filters))
         encoder_used = trainer.model.encoder_weights_used
+        set_batchnorm_momentum(trainer.model, cfg.bn_momentum)
     warmup = cfg.warmup_epochs
     if warmup and encoder_used is None:
         log.warning("warm-up with a frozen encoder skipped: the encoder has no pre-trained weights")
@@ -714,12 +728,13 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
         from helpers.gif import FrameWriter
 
         writer = FrameWriter(out / "frames", trainer.val_images, trainer.val_labels, cmap,
-                             n_tiles=cfg.gif_tiles, headline=cfg.headline_class, seed=cfg.seed)
+                             n_tiles=cfg.gif_tiles, headline=cfg.headline_class, seed=cfg.seed,
+                             boxes=trainer.val_df[["slide", "x", "y", "w", "h"]].to_numpy().tolist())
         trainer.frame_callback = writer
     train_ds = trainer.datasets()
     steps = cfg.steps_per_epoch or max(1, math.ceil(len(trainer.train_df) / cfg.batch_size))
     callback = _epoch_callback_class()(trainer)
-    t_fit = time.perf_counter()
+    t_fit, c_fit = time.perf_counter(), time.process_time()
     phases = [("warm-up", 0, warmup, cfg.warmup_learning_rate, False),
               ("fine-tune", warmup, cfg.epochs, cfg.learning_rate, True)]
     for name, first, last, lr, enc_trainable in phases:
@@ -733,13 +748,14 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
 
             set_encoder_trainable(trainer.model, enc_trainable)
         else:
-            _compile(trainer.model, loss, lr, enc_trainable)
+            cosine = cfg.lr_schedule == "cosine" and enc_trainable
+            _compile(trainer.model, loss, lr, enc_trainable, steps * (last - first) if cosine else 0)
         log.info("%s: epochs %d-%d, lr %.1e, encoder %s", name, start + 1, last, lr,
                  "trainable" if enc_trainable else "frozen")
         trainer.model.fit(train_ds, epochs=last, initial_epoch=start, steps_per_epoch=steps,
                           callbacks=[callback], verbose=verbose, shuffle=False)
         done = last
-    fit_s = time.perf_counter() - t_fit
+    fit_s, fit_cpu_s = time.perf_counter() - t_fit, time.process_time() - c_fit
 
     hist = pd.DataFrame(trainer.history)
     n_epochs_run = len(trainer.epoch_seconds)
@@ -779,6 +795,8 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
         "headline_class": cfg.headline_class,
         "last_val": {k: v for k, v in last_row.items() if str(k).startswith("val_")},
         "timings": {"total_s": round(time.perf_counter() - t_start, 1), "fit_s": round(fit_s, 1),
+                    "total_cpu_s": round(time.process_time() - c_start, 1), "fit_cpu_s": round(fit_cpu_s, 1),
+                    "load_average_1min": round(os.getloadavg()[0], 1),
                     "epoch_s": [round(s, 1) for s in trainer.epoch_seconds],
                     "val_s_per_epoch": round(float(np.mean(trainer.val_seconds)), 2) if trainer.val_seconds else None,
                     "train_images_per_s": round(img_per_s, 2)},
