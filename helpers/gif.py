@@ -80,24 +80,39 @@ class FrameWriter:
         self.cm = class_map
         self.headline = headline
         n = min(max(1, n_tiles), len(images))
-        # prefer tiles where the headline class is labelled, so the frames show the tumour
+        # greedy: the headline class first, then classes not shown yet; tiles must not overlap (boxes)
         try:
             target = class_map.label_of(headline)
         except HistoUNetError:
             target = -1
-        score = np.array([np.mean(lab == target) + 0.1 * np.mean(lab > 0) for lab in labels])
-        rng = np.random.default_rng(seed)
-        order = np.lexsort((rng.random(len(labels)), -score)).tolist()
+        frac = np.array([[np.mean(lab == c.label) for c in class_map.classes] for lab in labels])
+        labelled = frac.sum(axis=1, keepdims=True)
+        # share among the labelled pixels, damped for tiles with hardly any label
+        frac = frac / np.maximum(labelled, 1e-9) * np.minimum(1.0, 5 * labelled)
+        boost = np.array([2.0 if c.label == target else 1.0 for c in class_map.classes])
+        jitter = np.random.default_rng(seed).random(len(labels)) * 1e-6
+        shown = np.zeros(class_map.n_classes)
         chosen: list[int] = []
-        if boxes is not None:  # (slide, x, y, w, h): prefer tiles that do not overlap each other
-            for i in order:
-                s, x, y, w, h = boxes[i]
-                if all(not (s == boxes[j][0] and x < boxes[j][1] + boxes[j][3] and boxes[j][1] < x + w
-                            and y < boxes[j][2] + boxes[j][4] and boxes[j][2] < y + h) for j in chosen):
-                    chosen.append(i)
-                if len(chosen) == n:
+
+        def overlaps(i: int, j: int) -> bool:
+            if boxes is None:
+                return False
+            (s1, x1, y1, w1, h1), (s2, x2, y2, w2, h2) = boxes[i], boxes[j]
+            return s1 == s2 and x1 < x2 + w2 and x2 < x1 + w1 and y1 < y2 + h2 and y2 < y1 + h1
+
+        for strict in (True, False):
+            while len(chosen) < n:
+                score = frac @ (boost / (1.0 + shown)) + jitter
+                score[chosen] = -np.inf
+                if strict:
+                    for i in range(len(labels)):
+                        if any(overlaps(i, j) for j in chosen):
+                            score[i] = -np.inf
+                i = int(np.argmax(score))
+                if not np.isfinite(score[i]):
                     break
-        chosen += [i for i in order if i not in chosen][: n - len(chosen)]
+                chosen.append(i)
+                shown += frac[i]
         self.index = sorted(chosen)
         self.images = [images[i] for i in self.index]
         self.labels = [labels[i] for i in self.index]

@@ -807,7 +807,7 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     return params
 
 
-def plot_history(history: pd.DataFrame | str | Path, headline: str = "Tumor"):
+def plot_history(history: pd.DataFrame | str | Path, headline: str = "Tumor", class_map: ClassMap | None = None):
     """Figure: training loss and validation IoU (per class, mean) against epoch."""
     import matplotlib.pyplot as plt
 
@@ -819,8 +819,11 @@ def plot_history(history: pd.DataFrame | str | Path, headline: str = "Tumor"):
     a1.legend()
     for col in [c for c in h.columns if c.startswith("val_iou_")]:
         name = col[len("val_iou_"):]
+        color = None
+        if class_map is not None and name in class_map.names:
+            color = np.array(class_map.by_label(class_map.label_of(name)).color) / 255
         a2.plot(h["epoch"], h[col], "o-" if name == headline else ".--", lw=2.5 if name == headline else 1,
-                label=name)
+                label=name, color=color)
     if "val_mean_iou" in h:
         a2.plot(h["epoch"], h["val_mean_iou"], "k-", lw=1, label="mean")
     a2.set_ylim(0, 1)
