@@ -177,7 +177,7 @@ def sample_tiles(slide_path: Path, tile: int, ds: float, n: int = 16) -> np.ndar
 
 
 def run(size: int = 4096, overlap: int = 16, tile: int = 256, batch: int = 8, workdir: Path | None = None,
-        keep: bool = False) -> dict:
+        keep: bool = False, normalizer: bool = True) -> dict:
     """Build the fixtures, run both measurements, print and return the figures."""
     from helpers.infer import export_prediction, predict_slide
 
@@ -192,7 +192,7 @@ def run(size: int = 4096, overlap: int = 16, tile: int = 256, batch: int = 8, wo
         load0 = os.getloadavg()[0]
         t0, c0 = time.perf_counter(), time.process_time()
         res = predict_slide(slide, model_dir, out_dir, overlap=overlap, blend="gaussian", batch_size=batch,
-                            overwrite=True, progress=False)
+                            normalizer="auto" if normalizer else None, overwrite=True, progress=False)
         t_pred = time.perf_counter() - t0
         t0 = time.perf_counter()
         export_prediction(out_dir, overwrite=True)
@@ -206,7 +206,7 @@ def run(size: int = 4096, overlap: int = 16, tile: int = 256, batch: int = 8, wo
         ratio, ratio_cpu = e2e / mo, e2e_c / mo_c
         figures = {
             "slide_px": f"{size}x{size} @0.5um/px", "raster_px": f"{res.width}x{res.height}",
-            "overlap": overlap, "tile": tile, "batch": batch, "tiles": n,
+            "overlap": overlap, "tile": tile, "batch": batch, "tiles": n, "stain_normalization": normalizer,
             "end_to_end_tiles_per_s": round(e2e, 2), "model_only_tiles_per_s": round(mo, 2),
             "ratio_wall": round(ratio, 3), "end_to_end_tiles_per_cpu_s": round(e2e_c, 2),
             "model_only_tiles_per_cpu_s": round(mo_c, 2), "ratio_cpu": round(ratio_cpu, 3),
@@ -238,10 +238,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--workdir", default=None, help="keep fixtures and outputs here (default: a temporary folder)")
+    ap.add_argument("--no-normalizer", action="store_true", help="skip stain normalization (to see its share)")
     args = ap.parse_args(argv if argv is not None else ([] if __name__ != "__main__" else None))
     os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
     logging.basicConfig(level=logging.WARNING)
-    return run(args.size, args.overlap, args.tile, args.batch, Path(args.workdir) if args.workdir else None)
+    return run(args.size, args.overlap, args.tile, args.batch, Path(args.workdir) if args.workdir else None,
+               normalizer=not args.no_normalizer)
 
 
 if __name__ == "__main__":
