@@ -63,6 +63,7 @@ def test_build_freeze_save_and_load(tmp_path):
     trainable = {w.path for w in model.trainable_weights}
     assert trainable and all("decoder" in p or "final_conv" in p for p in trainable)
     M.set_encoder_trainable(model, True)
+    assert M.set_batchnorm_momentum(model, 0.9) > 40
     with pytest.raises(M.ModelError, match="not found"):
         M.load_trained(tmp_path / "nothing")
     (tmp_path / "m").mkdir()
@@ -75,6 +76,7 @@ def test_build_freeze_save_and_load(tmp_path):
     loaded, params = M.load_trained(tmp_path / "m")
     assert params["mpp"] == 1.0 and params["model_file"].endswith("last.keras")
     assert np.allclose(loaded.predict(x, verbose=0), y, atol=1e-5)
+    assert {layer.momentum for layer in loaded.layers if layer.__class__.__name__ == "BatchNormalization"} == {0.9}
     (tmp_path / "m" / "best.keras").write_bytes(b"not a model")
     with pytest.raises(M.ModelError, match="cannot load"):
         M.load_trained(tmp_path / "m")
