@@ -21,8 +21,11 @@ Set-up (documented choices):
   (labels TIFF, QuPath GeoJSON, overlay, summary), model loading included.
   **Model only** = the same number of tiles, already in memory, through
   ``model(preprocess(x))`` in batches of the same size (one warm-up batch excluded).
-* Throughput is measured in wall-clock and in process CPU seconds (all threads); the
-  target is judged on CPU time, which other processes sharing the cores do not distort.
+* Throughput is measured in wall-clock seconds (the target, as stated) and in process
+  CPU seconds (all threads). Wall clock is only trustworthy on a quiet machine: when the
+  load average exceeds the cores, ``wall_reliable`` is False and the CPU-time ratio
+  (a stricter measure: the reading thread's work counts even when it overlaps the
+  model) is the better guide.
 """
 
 from __future__ import annotations
@@ -210,7 +213,9 @@ def run(size: int = 4096, overlap: int = 16, tile: int = 256, batch: int = 8, wo
             "end_to_end_tiles_per_s": round(e2e, 2), "model_only_tiles_per_s": round(mo, 2),
             "ratio_wall": round(ratio, 3), "end_to_end_tiles_per_cpu_s": round(e2e_c, 2),
             "model_only_tiles_per_cpu_s": round(mo_c, 2), "ratio_cpu": round(ratio_cpu, 3),
-            "target_ratio": TARGET_RATIO, "target_met": bool(ratio_cpu >= TARGET_RATIO),
+            "target_ratio": TARGET_RATIO, "target_met": bool(ratio >= TARGET_RATIO),
+            "target_met_cpu": bool(ratio_cpu >= TARGET_RATIO),
+            "wall_reliable": bool(max(load0, load1) <= mach["cores"] + 1),
             "load_avg_1min": f"{load0:.1f} -> {load1:.1f}",
             "predict_s": round(t_pred, 1), "export_s": round(t_export, 1),
             "predict_loop_tiles_per_s": float(res.tiles_per_second),
@@ -220,10 +225,11 @@ def run(size: int = 4096, overlap: int = 16, tile: int = 256, batch: int = 8, wo
         print(json.dumps(figures, indent=1))
         print(f"tile loop alone (reading, normalization, blending; no model loading or export): "
               f"{res.tiles_per_second:.2f} tiles/s = {100 * res.tiles_per_second / mo:.1f}% of model-only")
-        print(f"end-to-end {e2e:.2f} tiles/s vs model-only {mo:.2f} tiles/s (wall clock): {100 * ratio:.1f}%")
-        print(f"end-to-end {e2e_c:.2f} vs model-only {mo_c:.2f} tiles per CPU second: {100 * ratio_cpu:.1f}% "
-              f"(target >= {100 * TARGET_RATIO:.0f}%: {'MET' if ratio_cpu >= TARGET_RATIO else 'NOT MET'}; "
-              f"CPU time is the judge because other processes share the cores, load {load0:.1f} -> {load1:.1f})")
+        verdict = "MET" if ratio >= TARGET_RATIO else "NOT MET"
+        print(f"end-to-end {e2e:.2f} tiles/s vs model-only {mo:.2f} tiles/s (wall clock): {100 * ratio:.1f}% "
+              f"(target >= {100 * TARGET_RATIO:.0f}%: {verdict}; load {load0:.1f} -> {load1:.1f} on "
+              f"{mach['cores']} cores{'' if figures['wall_reliable'] else ': NOT reliable, other processes share the cores'})")
+        print(f"end-to-end {e2e_c:.2f} vs model-only {mo_c:.2f} tiles per CPU second: {100 * ratio_cpu:.1f}%")
         return figures
     finally:
         if not keep and workdir is None:
