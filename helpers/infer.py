@@ -239,6 +239,97 @@ def write_raster(path: Path, array: np.ndarray, *, kind: str, mpp: float, downsa
     return path
 
 
+class RowStore:
+    """A ``(H, W, C)`` array in a ``.npy`` file, read and written by rows with plain file I/O.
+
+    Unlike a memory map, rows written or read here live in the OS page cache, not in this
+    process's resident memory, so a whole-slide raster costs RSS only for the rows in use.
+    It is also a tile source for :func:`helpers.rasters.write_pyramid_tiff`: calling it as
+    ``store(x, y, w, h)`` returns that region (a strip of rows is cached, since the writer
+    asks for row-major strips), and it supports ``store[y0:y1]`` / ``store[y0:y1, x0:x1, c]``
+    slicing with a row slice first.
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...] | None = None, dtype: Any = np.uint8,
+                 create: bool = False) -> None:
+        self.path = Path(path)
+        if create:
+            mm = np.lib.format.open_memmap(self.path, mode="w+", dtype=dtype, shape=tuple(shape or ()))
+            del mm  # header written, file sized (sparse); no page touched
+        mm = np.load(self.path, mmap_mode="r")
+        self.shape: tuple[int, ...] = tuple(mm.shape)
+        self.dtype = mm.dtype
+        self.offset = int(mm.offset)
+        del mm
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fh = open(self.path, "r+b")  # noqa: SIM115 - closed by close()
+        self._strip: tuple[int, int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def write(self, y: int, rows: np.ndarray) -> None:
+        """Store ``rows`` from row ``y`` on."""
+        rows = np.ascontiguousarray(rows, self.dtype)
+        if rows.shape[1:] != self.shape[1:] or y < 0 or y + len(rows) > self.shape[0]:
+            raise ValueError(f"{self.path}: rows {rows.shape} at y={y} do not fit {self.shape}")
+        self._strip = None
+        self._fh.seek(self.offset + y * self.row_bytes)
+        self._fh.write(rows.data)
+
+    def read(self, y0: int, y1: int) -> np.ndarray:
+        """Rows ``[y0, y1)`` (clipped to the array) as a new array."""
+        y0, y1 = max(0, int(y0)), min(self.shape[0], int(y1))
+        out = np.empty((max(0, y1 - y0), *self.shape[1:]), self.dtype)
+        if out.size:
+            self._fh.flush()
+            self._fh.seek(self.offset + y0 * self.row_bytes)
+            n = self._fh.readinto(memoryview(out).cast("B"))
+            if n != out.nbytes:
+                raise HistoUNetError(f"{self.path}: file is shorter than its header says; delete it and run again")
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, (int, np.integer)):
+            return self.read(int(key), int(key) + 1)[0][rest] if rest else self.read(int(key), int(key) + 1)[0]
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("RowStore supports a contiguous row slice (optionally followed by column/channel keys)")
+        y0, y1, _ = key.indices(self.shape[0])
+        rows = self.read(y0, y1)
+        return rows[(slice(None), *rest)] if rest else rows
+
+    def __call__(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        if self._strip is None or self._strip[:2] != (y, h):
+            self._strip = (y, h, self.read(y, y + h))
+        return self._strip[2][:, x:x + w]
+
+    def flush(self) -> None:
+        """Push written rows to the OS."""
+        self._fh.flush()
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        self._strip = None
+        self._fh.close()
+
+
+def write_raster_rows(path: Path, store: RowStore, *, kind: str, mpp: float, downsample: float, meta: dict,
+                      overwrite: bool) -> Path:
+    """Like :func:`write_raster`, from a :class:`RowStore` read strip by strip (bounded memory)."""
+    from helpers.rasters import write_pyramid_tiff
+
+    h, w = store.shape[:2]
+    channels = 1 if store.ndim == 2 else store.shape[2]
+    with _disk_guard(path), atomic_path(path, overwrite) as tmp:
+        write_pyramid_tiff(tmp, store, width=w, height=h, channels=channels, dtype=store.dtype, kind=kind,
+                           mpp=mpp, downsample=downsample, meta=meta, overwrite=True, progress=False)
+    return path
+
+
 # --------------------------------------------------------------------------- prediction
 
 
@@ -315,6 +406,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
     norm_path = resolve_normalizer(normalizer, model_dir, params)
 
     slide = open_slide(slide_path, mpp=mpp)
+    probs_mm: RowStore | None = None
     try:
         slide_mpp = slide.require_mpp()
         ds = slide.downsample_for(model_mpp)
@@ -356,13 +448,12 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             shutil.rmtree(part, ignore_errors=True)
             part.mkdir(parents=True)
             with _disk_guard(part / "probabilities.npy"):
-                probs_mm = np.lib.format.open_memmap(part / "probabilities.npy", mode="w+", dtype=np.uint8,
-                                                     shape=(H, W, n_cls))
+                probs_mm = RowStore(part / "probabilities.npy", (H, W, n_cls), np.uint8, create=True)
             acc = np.zeros((tile, W, n_cls), np.float32)
             wsum = np.zeros((tile, W), np.float32)
             start_band, tiles_done, seconds_before = 0, 0, 0.0
         else:
-            probs_mm = np.load(part / "probabilities.npy", mmap_mode="r+")
+            probs_mm = RowStore(part / "probabilities.npy")
             acc, wsum = np.load(part / "acc.npy"), np.load(part / "wsum.npy")
             start_band, tiles_done, seconds_before = state["next_band"], state["tiles_done"], state["seconds"]
             log.info("%s: resuming at band %d of %d (%d tiles done)", slide.name, start_band, len(ys), tiles_done)
@@ -377,22 +468,22 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         tiles_now = 0
         try:
             for b, y, row_x, batch in _prefetch(_read_bands(slide, ys, tissue, tile, ds, norm_fn, start_band), prefetch):
-                if len(row_x):
-                    probs = predict_fn(batch)
-                    for x, p in zip(row_x, probs):
+                # one model batch at a time: the float32 outputs held are a batch, not a row of tiles
+                for i in range(0, len(row_x), batch_size):
+                    probs = predict_fn(batch[i:i + batch_size])
+                    for x, p in zip(row_x[i:i + batch_size], probs):
                         acc[:, x:x + tile] += p * weights[..., None]
                         wsum[:, x:x + tile] += weights
-                    tiles_now += len(row_x)
-                    bar.update(len(row_x))
+                    del probs
+                    tiles_now += len(row_x[i:i + batch_size])
+                    bar.update(len(row_x[i:i + batch_size]))
                 # rows above the next band's top are final
                 y_next = ys[b + 1] if b + 1 < len(ys) else H
                 done = y_next - y
                 with _disk_guard(part / "probabilities.npy"):
-                    probs_mm[y:y_next] = _finalize(acc[:done], wsum[:done], bg)
-                acc[:tile - done] = acc[done:].copy() if done < tile else 0
-                acc[max(0, tile - done):] = 0
-                wsum[:tile - done] = wsum[done:].copy() if done < tile else 0
-                wsum[max(0, tile - done):] = 0
+                    probs_mm.write(y, _finalize(acc[:done], wsum[:done], bg))
+                _shift_rows(acc, done)
+                _shift_rows(wsum, done)
                 last = b + 1 == len(ys)
                 if last or time.perf_counter() - last_ckpt >= checkpoint_seconds:
                     elapsed = seconds_before + time.perf_counter() - t_loop
@@ -406,8 +497,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
 
         meta = {"slide": slide.name, "classes": cmap.names, "overlap": overlap, "blend": blend, "tile_size": tile}
         prob_path = out_dir / "probabilities.tiff"
-        write_raster(prob_path, probs_mm, kind="probabilities", mpp=model_mpp, downsample=ds, meta=meta,
-                     overwrite=True)
+        write_raster_rows(prob_path, probs_mm, kind="probabilities", mpp=model_mpp, downsample=ds, meta=meta,
+                          overwrite=True)
         seconds = time.perf_counter() - t_start + seconds_before
         result = PredictionResult(
             slide=slide.name, slide_path=str(slide_path), out_dir=str(out_dir), probabilities=str(prob_path),
@@ -420,21 +511,46 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         )
         with _disk_guard(out_dir / "prediction.json"):
             write_json(asdict(result), out_dir / "prediction.json", overwrite=True)
-        del probs_mm
+        probs_mm.close()
         shutil.rmtree(part, ignore_errors=True)
         log.info("%s: %d tiles in %.1f s (%.1f tiles/s)", slide.name, n_tissue, seconds, result.tiles_per_second)
         return result
     finally:
+        if probs_mm is not None:
+            probs_mm.close()
         slide.close()
 
 
-def _finalize(acc: np.ndarray, wsum: np.ndarray, bg: int) -> np.ndarray:
-    """Blended probabilities -> uint8 0-255; pixels no tile covered are background."""
-    out = np.zeros(acc.shape, np.float32)
-    covered = wsum > 0
-    out[covered] = acc[covered] / wsum[covered][:, None]
-    out[~covered, bg] = 1.0
-    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+def _finalize(acc: np.ndarray, wsum: np.ndarray, bg: int, chunk_rows: int = 64) -> np.ndarray:
+    """Blended probabilities -> uint8 0-255; pixels no tile covered are background.
+
+    Works ``chunk_rows`` rows at a time, so its float temporaries are a few rows, not the band.
+    """
+    out = np.empty(acc.shape, np.uint8)
+    for r in range(0, acc.shape[0], chunk_rows):
+        a, w = acc[r:r + chunk_rows], wsum[r:r + chunk_rows]
+        covered = w > 0
+        q = a / np.where(covered, w, 1.0)[..., None]
+        q[~covered] = 0.0
+        q[~covered, bg] = 1.0
+        q *= 255.0
+        np.rint(q, out=q)
+        np.clip(q, 0, 255, out=q)
+        out[r:r + chunk_rows] = q
+    return out
+
+
+def _shift_rows(buf: np.ndarray, done: int, chunk_rows: int = 64) -> None:
+    """Move rows ``done:`` of a band buffer to the top and zero the rest, in place (no band-sized copy)."""
+    n = buf.shape[0]
+    if done >= n:
+        buf[:] = 0
+        return
+    step = max(1, min(chunk_rows, done))  # destination chunks never overlap their source
+    for r in range(0, n - done, step):
+        e = min(r + step, n - done)
+        buf[r:e] = buf[done + r:done + e]
+    buf[n - done:] = 0
 
 
 def _load_state(part: Path, fp: str) -> dict | None:
@@ -451,7 +567,7 @@ def _load_state(part: Path, fp: str) -> dict | None:
     return state
 
 
-def _save_state(part: Path, fp: str, probs_mm: np.memmap, acc: np.ndarray, wsum: np.ndarray, next_band: int,
+def _save_state(part: Path, fp: str, probs_mm: RowStore, acc: np.ndarray, wsum: np.ndarray, next_band: int,
                 tiles_done: int, seconds: float) -> None:
     with _disk_guard(part):
         probs_mm.flush()
