@@ -62,7 +62,8 @@ def write_feature_collection(features: list[dict], path: str | Path, overwrite: 
 def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, probabilities: Any = None,
                        object_type: str = "annotation", mpp: float | None = None,
                        exclude: tuple[str, ...] | list[str] = ("Background",), min_area_px: int = 1,
-                       simplify_tolerance: float | None = 0.25, connectivity: int = 4) -> list[dict]:
+                       simplify_tolerance: float | None = 0.25, connectivity: int = 4,
+                       band_rows: int | None = None) -> list[dict]:
     """QuPath features from a label image: one per connected region per class, holes kept.
 
     Region outlines are traced by ``rasterio.features.shapes`` along pixel edges (pixel
@@ -70,12 +71,21 @@ def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, pro
     scaled by ``downsample`` into full-resolution slide pixels, so rasterizing a feature
     back at ``downsample`` (pixel centres) gives the same pixels.
 
+    With ``band_rows`` the image is traced ``band_rows`` rows at a time (memory bounded by
+    a band, not the image): regions are labelled per band, pieces that meet across a band
+    seam are joined (union-find on the seam rows, with the same 4/8 neighbourhood), and
+    their outlines merged with ``shapely.unary_union``; pixel counts and probability sums
+    add up, so regions, areas and means are those of the whole-image tracing (only vertex
+    order and the order of features may differ).
+
     Args:
-        labels: ``(H, W)`` label image (``0`` unlabelled, ``1..N`` classes).
+        labels: ``(H, W)`` label image (``0`` unlabelled, ``1..N`` classes); with
+            ``band_rows`` anything sliceable by rows (a memmap, :class:`helpers.infer.RowStore`).
         class_map: :class:`helpers.config.ClassMap` giving names and colours.
         downsample: Level-0 slide pixels per label pixel.
         probabilities: Optional ``(H, W, N)`` class probabilities (0-1 or uint8 0-255);
-            adds the region's mean probability of its class as a measurement.
+            adds the region's mean probability of its class as a measurement. Read in bands
+            of rows, so a row-sliceable array on disk is fine.
         object_type: ``"annotation"`` or ``"detection"``.
         mpp: Level-0 um/px; adds ``Area µm^2`` (else ``Area px^2`` in level-0 pixels).
         exclude: Class names not exported (glass).
@@ -83,69 +93,149 @@ def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, pro
         simplify_tolerance: Douglas-Peucker tolerance in *label* pixels (keep it below 1
             so the outline stays within one model pixel); None/0 keeps every vertex.
         connectivity: 4 or 8 (pixel neighbourhood defining one region).
+        band_rows: Trace in bands of this many rows (None = the whole image at once).
 
     Returns:
         GeoJSON feature dicts (see :func:`make_feature`), valid polygons or multipolygons.
     """
     import numpy as np
-    from rasterio import features as rio_features
-    from rasterio.transform import Affine
-    from scipy import ndimage
-    from shapely.geometry import MultiPolygon, Polygon, shape
-    from shapely.validation import make_valid
 
     if object_type not in ("annotation", "detection"):
         raise ValueError(f"object_type must be 'annotation' or 'detection'; got {object_type!r}")
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8; got {connectivity}")
+    if band_rows is None:
+        labels = np.asarray(labels)
+    if len(labels.shape) != 2:
         raise ValueError(f"labels must be 2-D; got shape {labels.shape}")
-    structure = np.ones((3, 3), bool) if connectivity == 8 else None
-    probs = None
+    scale = 1.0
     if probabilities is not None:
-        probs = np.asarray(probabilities)
-        scale = 255.0 if probs.dtype == np.uint8 else 1.0
+        scale = 255.0 if probabilities.dtype == np.uint8 else 1.0
+    height = labels.shape[0]
+    rows = int(band_rows) if band_rows else height
+    if rows < 1:
+        raise ValueError(f"band_rows must be >= 1; got {band_rows}")
     feats: list[dict] = []
-    transform = Affine(float(downsample), 0.0, 0.0, 0.0, float(downsample), 0.0)
     for cls in class_map.classes:
         if cls.name in exclude:
             continue
-        mask = labels == cls.label
+        for geom, count, psum in _class_regions(labels, probabilities, cls.label, float(downsample), connectivity,
+                                                rows):
+            if count < min_area_px:
+                continue
+            mean = None if probabilities is None else psum / max(count, 1) / scale
+            feat = _region_feature(geom, cls, downsample, simplify_tolerance, mpp, mean, object_type)
+            if feat is not None:
+                feats.append(feat)
+    return feats
+
+
+def _class_regions(labels: Any, probs: Any, label: int, downsample: float, connectivity: int,
+                   band_rows: int) -> list[tuple[Any, int, float]]:
+    """``(geometry, pixel count, probability sum)`` of each connected region of one class, traced by bands."""
+    import numpy as np
+    from rasterio import features as rio_features
+    from rasterio.transform import Affine
+    from scipy import ndimage
+    from shapely import unary_union
+    from shapely.geometry import MultiPolygon, shape
+
+    structure = np.ones((3, 3), bool) if connectivity == 8 else None
+    height = labels.shape[0]
+    # (geometry, count, sum, order key); the key (first band's y, region id there) is raster order of first pixels
+    done: list[tuple[Any, int, float, tuple[int, int]]] = []
+    pieces: dict[int, tuple[list, int, float, tuple[int, int]]] = {}  # seam-touching pieces by global id
+    parent: dict[int, int] = {}
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    prev_last: np.ndarray | None = None  # global ids on the previous band's last row
+    next_gid = 1
+    for y0 in range(0, height, band_rows):
+        y1 = min(height, y0 + band_rows)
+        mask = np.asarray(labels[y0:y1]) == label
         if not mask.any():
+            prev_last = None
             continue
         regions, n = ndimage.label(mask, structure=structure)
         sizes = np.bincount(regions.ravel(), minlength=n + 1)
-        means = None
-        if probs is not None:  # mean class probability per region, in bands of rows (bounded memory)
-            total = np.zeros(n + 1, np.float64)
-            for y in range(0, labels.shape[0], 1024):
-                total += np.bincount(regions[y:y + 1024].ravel(), minlength=n + 1,
-                                     weights=probs[y:y + 1024, :, cls.label - 1].ravel().astype(np.float32))
-            means = total / np.maximum(sizes, 1) / scale
+        sums = np.zeros(n + 1, np.float64)
+        if probs is not None:
+            for r in range(0, y1 - y0, 256):
+                band = np.asarray(probs[y0 + r:min(y1, y0 + r + 256), :, label - 1], np.float32)
+                sums += np.bincount(regions[r:r + 256].ravel(), minlength=n + 1, weights=band.ravel())
+        seam_ids = set()
+        if y0 > 0:
+            seam_ids.update(int(v) for v in np.unique(regions[0]) if v)
+        if y1 < height:
+            seam_ids.update(int(v) for v in np.unique(regions[-1]) if v)
+        gid = {rid: next_gid + i for i, rid in enumerate(sorted(seam_ids))}
+        next_gid += len(gid)
         geoms: dict[int, list] = {}
-        for geom, value in rio_features.shapes(regions.astype(np.int32), mask=mask, connectivity=connectivity,
-                                               transform=transform):
-            geoms.setdefault(int(value), []).append(shape(geom))
-        for rid in sorted(geoms):
-            if sizes[rid] < min_area_px:
-                continue
-            parts = geoms[rid]
-            geom = parts[0] if len(parts) == 1 else MultiPolygon(parts)
-            if simplify_tolerance:
-                geom = geom.simplify(simplify_tolerance * downsample, preserve_topology=True)
-            if not geom.is_valid:
-                geom = make_valid(geom)
-            polys = [g for g in getattr(geom, "geoms", [geom]) if isinstance(g, (Polygon, MultiPolygon)) and not g.is_empty]
-            if not polys:
-                continue
-            geom = polys[0] if len(polys) == 1 else MultiPolygon(
-                [p for g in polys for p in getattr(g, "geoms", [g])])
-            meas: dict[str, float] = {}
-            if mpp:
-                meas["Area µm^2"] = float(geom.area * mpp * mpp)
+        transform = Affine(downsample, 0.0, 0.0, 0.0, downsample, y0 * downsample)
+        for g, value in rio_features.shapes(regions, mask=mask, connectivity=connectivity, transform=transform):
+            geoms.setdefault(int(value), []).append(shape(g))
+        for rid, parts in geoms.items():
+            if rid in gid:
+                pieces[gid[rid]] = (parts, int(sizes[rid]), float(sums[rid]), (y0, rid))
+                parent[gid[rid]] = gid[rid]
             else:
-                meas["Area px^2"] = float(geom.area)
-            if means is not None:
-                meas[f"Mean {cls.name} probability"] = round(float(means[rid]), 4)
-            feats.append(make_feature(geom, cls.name, cls.color,
-                                      object_type=object_type, measurements=meas))
-    return feats
+                geom = parts[0] if len(parts) == 1 else MultiPolygon(parts)
+                done.append((geom, int(sizes[rid]), float(sums[rid]), (y0, rid)))
+        # join pieces across the seam with the previous band
+        first = np.zeros(regions.shape[1], np.int64)
+        if y0 > 0:
+            first = np.array([gid.get(int(v), 0) for v in range(n + 1)], np.int64)[regions[0]]
+        if prev_last is not None and y0 > 0:
+            shifts = (0,) if connectivity == 4 else (-1, 0, 1)
+            for s in shifts:
+                a = prev_last[max(0, s):len(prev_last) + min(0, s)]
+                b = first[max(0, -s):len(first) + min(0, -s)]
+                both = (a > 0) & (b > 0)
+                for ga, gb in set(zip(a[both].tolist(), b[both].tolist())):
+                    ra, rb = find(ga), find(gb)
+                    if ra != rb:
+                        parent[max(ra, rb)] = min(ra, rb)
+        prev_last = np.array([gid.get(int(v), 0) for v in range(n + 1)], np.int64)[regions[-1]] if y1 < height \
+            else None
+        del regions, mask
+    groups: dict[int, list[int]] = {}
+    for g in pieces:
+        groups.setdefault(find(g), []).append(g)
+    for root, members in groups.items():
+        parts = [p for m in members for p in pieces[m][0]]
+        geom = parts[0] if len(parts) == 1 else unary_union(parts)
+        if len(members) == 1 and len(parts) > 1:
+            geom = MultiPolygon(parts)
+        done.append((geom, sum(pieces[m][1] for m in members), sum(pieces[m][2] for m in members),
+                     min(pieces[m][3] for m in members)))
+    done.sort(key=lambda t: t[3])
+    return [(g, c, s) for g, c, s, _ in done]
+
+
+def _region_feature(geom: Any, cls: Any, downsample: float, simplify_tolerance: float | None, mpp: float | None,
+                    mean: float | None, object_type: str) -> dict | None:
+    """One region's feature: simplified, made valid, with area (and mean probability) measurements."""
+    from shapely.geometry import MultiPolygon, Polygon
+    from shapely.validation import make_valid
+
+    if simplify_tolerance:
+        geom = geom.simplify(simplify_tolerance * downsample, preserve_topology=True)
+    if not geom.is_valid:
+        geom = make_valid(geom)
+    polys = [g for g in getattr(geom, "geoms", [geom]) if isinstance(g, (Polygon, MultiPolygon)) and not g.is_empty]
+    if not polys:
+        return None
+    geom = polys[0] if len(polys) == 1 else MultiPolygon([p for g in polys for p in getattr(g, "geoms", [g])])
+    meas: dict[str, float] = {}
+    if mpp:
+        meas["Area µm^2"] = float(geom.area * mpp * mpp)
+    else:
+        meas["Area px^2"] = float(geom.area)
+    if mean is not None:
+        meas[f"Mean {cls.name} probability"] = round(float(mean), 4)
+    return make_feature(geom, cls.name, cls.color, object_type=object_type, measurements=meas)
