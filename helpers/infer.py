@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 #: Allowed overlap factors -> stride as a fraction of the tile side.
 OVERLAP_STRIDE = {1: 1, 4: 2, 16: 4}
 
+#: Rows of the probability raster post-processed / traced at a time by :func:`export_prediction`.
+EXPORT_BAND_ROWS = 256
+
 #: Files that mark a prediction folder as holding results.
 RESULT_FILES = ("probabilities.tiff", "labels.tiff", "summary.json")
 
@@ -315,6 +318,48 @@ class RowStore:
         """Close the file (idempotent)."""
         self._strip = None
         self._fh.close()
+
+
+class RasterRows:
+    """Rows of a raster TIFF at its own resolution, read on demand (``rows[y0:y1]``,
+    ``rows[y0:y1, x0:x1, c]``): a whole-slide probability map used band by band."""
+
+    def __init__(self, path: str | Path) -> None:
+        from helpers.rasters import raster_info
+
+        self.path = Path(path)
+        info = raster_info(self.path)
+        self.downsample = float(info["downsample"])
+        self.shape: tuple[int, ...] = (info["height"], info["width"]) + ((info["channels"],) if info["channels"] > 1 else ())
+        self.dtype = np.dtype(info["dtype"])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, y0: int, y1: int) -> np.ndarray:
+        """Rows ``[y0, y1)`` (clipped)."""
+        from helpers.rasters import read_raster
+
+        y0, y1 = max(0, int(y0)), min(self.shape[0], int(y1))
+        if y1 <= y0:
+            return np.empty((0, *self.shape[1:]), self.dtype)
+        d = self.downsample
+        out = np.asarray(read_raster(self.path, downsample=d, region=(0.0, y0 * d, self.shape[1] * d, (y1 - y0) * d)))
+        if out.shape[:2] != (y1 - y0, self.shape[1]):
+            raise HistoUNetError(f"{self.path}: read rows {y0}-{y1} as {out.shape}; the raster is damaged, "
+                                 "run predict_slide again")
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("RasterRows supports a contiguous row slice (optionally followed by column/channel keys)")
+        y0, y1, _ = key.indices(self.shape[0])
+        rows = self.read(y0, y1)
+        return rows[(slice(None), *rest)] if rest else rows
 
 
 def write_raster_rows(path: Path, store: RowStore, *, kind: str, mpp: float, downsample: float, meta: dict,
@@ -756,20 +801,20 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
             if p.exists():
                 raise OutputExistsError(f"{p}: already exists; pass overwrite=True to replace it")
     t0 = time.perf_counter()
-    from helpers.rasters import read_raster
-
-    probs = np.asarray(read_raster(_prob_path(pred_dir)))  # uint8: a quarter of float32's memory
+    # Bounded memory: probabilities are read in bands of rows (twice: labels, then region
+    # means); only the uint8 label image is held whole (1/C of the uint8 probabilities).
+    probs = RasterRows(_prob_path(pred_dir))
     if probs.ndim == 2:
-        probs = probs[..., None]
-    result = pp.postprocess(probs, mpp=info["mpp"], smoothing=smoothing, smoothing_size=smoothing_size,
-                            opening_px=opening_px, closing_px=closing_px, fill_holes_um2=fill_holes_um2,
-                            min_area_um2=min_area_um2, background_label=background_index(cmap) + 1)
-    labels = result.labels
+        raise HistoUNetError(f"{_prob_path(pred_dir)}: one channel only; run predict_slide again")
+    labels, _ = pp.postprocess_labels(probs, mpp=info["mpp"], smoothing=smoothing, smoothing_size=smoothing_size,
+                                      opening_px=opening_px, closing_px=closing_px, fill_holes_um2=fill_holes_um2,
+                                      min_area_um2=min_area_um2, background_label=background_index(cmap) + 1,
+                                      band_rows=EXPORT_BAND_ROWS)
     ds, mpp = float(info["downsample"]), float(info["mpp"])
     write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds,
                  meta={"slide": slide_name, "classes": cmap.names}, overwrite=True)
     features = labels_to_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
-                                  mpp=info["slide_mpp"], exclude=exclude_classes)
+                                  mpp=info["slide_mpp"], exclude=exclude_classes, band_rows=EXPORT_BAND_ROWS)
     with _disk_guard(outputs["geojson"]):
         write_feature_collection(features, outputs["geojson"], overwrite=True)
 
@@ -800,7 +845,9 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
 
 def summarize(labels: np.ndarray, cmap: ClassMap, mpp: float) -> dict:
     """Areas per class in mm^2 and the tumour fraction of the tissue (non-background) area."""
-    counts = np.bincount(labels.ravel(), minlength=256)
+    counts = np.zeros(256, np.int64)
+    for y in range(0, labels.shape[0], 1024):  # in bands: bincount would copy the image as int64
+        counts += np.bincount(np.asarray(labels[y:y + 1024]).ravel(), minlength=256)
     px_mm2 = (mpp / 1000.0) ** 2
     areas = {c.name: round(float(counts[c.label] * px_mm2), 6) for c in cmap.classes}
     bg = cmap.classes[background_index(cmap)].name

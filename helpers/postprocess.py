@@ -7,8 +7,9 @@ objects smaller than a minimum area. Areas are in um^2 (converted with the raste
 um/px), never pixels. Pixels freed by opening or small-object removal take the label
 of the nearest remaining pixel.
 
-Everything works on in-memory arrays at model resolution (uint8 labels: a
-20,000 x 20,000 px raster is 400 MB).
+:func:`postprocess` works on in-memory arrays; :func:`postprocess_labels` (used by the
+slide export) reads the probabilities in bands of rows and holds only the uint8 label
+image (a 20,000 x 20,000 px raster is 400 MB).
 """
 
 from __future__ import annotations
@@ -95,17 +96,36 @@ def _disk(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
-def fill_from_nearest(labels: np.ndarray, fallback: int) -> np.ndarray:
-    """Give unassigned (0) pixels the label of the nearest assigned pixel."""
+def fill_from_nearest(labels: np.ndarray, fallback: int, band_rows: int = 512, halo: int = 128) -> np.ndarray:
+    """Give unassigned (0) pixels the label of the nearest assigned pixel.
+
+    Works in bands of ``band_rows`` rows with ``halo`` rows of context either side, so its
+    distance-transform buffers are a band, not the image. Equal to the whole-image
+    transform wherever the nearest assigned pixel is closer than ``halo`` rows (always on
+    images up to ``band_rows`` rows; ties between equidistant pixels may resolve
+    differently); a band whose window holds no assigned pixel gets ``fallback``.
+    """
     from scipy import ndimage
 
-    free = labels == 0
-    if not free.any():
-        return labels
-    if free.all():
-        return np.full_like(labels, fallback)
-    _, (iy, ix) = ndimage.distance_transform_edt(free, return_indices=True)
-    return labels[iy, ix]
+    h = labels.shape[0]
+    out = None
+    for y in range(0, h, band_rows):
+        y1 = min(h, y + band_rows)
+        if not (labels[y:y1] == 0).any():
+            continue
+        if out is None:
+            out = np.array(labels, copy=True)
+        w0, w1 = max(0, y - halo), min(h, y1 + halo)
+        win = np.asarray(labels[w0:w1])
+        free = win == 0
+        if free.all():
+            band = out[y:y1]
+            band[band == 0] = fallback
+            continue
+        iy, ix = ndimage.distance_transform_edt(free, return_distances=False, return_indices=True)
+        out[y:y1] = win[iy[y - w0:y1 - w0], ix[y - w0:y1 - w0]]
+        del iy, ix, free
+    return labels if out is None else out
 
 
 def open_close(labels: np.ndarray, opening_px: int = 0, closing_px: int = 0, background_label: int = 1) -> np.ndarray:
@@ -211,6 +231,59 @@ def postprocess(probs: np.ndarray, mpp: float, *, smoothing: str | None = "gauss
     changed["small_objects"] = int((labels != prev).sum())
     log.info("post-processing changed pixels: %s", changed)
     return PostprocessResult(raw=raw, labels=labels, changed=changed)
+
+
+def postprocess_labels(probs, mpp: float, *, smoothing: str | None = "gaussian", smoothing_size: float = 2.0,
+                       opening_px: int = 0, closing_px: int = 0, fill_holes_um2: float | None = None,
+                       min_area_um2: float | None = None, background_label: int = 1,
+                       band_rows: int = 256) -> tuple[np.ndarray, dict[str, int]]:
+    """:func:`postprocess` with bounded memory: probabilities read ``band_rows`` rows at a time.
+
+    ``probs`` may be any row-sliceable ``(H, W, C)`` array (an on-disk raster reader, a
+    memmap); only the uint8 label image (1/C of the uint8 probabilities) is held whole.
+
+    * Smoothing + argmax: band by band with a halo of rows, identical to the whole image.
+    * Opening/closing: band by band with a halo of ``4 * (opening_px + closing_px) + 16``
+      rows; identical except where opening frees a pixel whose nearest remaining pixel is
+      farther than the halo (not seen in tests; agreement >= 99.9 % is tested).
+    * Hole filling and small-object removal: connected components of the whole uint8
+      label image (a region's area is global); refilling freed pixels works in bands.
+
+    Returns:
+        ``(labels, changed)``: uint8 labels ``1..C`` and pixels changed per step
+        (``smoothing`` is not counted here: it would need the raw argmax twice over).
+    """
+    if mpp <= 0:
+        raise ParameterError(f"mpp must be > 0; got {mpp}")
+    for name, v in (("opening_px", opening_px), ("closing_px", closing_px)):
+        if v < 0:
+            raise ParameterError(f"{name} must be >= 0; got {v}")
+    labels = smoothed_labels(probs, smoothing, smoothing_size, band_rows) if smoothing else \
+        argmax_labels(probs, band_rows)
+    changed: dict[str, int] = {}
+    if opening_px or closing_px:
+        halo = 4 * (opening_px + closing_px) + 16
+        h = labels.shape[0]
+        out = np.empty_like(labels)
+        for y in range(0, h, band_rows):
+            y0, y1 = max(0, y - halo), min(h, y + band_rows + halo)
+            done = open_close(labels[y0:y1], opening_px, closing_px, background_label)
+            out[y:y + band_rows] = done[y - y0:y - y0 + min(band_rows, h - y)]
+        changed["morphology"] = int(sum(int((out[y:y + 4096] != labels[y:y + 4096]).sum()) for y in range(0, h, 4096)))
+        labels = out
+    px_area = mpp * mpp
+    if fill_holes_um2:
+        prev = labels
+        labels = fill_small_holes(labels, int(round(fill_holes_um2 / px_area)), background_label)
+        changed["holes"] = int((labels != prev).sum())
+        del prev
+    if min_area_um2:
+        prev = labels
+        labels = remove_small_objects(labels, int(round(min_area_um2 / px_area)), background_label)
+        changed["small_objects"] = int((labels != prev).sum())
+        del prev
+    log.info("post-processing changed pixels: %s", changed)
+    return labels, changed
 
 
 def before_after_figure(image: np.ndarray | None, before: np.ndarray, after: np.ndarray, class_map,

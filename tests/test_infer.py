@@ -415,3 +415,49 @@ def test_normalizer_auto_is_the_training_one_and_resumes_identically(setup, tmp_
     (wd / "stain" / "normalizer.json").unlink()
     with pytest.raises(ParameterError, match="normalizer.json"):
         infer.predict_slide(d / "slide.tiff", wd / "model", wd / "c", **kw)
+
+
+def test_row_store_and_raster_rows_read_what_was_written(tmp_path):
+    from helpers.infer import RasterRows, RowStore
+    from helpers.rasters import read_raster, write_pyramid_tiff
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (300, 170, 4), dtype=np.uint8)
+    store = RowStore(tmp_path / "p.npy", a.shape, np.uint8, create=True)
+    for y in range(0, 300, 64):
+        store.write(y, a[y:y + 64])
+    assert np.array_equal(store[10:250], a[10:250])
+    assert np.array_equal(store[5:9, 3:7, 2], a[5:9, 3:7, 2])
+    assert np.array_equal(store(128, 256, 40, 44), a[256:300, 128:168])
+    store.close()
+    assert np.array_equal(np.load(tmp_path / "p.npy"), a)  # a plain .npy file (resumable)
+    write_pyramid_tiff(tmp_path / "p.tiff", RowStore(tmp_path / "p.npy"), width=170, height=300, channels=4,
+                       kind="probabilities", downsample=2.5)
+    rows = RasterRows(tmp_path / "p.tiff")
+    assert rows.shape == a.shape and rows.dtype == np.uint8
+    assert np.array_equal(rows[0:300], read_raster(tmp_path / "p.tiff")) and np.array_equal(rows[0:300], a)
+    assert np.array_equal(rows[37:101, :, 1], a[37:101, :, 1])
+
+
+def test_banded_export_equals_whole_image_postprocess(setup, class_map_, monkeypatch):
+    import helpers.infer as infer
+    from helpers import postprocess as pp
+    from helpers.infer import export_prediction, predict_slide, read_probabilities
+    from helpers.qupath import labels_to_features
+    from helpers.rasters import read_raster
+
+    d, _, _ = setup
+    out = d / "banded"
+    predict_slide(d / "slide.tiff", d / "model", out, overlap=1, progress=False)
+    monkeypatch.setattr(infer, "EXPORT_BAND_ROWS", 48)  # many seams on a 340-row raster
+    kw = dict(smoothing="gaussian", smoothing_size=2.0, fill_holes_um2=20, min_area_um2=50)
+    summary = export_prediction(out, **kw)
+    probs = read_probabilities(out)
+    whole = pp.postprocess(probs, mpp=summary["raster"]["mpp"], **kw).labels
+    labels = read_raster(out / "labels.tiff")
+    assert np.array_equal(labels, whole)
+    ref = labels_to_features(whole, class_map_, 2.0, probabilities=probs, mpp=0.5)
+    fc = json.loads((out / "slide.geojson").read_text())
+    assert len(fc["features"]) == len(ref) == summary["features"]
+    for a, b in zip(ref, fc["features"]):
+        assert a["properties"]["measurements"] == pytest.approx(b["properties"]["measurements"], abs=1e-3)
