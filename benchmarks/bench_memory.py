@@ -17,8 +17,11 @@ paged in and out by the OS and is counted in RSS while resident).
 Phases: ``predict`` = :func:`helpers.infer.predict_slide` (reading, tiling, model,
 blending, ``probabilities.tiff``); ``export`` = :func:`helpers.infer.export_prediction`
 (post-processing, labels TIFF, GeoJSON, overlay). An export whose rough upper bound
-(the probability raster twice over as float32) exceeds half the available RAM is
-skipped and reported, so the benchmark cannot push the machine into the OOM killer.
+(the uint8 label image a few times over plus band buffers) exceeds half the available
+RAM is skipped and reported, so the benchmark cannot push the machine into the OOM killer.
+Each child also reports ``checkpoints``: ``VmHWM`` before/after each step (model load,
+tissue mask, first and last band, probabilities TIFF, post-processing, labels TIFF,
+GeoJSON tracing, overlay), i.e. which step set the peak.
 
 Documented choices, to keep the 40,000^2 run within minutes on 2 shared cores: overlap
 1, a tiny untrained model with the project's input/output contract (two convolutions, 4
@@ -75,6 +78,8 @@ def _child(phase: str, slide: str, model_dir: str, out_dir: str, tile: int) -> N
     logging.basicConfig(level=logging.WARNING)
     from helpers.infer import export_prediction, predict_slide
 
+    checkpoints = _instrument()
+
     base = _vm_hwm_kb() / 1024
     t0 = time.perf_counter()
     extra: dict = {}
@@ -89,7 +94,57 @@ def _child(phase: str, slide: str, model_dir: str, out_dir: str, tile: int) -> N
     print(json.dumps({"peak_rss_mb": round(_vm_hwm_kb() / 1024, 1),
                       "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                       "peak_anon_mb": round(peak["anon"] / 2**20, 1), "import_rss_mb": round(base, 1),
-                      "seconds": round(dt, 1), **extra}))
+                      "seconds": round(dt, 1), **extra, "checkpoints": checkpoints}))
+
+
+def _vm_kb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _instrument() -> dict:
+    """Wrap the steps of slide inference to record how far each pushed the peak (``VmHWM``).
+
+    Returns a dict filled while the phase runs: ``{step: {"hwm_before", "hwm_after",
+    "rss_after"}}`` in MB (the first call of each step; ``band0`` / ``band_last`` after the
+    first and last predicted band). A step that raised the peak is a contributor to it.
+    """
+    import helpers.infer as infer
+    import helpers.postprocess as pp
+    import helpers.qupath as qupath
+
+    marks: dict = {}
+
+    def wrap(mod, name: str, label: str) -> None:
+        fn = getattr(mod, name)
+
+        def inner(*a, **k):
+            before = _vm_kb("VmHWM") / 1024
+            out = fn(*a, **k)
+            marks.setdefault(label, {"hwm_before": round(before, 1), "hwm_after": round(_vm_kb("VmHWM") / 1024, 1),
+                                     "rss_after": round(_vm_kb("VmRSS") / 1024, 1)})
+            return out
+
+        setattr(mod, name, inner)
+
+    wrap(infer, "_load_model", "load_model")
+    wrap(infer, "tissue_mask", "tissue_mask")
+    wrap(infer, "write_raster_rows", "write_probabilities_tiff")
+    wrap(pp, "postprocess_labels", "postprocess_labels")
+    wrap(infer, "write_raster", "write_labels_tiff")
+    wrap(qupath, "labels_to_features", "labels_to_features")
+    wrap(infer, "overlay_figure", "overlay_figure")
+    n_bands = {"n": 0}
+
+    def band_done(band: int) -> None:
+        n_bands["n"] += 1
+        key = "band0" if band == 0 else "band_last"
+        marks[key] = {"band": band, "hwm": round(_vm_kb("VmHWM") / 1024, 1), "rss": round(_vm_kb("VmRSS") / 1024, 1)}
+
+    infer._band_done = band_done
+    return marks
 
 
 def _run_child(phase: str, slide: Path, model_dir: Path, out_dir: Path, tile: int, timeout: float) -> dict:
@@ -108,9 +163,9 @@ def _run_child(phase: str, slide: Path, model_dir: Path, out_dir: Path, tile: in
 
 
 def _export_need_gb(size: int, model_mpp: float, slide_mpp: float = 0.5, n_cls: int = 4) -> float:
-    """Rough upper bound of the export's memory: the raster's probabilities twice over as float32."""
+    """Rough upper bound of the export's memory: the uint8 label image a few times over, plus bands."""
     side = size * slide_mpp / model_mpp
-    return side * side * n_cls * 4 * 2 / 2**30
+    return (side * side * 4 + side * 512 * n_cls * 4 * 3) / 2**30
 
 
 def run(sizes: tuple[int, ...] = (10_000, 40_000), tile: int = 1024, model_mpp: float = 2.0,
@@ -147,8 +202,8 @@ def _measure(tmp: Path, sizes: tuple[int, ...], tile: int, model_mpp: float, pha
                 need = _export_need_gb(size, model_mpp)
                 avail = psutil.virtual_memory().available / 2**30
                 if need > avail / 2:
-                    results[size][phase] = {"error": f"skipped: export may need ~{need:.1f} GB (whole probability "
-                                                     f"raster in memory); {avail:.1f} GB available"}
+                    results[size][phase] = {"error": f"skipped: export may need ~{need:.1f} GB; "
+                                                     f"{avail:.1f} GB available"}
                     print(f"  {phase}: {results[size][phase]['error']}", flush=True)
                     continue
                 if "error" in results[size].get("predict", {}):
