@@ -511,17 +511,26 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         t_loop = time.perf_counter()
         last_ckpt = time.perf_counter()
         tiles_now = 0
+        pend_x: list[int] = []
+        pend_t: list[np.ndarray] = []
         try:
-            for b, y, row_x, batch in _prefetch(_read_bands(slide, ys, tissue, tile, ds, norm_fn, start_band), prefetch):
-                # one model batch at a time: the float32 outputs held are a batch, not a row of tiles
-                for i in range(0, len(row_x), batch_size):
-                    probs = predict_fn(batch[i:i + batch_size])
-                    for x, p in zip(row_x[i:i + batch_size], probs):
+            for b, y, row_x, batch, band_end in _prefetch(_read_bands(slide, ys, tissue, tile, ds, norm_fn,
+                                                                      start_band), prefetch):
+                # full model batches across runs of the band; the float32 outputs held are one batch
+                pend_x.extend(row_x)
+                pend_t.extend(batch)
+                while len(pend_x) >= batch_size or (band_end and pend_x):
+                    xs_b, tiles_b = pend_x[:batch_size], np.stack(pend_t[:batch_size])
+                    del pend_x[:batch_size], pend_t[:batch_size]
+                    probs = predict_fn(tiles_b)
+                    for x, p in zip(xs_b, probs):
                         acc[:, x:x + tile] += p * weights[..., None]
                         wsum[:, x:x + tile] += weights
-                    del probs
-                    tiles_now += len(row_x[i:i + batch_size])
-                    bar.update(len(row_x[i:i + batch_size]))
+                    del probs, tiles_b
+                    tiles_now += len(xs_b)
+                    bar.update(len(xs_b))
+                if not band_end:
+                    continue
                 # rows above the next band's top are final
                 y_next = ys[b + 1] if b + 1 < len(ys) else H
                 done = y_next - y
@@ -539,6 +548,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             bar.close()
         loop_seconds = time.perf_counter() - t_loop
         probs_mm.flush()
+        del acc, wsum  # the pyramid writer's buffers take their place, not add to them
 
         meta = {"slide": slide.name, "classes": cmap.names, "overlap": overlap, "blend": blend, "tile_size": tile}
         prob_path = out_dir / "probabilities.tiff"
@@ -638,11 +648,18 @@ def _slide_normalizer(norm_path: Path | None, slide, tissue: list[list[int]], ys
 
 def _read_bands(slide, ys: list[int], tissue: list[list[int]], tile: int, ds: float,
                 norm_fn: Callable[[np.ndarray], np.ndarray] | None, start: int,
-                max_span: int = 4096) -> Iterator[tuple[int, int, list[int], np.ndarray]]:
-    """Yield ``(band, y, tile x positions, uint8 tiles)`` reading runs of tiles as one region."""
+                max_span: int = 4096) -> Iterator[tuple[int, int, list[int], np.ndarray, bool]]:
+    """Yield ``(band, y, tile x positions, uint8 tiles, last of band)`` reading runs of tiles as one region.
+
+    Each item is one run (at most ``max_span`` px wide), not a whole band, so what the
+    prefetch queue holds does not grow with the slide's width; a band without tissue
+    yields one empty item so the consumer still finishes its rows.
+    """
     for b in range(start, len(ys)):
         y, row = ys[b], tissue[b]
-        tiles = np.empty((len(row), tile, tile, 3), np.uint8)
+        if not row:
+            yield b, y, [], np.empty((0, tile, tile, 3), np.uint8), True
+            continue
         i = 0
         while i < len(row):
             j = i
@@ -652,10 +669,12 @@ def _read_bands(slide, ys: list[int], tissue: list[list[int]], tile: int, ds: fl
             region = slide.read(round(x0 * ds), round(y * ds), span, tile, ds)
             if norm_fn is not None:
                 region = np.asarray(norm_fn(np.array(region)), np.uint8)
+            tiles = np.empty((j + 1 - i, tile, tile, 3), np.uint8)
             for k in range(i, j + 1):
-                tiles[k] = region[:, row[k] - x0:row[k] - x0 + tile]
+                tiles[k - i] = region[:, row[k] - x0:row[k] - x0 + tile]
+            del region
+            yield b, y, row[i:j + 1], tiles, j + 1 == len(row)
             i = j + 1
-        yield b, y, row, tiles
 
 
 def _prefetch(it: Iterator, depth: int) -> Iterator:
