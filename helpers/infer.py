@@ -27,6 +27,7 @@ import logging
 import math
 import queue
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -304,6 +305,15 @@ class RowStore:
         y0, y1, _ = key.indices(self.shape[0])
         rows = self.read(y0, y1)
         return rows[(slice(None), *rest)] if rest else rows
+
+    def __setitem__(self, key: Any, rows: np.ndarray) -> None:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("RowStore assignment takes a contiguous row slice")
+        y0, y1, _ = key.indices(self.shape[0])
+        rows = np.asarray(rows)
+        if len(rows) != y1 - y0:
+            raise ValueError(f"{self.path}: {len(rows)} rows assigned to rows {y0}-{y1}")
+        self.write(y0, rows)
 
     def __call__(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         if self._strip is None or self._strip[:2] != (y, h):
@@ -821,31 +831,53 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
                 raise OutputExistsError(f"{p}: already exists; pass overwrite=True to replace it")
     t0 = time.perf_counter()
     # Bounded memory: probabilities are read in bands of rows (twice: labels, then region
-    # means); only the uint8 label image is held whole (1/C of the uint8 probabilities).
+    # means); labels go to row files on disk (page cache, not this process's memory),
+    # except when hole filling / small-object removal need the whole uint8 label image.
     probs = RasterRows(_prob_path(pred_dir))
     if probs.ndim == 2:
         raise HistoUNetError(f"{_prob_path(pred_dir)}: one channel only; run predict_slide again")
-    labels, _ = pp.postprocess_labels(probs, mpp=info["mpp"], smoothing=smoothing, smoothing_size=smoothing_size,
-                                      opening_px=opening_px, closing_px=closing_px, fill_holes_um2=fill_holes_um2,
-                                      min_area_um2=min_area_um2, background_label=background_index(cmap) + 1,
-                                      band_rows=EXPORT_BAND_ROWS)
     ds, mpp = float(info["downsample"]), float(info["mpp"])
-    write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds,
-                 meta={"slide": slide_name, "classes": cmap.names}, overwrite=True)
-    features = labels_to_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
-                                  mpp=info["slide_mpp"], exclude=exclude_classes, band_rows=EXPORT_BAND_ROWS)
-    with _disk_guard(outputs["geojson"]):
-        write_feature_collection(features, outputs["geojson"], overwrite=True)
+    H, W = probs.shape[:2]
+    with _disk_guard(pred_dir), tempfile.TemporaryDirectory(prefix=".export.", dir=pred_dir) as scratch_dir:
+        out_store = RowStore(Path(scratch_dir) / "labels.npy", (H, W), np.uint8, create=True)
+        tmp_store = RowStore(Path(scratch_dir) / "smoothed.npy", (H, W), np.uint8, create=True) \
+            if (opening_px or closing_px) else None
+        try:
+            labels, _ = pp.postprocess_labels(probs, mpp=info["mpp"], smoothing=smoothing,
+                                              smoothing_size=smoothing_size, opening_px=opening_px,
+                                              closing_px=closing_px, fill_holes_um2=fill_holes_um2,
+                                              min_area_um2=min_area_um2, background_label=background_index(cmap) + 1,
+                                              band_rows=EXPORT_BAND_ROWS, out=out_store, scratch=tmp_store)
+            if tmp_store is not None:
+                tmp_store.close()
+            meta = {"slide": slide_name, "classes": cmap.names}
+            if isinstance(labels, RowStore):
+                write_raster_rows(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta,
+                                  overwrite=True)
+            else:
+                write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta,
+                             overwrite=True)
+            features = labels_to_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
+                                          mpp=info["slide_mpp"], exclude=exclude_classes, band_rows=EXPORT_BAND_ROWS)
+            with _disk_guard(outputs["geojson"]):
+                write_feature_collection(features, outputs["geojson"], overwrite=True)
+            summary = summarize(labels, cmap, mpp)
+        finally:
+            out_store.close()
+            if tmp_store is not None:
+                tmp_store.close()
+
+    from helpers.rasters import read_raster
 
     with open_slide(info["slide_path"], mpp=info["slide_mpp"]) as slide:
-        thumb, _ = slide.thumbnail(thumbnail_size)
-    fig = overlay_figure(thumb, labels, cmap, title=f"{slide_name}: predicted classes")
+        thumb, tds = slide.thumbnail(thumbnail_size)
+    small = np.asarray(read_raster(outputs["labels"], downsample=tds))  # the pyramid's low level, not the image
+    fig = overlay_figure(thumb, small, cmap, title=f"{slide_name}: predicted classes")
     with _disk_guard(outputs["overlay"]):
         save_figure(fig, outputs["overlay"], overwrite=True)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    summary = summarize(labels, cmap, mpp)
     summary.update({
         "slide": slide_name, "slide_path": info["slide_path"], "features": len(features),
         "tiles": info["tiles_tissue"], "tiles_grid": info["tiles_grid"], "predict_seconds": info["seconds"],

@@ -60,26 +60,30 @@ def smooth_probabilities(probs: np.ndarray, method: str | None = "gaussian", siz
     raise ParameterError(f"smoothing must be 'gaussian', 'median' or None; got {method!r}")
 
 
-def argmax_labels(probs: np.ndarray, band_rows: int = 1024) -> np.ndarray:
-    """Labels ``1..C`` (uint8): channel ``i`` is label ``i + 1`` (computed in bands of rows)."""
-    out = np.empty(probs.shape[:2], np.uint8)
+def argmax_labels(probs: np.ndarray, band_rows: int = 1024, out=None) -> np.ndarray:
+    """Labels ``1..C`` (uint8): channel ``i`` is label ``i + 1`` (computed in bands of rows).
+
+    ``out``: optional ``(H, W)`` uint8 destination assignable by row slices (an array, or
+    an on-disk row store); returned.
+    """
+    out = np.empty(probs.shape[:2], np.uint8) if out is None else out
     for y in range(0, probs.shape[0], band_rows):
-        out[y:y + band_rows] = np.argmax(probs[y:y + band_rows], axis=-1) + 1
+        out[y:y + band_rows] = (np.argmax(probs[y:y + band_rows], axis=-1) + 1).astype(np.uint8)
     return out
 
 
 def smoothed_labels(probs: np.ndarray, method: str | None = "gaussian", size: float = 2.0,
-                    band_rows: int = 1024) -> np.ndarray:
+                    band_rows: int = 1024, out=None) -> np.ndarray:
     """Smoothing + argmax in bands of rows (with a margin), so a whole slide never sits in memory as float.
 
     ``probs`` may be float (0-1) or uint8 (0-255); the result equals smoothing the whole
-    image at once.
+    image at once. ``out``: optional destination as in :func:`argmax_labels`.
     """
     if method is None or method == "none" or size <= 0:
-        return argmax_labels(probs, band_rows)
+        return argmax_labels(probs, band_rows, out)
     halo = int(np.ceil(4 * size)) + 2 if method == "gaussian" else int(size) + 2
     h = probs.shape[0]
-    out = np.empty(probs.shape[:2], np.uint8)
+    out = np.empty(probs.shape[:2], np.uint8) if out is None else out
     for y in range(0, h, band_rows):
         y0, y1 = max(0, y - halo), min(h, y + band_rows + halo)
         band = np.asarray(probs[y0:y1], np.float32)
@@ -236,7 +240,7 @@ def postprocess(probs: np.ndarray, mpp: float, *, smoothing: str | None = "gauss
 def postprocess_labels(probs, mpp: float, *, smoothing: str | None = "gaussian", smoothing_size: float = 2.0,
                        opening_px: int = 0, closing_px: int = 0, fill_holes_um2: float | None = None,
                        min_area_um2: float | None = None, background_label: int = 1,
-                       band_rows: int = 256) -> tuple[np.ndarray, dict[str, int]]:
+                       band_rows: int = 256, out=None, scratch=None) -> tuple[np.ndarray, dict[str, int]]:
     """:func:`postprocess` with bounded memory: probabilities read ``band_rows`` rows at a time.
 
     ``probs`` may be any row-sliceable ``(H, W, C)`` array (an on-disk raster reader, a
@@ -247,31 +251,46 @@ def postprocess_labels(probs, mpp: float, *, smoothing: str | None = "gaussian",
       rows; identical except where opening frees a pixel whose nearest remaining pixel is
       farther than the halo (not seen in tests; agreement >= 99.9 % is tested).
     * Hole filling and small-object removal: connected components of the whole uint8
-      label image (a region's area is global); refilling freed pixels works in bands.
+      label image, held in memory (a region's area is global); refilling freed pixels
+      works in bands.
+
+    ``out`` and ``scratch``: optional ``(H, W)`` uint8 destinations assignable and
+    readable by row slices (e.g. :class:`helpers.infer.RowStore` on disk): the labels go
+    to ``out`` (``scratch`` holds them before morphology), so without hole filling or
+    small-object removal no whole-image array is held in memory at all.
 
     Returns:
-        ``(labels, changed)``: uint8 labels ``1..C`` and pixels changed per step
-        (``smoothing`` is not counted here: it would need the raw argmax twice over).
+        ``(labels, changed)``: uint8 labels ``1..C`` (``out`` when given and no
+        whole-image step ran, else an array) and pixels changed per step (``smoothing``
+        is not counted here: it would need the raw argmax twice over).
     """
     if mpp <= 0:
         raise ParameterError(f"mpp must be > 0; got {mpp}")
     for name, v in (("opening_px", opening_px), ("closing_px", closing_px)):
         if v < 0:
             raise ParameterError(f"{name} must be >= 0; got {v}")
-    labels = smoothed_labels(probs, smoothing, smoothing_size, band_rows) if smoothing else \
-        argmax_labels(probs, band_rows)
+    morph = bool(opening_px or closing_px)
+    first = scratch if morph else out
+    labels = smoothed_labels(probs, smoothing, smoothing_size, band_rows, out=first) if smoothing else \
+        argmax_labels(probs, band_rows, out=first)
     changed: dict[str, int] = {}
-    if opening_px or closing_px:
+    h = probs.shape[0]
+    if morph:
         halo = 4 * (opening_px + closing_px) + 16
-        h = labels.shape[0]
-        out = np.empty_like(labels)
+        dest = np.empty(probs.shape[:2], np.uint8) if out is None else out
+        n = 0
         for y in range(0, h, band_rows):
             y0, y1 = max(0, y - halo), min(h, y + band_rows + halo)
-            done = open_close(labels[y0:y1], opening_px, closing_px, background_label)
-            out[y:y + band_rows] = done[y - y0:y - y0 + min(band_rows, h - y)]
-        changed["morphology"] = int(sum(int((out[y:y + 4096] != labels[y:y + 4096]).sum()) for y in range(0, h, 4096)))
-        labels = out
+            src = np.asarray(labels[y0:y1])
+            done = open_close(src, opening_px, closing_px, background_label)
+            part = done[y - y0:y - y0 + min(band_rows, h - y)]
+            n += int((part != src[y - y0:y - y0 + len(part)]).sum())
+            dest[y:y + band_rows] = part
+        changed["morphology"] = n
+        labels = dest
     px_area = mpp * mpp
+    if fill_holes_um2 or min_area_um2:
+        labels = np.asarray(labels[0:h])  # components need the whole image
     if fill_holes_um2:
         prev = labels
         labels = fill_small_holes(labels, int(round(fill_holes_um2 / px_area)), background_label)
