@@ -14,6 +14,13 @@ tried without predicting again:
    (:mod:`helpers.postprocess`), writes ``labels.tiff``, the QuPath GeoJSON,
    ``overlay.png`` and ``summary.json`` (written last: it marks the slide done).
 
+Memory: both steps hold band buffers (rows x slide width), never the whole raster.
+Finished probability rows and label rows go through plain file I/O (:class:`RowStore`:
+they sit in the OS page cache, not in the process), the export reads the probability
+TIFF in bands of rows (:class:`RasterRows`) and traces GeoJSON regions band by band,
+joined across seams. Exceptions: hole filling and small-object removal label connected
+components of the whole uint8 label image (1/C of the probabilities) in memory.
+
 Output folder ``workdir/predictions/<slide>/`` (see ``docs/workfolder.md``).
 """
 
