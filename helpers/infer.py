@@ -1091,16 +1091,21 @@ def probability_figure(pred_dir: str | Path, class_name: str = "Tumor", max_size
 
 
 def postprocess_figure(pred_dir: str | Path, max_size: int = 1024):
-    """Figure: raw argmax vs post-processed labels (``labels.tiff``) over the thumbnail."""
+    """Figure: raw argmax vs post-processed labels (``labels.tiff``) over the thumbnail.
+
+    Both are computed at (at most) twice the thumbnail's resolution, from the rasters'
+    pyramids, so the figure costs the same memory for any slide size; the changed-pixel
+    share in the title is measured at that resolution.
+    """
     from helpers import postprocess as pp
     from helpers.rasters import read_raster
 
     pred_dir = Path(pred_dir)
     info, thumb, tds = _thumb_and(pred_dir, max_size)
     cmap = class_map_from_params(info["classes"], str(pred_dir))
-    probs = np.asarray(read_raster(_prob_path(pred_dir), downsample=info["downsample"]))
-    raw = pp.argmax_labels(probs)
-    post = np.asarray(read_raster(pred_dir / "labels.tiff"))
+    d = max(float(info["downsample"]), tds / 2)
+    raw = pp.argmax_labels(np.asarray(read_raster(_prob_path(pred_dir), downsample=d)))
+    post = np.asarray(read_raster(pred_dir / "labels.tiff", downsample=d))
     return pp.before_after_figure(thumb, raw, post, cmap, max_size=max_size)
 
 
