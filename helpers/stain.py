@@ -139,10 +139,38 @@ def _extractor(method: str):
     return {"macenko": staintools.MacenkoStainExtractor, "vahadane": staintools.VahadaneStainExtractor}[method]
 
 
+#: Ruifrok & Johnston's H and E optical-density vectors: the starting dictionary for Vahadane.
+_RUIFROK_HE = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]])
+
+
+def _vahadane_matrix(pixels: np.ndarray, luminosity_threshold: float, regularizer: float = 0.1) -> np.ndarray:
+    """Vahadane's sparse dictionary (as staintools computes it), started from Ruifrok's H and E.
+
+    staintools starts SPAMS' dictionary learning from random columns of the data with
+    several threads, so two fits of the same tile can land in different optima and swap
+    H and E on pale tiles. A fixed start and one thread make the estimate repeatable and
+    keep row 0 on the hematoxylin side.
+    """
+    import spams
+    from staintools.miscellaneous.optical_density_conversion import convert_RGB_to_OD
+    from staintools.tissue_masks.luminosity_threshold_tissue_locator import LuminosityThresholdTissueLocator
+
+    image = _pixels_image(pixels)
+    mask = LuminosityThresholdTissueLocator.get_tissue_mask(image, luminosity_threshold=luminosity_threshold).reshape(-1)
+    od = convert_RGB_to_OD(image).reshape(-1, 3)[mask]
+    start = np.asfortranarray((_RUIFROK_HE / np.linalg.norm(_RUIFROK_HE, axis=1, keepdims=True)).T)
+    dictionary = spams.trainDL(X=np.asfortranarray(od.T), D=start, K=2, lambda1=regularizer, mode=2, modeD=0,
+                               posAlpha=True, posD=True, verbose=False, numThreads=1).T
+    return dictionary / np.linalg.norm(dictionary, axis=1, keepdims=True)
+
+
 def _estimate_stain_matrix(method: str, pixels: np.ndarray, luminosity_threshold: float) -> np.ndarray:
     """staintools' stain matrix (2 x 3, rows H then E, unit length) from tissue pixels."""
     with np.errstate(divide="ignore", invalid="ignore"):  # a degenerate fit gives NaN, rejected below
-        matrix = _extractor(method).get_stain_matrix(_pixels_image(pixels), luminosity_threshold=luminosity_threshold)
+        if method == "vahadane":
+            matrix = _vahadane_matrix(pixels, luminosity_threshold)
+        else:
+            matrix = _extractor(method).get_stain_matrix(_pixels_image(pixels), luminosity_threshold=luminosity_threshold)
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (2, 3) or not np.all(np.isfinite(matrix)):
         raise ValueError(f"stain matrix estimate is not finite: {matrix}")
