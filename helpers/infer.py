@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -390,6 +390,22 @@ def write_raster_rows(path: Path, store: RowStore, *, kind: str, mpp: float, dow
         write_pyramid_tiff(tmp, store, width=w, height=h, channels=channels, dtype=store.dtype, kind=kind,
                            mpp=mpp, downsample=downsample, meta=meta, overwrite=True, progress=False)
     return path
+
+
+def write_features_stream(features: Iterable[dict], path: Path, overwrite: bool = False) -> int:
+    """Write GeoJSON features to a ``FeatureCollection`` file as they come (atomically).
+
+    The same JSON as :func:`helpers.qupath.write_feature_collection`, without holding the
+    list: a whole-slide export has one feature per region. Returns the number written.
+    """
+    n = 0
+    with atomic_path(path, overwrite) as tmp, open(tmp, "w") as fh:
+        fh.write('{"type": "FeatureCollection", "features": [')
+        for feat in features:
+            fh.write((", " if n else "") + json.dumps(feat))
+            n += 1
+        fh.write("]}")
+    return n
 
 
 # --------------------------------------------------------------------------- prediction
@@ -821,7 +837,7 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
         The summary dict (also ``summary.json``, written last).
     """
     from helpers import postprocess as pp
-    from helpers.qupath import labels_to_features, write_feature_collection
+    from helpers.qupath import iter_label_features
     from helpers.slides import open_slide
     from helpers.viz import save_figure
 
@@ -864,10 +880,11 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
             else:
                 write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta,
                              overwrite=True)
-            features = labels_to_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
-                                          mpp=info["slide_mpp"], exclude=exclude_classes, band_rows=EXPORT_BAND_ROWS)
+            features = iter_label_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
+                                           mpp=info["slide_mpp"], exclude=exclude_classes,
+                                           band_rows=EXPORT_BAND_ROWS)
             with _disk_guard(outputs["geojson"]):
-                write_feature_collection(features, outputs["geojson"], overwrite=True)
+                n_features = write_features_stream(features, outputs["geojson"], overwrite=True)
             summary = summarize(labels, cmap, mpp)
         finally:
             out_store.close()
@@ -886,7 +903,7 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
 
     plt.close(fig)
     summary.update({
-        "slide": slide_name, "slide_path": info["slide_path"], "features": len(features),
+        "slide": slide_name, "slide_path": info["slide_path"], "features": n_features,
         "tiles": info["tiles_tissue"], "tiles_grid": info["tiles_grid"], "predict_seconds": info["seconds"],
         "tiles_per_second": info["tiles_per_second"], "postprocess_seconds": round(time.perf_counter() - t0, 2),
         "raster": {"width": info["width"], "height": info["height"], "downsample": ds, "mpp": mpp},

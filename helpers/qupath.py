@@ -9,6 +9,7 @@ with ``objectType`` ("annotation" or "detection"), an optional ``name``,
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,31 +109,69 @@ def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, pro
         labels = np.asarray(labels)
     if len(labels.shape) != 2:
         raise ValueError(f"labels must be 2-D; got shape {labels.shape}")
-    scale = 1.0
-    if probabilities is not None:
-        scale = 255.0 if probabilities.dtype == np.uint8 else 1.0
     height = labels.shape[0]
     rows = int(band_rows) if band_rows else height
     if rows < 1:
         raise ValueError(f"band_rows must be >= 1; got {band_rows}")
-    feats: list[dict] = []
-    for cls in class_map.classes:
+    feats: list[tuple[int, tuple[int, int], dict]] = []
+    for ci, key, feat in _iter_features(labels, class_map, downsample, probabilities, object_type, mpp, exclude,
+                                        min_area_px, simplify_tolerance, connectivity, rows):
+        feats.append((ci, key, feat))
+    feats.sort(key=lambda t: (t[0], t[1]))  # class order, then raster order of first pixels
+    return [f for _, _, f in feats]
+
+
+def iter_label_features(labels: Any, class_map: Any, downsample: float = 1.0, probabilities: Any = None,
+                        object_type: str = "annotation", mpp: float | None = None,
+                        exclude: tuple[str, ...] | list[str] = ("Background",), min_area_px: int = 1,
+                        simplify_tolerance: float | None = 0.25, connectivity: int = 4,
+                        band_rows: int = 256) -> Iterator[dict]:
+    """:func:`labels_to_features` as a stream, traced in bands of rows: each feature is
+    yielded as soon as its region is complete, so neither the label image nor the list of
+    features is held (write them out as they come). Order: by class, then by where the
+    region ends (not its first pixel)."""
+    if object_type not in ("annotation", "detection"):
+        raise ValueError(f"object_type must be 'annotation' or 'detection'; got {object_type!r}")
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8; got {connectivity}")
+    if len(labels.shape) != 2:
+        raise ValueError(f"labels must be 2-D; got shape {labels.shape}")
+    if band_rows < 1:
+        raise ValueError(f"band_rows must be >= 1; got {band_rows}")
+    for _, _, feat in _iter_features(labels, class_map, downsample, probabilities, object_type, mpp, exclude,
+                                     min_area_px, simplify_tolerance, connectivity, int(band_rows)):
+        yield feat
+
+
+def _iter_features(labels: Any, class_map: Any, downsample: float, probabilities: Any, object_type: str,
+                   mpp: float | None, exclude: Any, min_area_px: int, simplify_tolerance: float | None,
+                   connectivity: int, rows: int) -> Iterator[tuple[int, tuple[int, int], dict]]:
+    import numpy as np
+
+    scale = 1.0
+    if probabilities is not None:
+        scale = 255.0 if probabilities.dtype == np.uint8 else 1.0
+    for ci, cls in enumerate(class_map.classes):
         if cls.name in exclude:
             continue
-        for geom, count, psum in _class_regions(labels, probabilities, cls.label, float(downsample), connectivity,
-                                                rows):
+        for key, geom, count, psum in _class_regions(labels, probabilities, cls.label, float(downsample),
+                                                     connectivity, rows):
             if count < min_area_px:
                 continue
             mean = None if probabilities is None else psum / max(count, 1) / scale
             feat = _region_feature(geom, cls, downsample, simplify_tolerance, mpp, mean, object_type)
             if feat is not None:
-                feats.append(feat)
-    return feats
+                yield ci, key, feat
 
 
 def _class_regions(labels: Any, probs: Any, label: int, downsample: float, connectivity: int,
-                   band_rows: int) -> list[tuple[Any, int, float]]:
-    """``(geometry, pixel count, probability sum)`` of each connected region of one class, traced by bands."""
+                   band_rows: int) -> Iterator[tuple[tuple[int, int], Any, int, float]]:
+    """``(order key, geometry, pixel count, probability sum)`` of each connected region of one class.
+
+    Traced band by band; a region is yielded as soon as the band below no longer touches
+    it, so only regions crossing the current seam are held. The order key
+    ``(first band's y, region id there)`` sorts regions into raster order of their first pixels.
+    """
     import numpy as np
     from rasterio import features as rio_features
     from rasterio.transform import Affine
@@ -142,8 +181,6 @@ def _class_regions(labels: Any, probs: Any, label: int, downsample: float, conne
 
     structure = np.ones((3, 3), bool) if connectivity == 8 else None
     height = labels.shape[0]
-    # (geometry, count, sum, order key); the key (first band's y, region id there) is raster order of first pixels
-    done: list[tuple[Any, int, float, tuple[int, int]]] = []
     pieces: dict[int, tuple[list, int, float, tuple[int, int]]] = {}  # seam-touching pieces by global id
     parent: dict[int, int] = {}
 
@@ -158,63 +195,74 @@ def _class_regions(labels: Any, probs: Any, label: int, downsample: float, conne
     for y0 in range(0, height, band_rows):
         y1 = min(height, y0 + band_rows)
         mask = np.asarray(labels[y0:y1]) == label
-        if not mask.any():
+        active: set[int] = set()
+        if mask.any():
+            regions, n = ndimage.label(mask, structure=structure)
+            sizes = np.bincount(regions.ravel(), minlength=n + 1)
+            sums = np.zeros(n + 1, np.float64)
+            if probs is not None:
+                for r in range(0, y1 - y0, 256):
+                    band = np.asarray(probs[y0 + r:min(y1, y0 + r + 256), :, label - 1], np.float32)
+                    sums += np.bincount(regions[r:r + 256].ravel(), minlength=n + 1, weights=band.ravel())
+            seam_ids = set()
+            if y0 > 0:
+                seam_ids.update(int(v) for v in np.unique(regions[0]) if v)
+            if y1 < height:
+                seam_ids.update(int(v) for v in np.unique(regions[-1]) if v)
+            gid = {rid: next_gid + i for i, rid in enumerate(sorted(seam_ids))}
+            next_gid += len(gid)
+            lut = np.zeros(n + 1, np.int64)
+            for rid, g in gid.items():
+                lut[rid] = g
+            geoms: dict[int, list] = {}
+            transform = Affine(downsample, 0.0, 0.0, 0.0, downsample, y0 * downsample)
+            for g, value in rio_features.shapes(regions, mask=mask, connectivity=connectivity, transform=transform):
+                geoms.setdefault(int(value), []).append(shape(g))
+            for rid in sorted(geoms):
+                parts = geoms[rid]
+                if rid in gid:
+                    pieces[gid[rid]] = (parts, int(sizes[rid]), float(sums[rid]), (y0, rid))
+                    parent[gid[rid]] = gid[rid]
+                else:
+                    geom = parts[0] if len(parts) == 1 else MultiPolygon(parts)
+                    yield (y0, rid), geom, int(sizes[rid]), float(sums[rid])
+            # join pieces across the seam with the previous band
+            if prev_last is not None and y0 > 0:
+                first = lut[regions[0]]
+                for s in ((0,) if connectivity == 4 else (-1, 0, 1)):
+                    a = prev_last[max(0, s):len(prev_last) + min(0, s)]
+                    b = first[max(0, -s):len(first) + min(0, -s)]
+                    both = (a > 0) & (b > 0)
+                    for ga, gb in set(zip(a[both].tolist(), b[both].tolist())):
+                        ra, rb = find(ga), find(gb)
+                        if ra != rb:
+                            parent[max(ra, rb)] = min(ra, rb)
+            prev_last = lut[regions[-1]] if y1 < height else None
+            if prev_last is not None:
+                active = {find(int(g)) for g in np.unique(prev_last) if g}
+            del regions, mask
+        else:
             prev_last = None
-            continue
-        regions, n = ndimage.label(mask, structure=structure)
-        sizes = np.bincount(regions.ravel(), minlength=n + 1)
-        sums = np.zeros(n + 1, np.float64)
-        if probs is not None:
-            for r in range(0, y1 - y0, 256):
-                band = np.asarray(probs[y0 + r:min(y1, y0 + r + 256), :, label - 1], np.float32)
-                sums += np.bincount(regions[r:r + 256].ravel(), minlength=n + 1, weights=band.ravel())
-        seam_ids = set()
-        if y0 > 0:
-            seam_ids.update(int(v) for v in np.unique(regions[0]) if v)
-        if y1 < height:
-            seam_ids.update(int(v) for v in np.unique(regions[-1]) if v)
-        gid = {rid: next_gid + i for i, rid in enumerate(sorted(seam_ids))}
-        next_gid += len(gid)
-        geoms: dict[int, list] = {}
-        transform = Affine(downsample, 0.0, 0.0, 0.0, downsample, y0 * downsample)
-        for g, value in rio_features.shapes(regions, mask=mask, connectivity=connectivity, transform=transform):
-            geoms.setdefault(int(value), []).append(shape(g))
-        for rid, parts in geoms.items():
-            if rid in gid:
-                pieces[gid[rid]] = (parts, int(sizes[rid]), float(sums[rid]), (y0, rid))
-                parent[gid[rid]] = gid[rid]
-            else:
+        # regions that cannot grow into the next band are complete
+        groups: dict[int, list[int]] = {}
+        for g in pieces:
+            r = find(g)
+            if r not in active:
+                groups.setdefault(r, []).append(g)
+        for members in groups.values():
+            parts = [p for m in members for p in pieces[m][0]]
+            if len(members) == 1:
                 geom = parts[0] if len(parts) == 1 else MultiPolygon(parts)
-                done.append((geom, int(sizes[rid]), float(sums[rid]), (y0, rid)))
-        # join pieces across the seam with the previous band
-        first = np.zeros(regions.shape[1], np.int64)
-        if y0 > 0:
-            first = np.array([gid.get(int(v), 0) for v in range(n + 1)], np.int64)[regions[0]]
-        if prev_last is not None and y0 > 0:
-            shifts = (0,) if connectivity == 4 else (-1, 0, 1)
-            for s in shifts:
-                a = prev_last[max(0, s):len(prev_last) + min(0, s)]
-                b = first[max(0, -s):len(first) + min(0, -s)]
-                both = (a > 0) & (b > 0)
-                for ga, gb in set(zip(a[both].tolist(), b[both].tolist())):
-                    ra, rb = find(ga), find(gb)
-                    if ra != rb:
-                        parent[max(ra, rb)] = min(ra, rb)
-        prev_last = np.array([gid.get(int(v), 0) for v in range(n + 1)], np.int64)[regions[-1]] if y1 < height \
-            else None
-        del regions, mask
-    groups: dict[int, list[int]] = {}
-    for g in pieces:
-        groups.setdefault(find(g), []).append(g)
-    for root, members in groups.items():
-        parts = [p for m in members for p in pieces[m][0]]
-        geom = parts[0] if len(parts) == 1 else unary_union(parts)
-        if len(members) == 1 and len(parts) > 1:
-            geom = MultiPolygon(parts)
-        done.append((geom, sum(pieces[m][1] for m in members), sum(pieces[m][2] for m in members),
-                     min(pieces[m][3] for m in members)))
-    done.sort(key=lambda t: t[3])
-    return [(g, c, s) for g, c, s, _ in done]
+            else:
+                geom = unary_union(parts)
+            yield (min(pieces[m][3] for m in members), geom, sum(pieces[m][1] for m in members),
+                   sum(pieces[m][2] for m in members))
+        for members in groups.values():
+            for m in members:
+                del pieces[m]
+        for members in groups.values():
+            for m in members:
+                parent.pop(m, None)
 
 
 def _region_feature(geom: Any, cls: Any, downsample: float, simplify_tolerance: float | None, mpp: float | None,
