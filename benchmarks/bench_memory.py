@@ -113,7 +113,6 @@ def _instrument() -> dict:
     """
     import helpers.infer as infer
     import helpers.postprocess as pp
-    import helpers.qupath as qupath
 
     marks: dict = {}
 
@@ -131,15 +130,13 @@ def _instrument() -> dict:
 
     wrap(infer, "_load_model", "load_model")
     wrap(infer, "tissue_mask", "tissue_mask")
-    wrap(infer, "write_raster_rows", "write_probabilities_tiff")
+    wrap(infer, "write_raster_rows", "write_raster_rows")  # predict: probabilities.tiff; export: labels.tiff
     wrap(pp, "postprocess_labels", "postprocess_labels")
-    wrap(infer, "write_raster", "write_labels_tiff")
-    wrap(qupath, "labels_to_features", "labels_to_features")
+    wrap(infer, "write_raster", "write_labels_tiff_in_memory")
+    wrap(infer, "write_features_stream", "trace_and_write_geojson")
     wrap(infer, "overlay_figure", "overlay_figure")
-    n_bands = {"n": 0}
 
     def band_done(band: int) -> None:
-        n_bands["n"] += 1
         key = "band0" if band == 0 else "band_last"
         marks[key] = {"band": band, "hwm": round(_vm_kb("VmHWM") / 1024, 1), "rss": round(_vm_kb("VmRSS") / 1024, 1)}
 
