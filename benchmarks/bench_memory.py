@@ -31,6 +31,13 @@ slides), 1024 px tiles, batch 2, model resolution 2 um/px (slide 0.5 um/px: rast
 and takes about 4x longer), no stain normalizer. Peak RSS includes the ~0.6 GB of
 TensorFlow's import, the same for both slides. Slides are the synthetic mosaic of real tumour tiles of ``bench_inference``
 (written once, tile by tile; ~1 minute for 40,000^2).
+
+Measured 2026-11-27 (2 shared cores, defaults): predict 1,095 -> 1,461 MB (1.33x, target
+met; was 1,204 -> 2,131 MB, 1.77x); export 297 -> 660 MB (2.23x, not met; was 368 ->
+2,217 MB, 6.0x). The export's remaining growth is the GeoJSON's largest region: the
+untrained benchmark model's 'Other' class forms one connected region spanning the slide
+(561,848 vertices and 54,939 holes at 40k vs 39,366 at 10k), which must be whole in
+memory to be one QuPath feature; everything else is held per band of rows.
 """
 
 from __future__ import annotations
