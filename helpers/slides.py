@@ -89,8 +89,12 @@ class Slide:
             rgba = np.asarray(self.osr.read_region((int(x), int(y)), level, (lw, lh)))  # type: ignore[attr-defined]
         except Exception as exc:  # noqa: BLE001 - OpenSlide raises several types for bad data
             raise SlideError(f"{self.path}: cannot read region at x={x}, y={y} ({exc}); the file may be damaged") from None
-        alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-        rgb = (rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
+        rgb = np.ascontiguousarray(rgba[..., :3])
+        alpha = rgba[..., 3]
+        if alpha.min() < 255:  # blend onto white only where transparent: a float copy of every read is costly
+            part = alpha < 255
+            a = alpha[part].astype(np.float32)[:, None] / 255.0
+            rgb[part] = (rgb[part].astype(np.float32) * a + 255.0 * (1.0 - a)).round().astype(np.uint8)
         if (lw, lh) != (width, height):
             interp = cv2.INTER_AREA if lw > width else cv2.INTER_LINEAR
             rgb = cv2.resize(rgb, (width, height), interpolation=interp)
