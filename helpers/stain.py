@@ -365,6 +365,8 @@ class StainNormalizer:
                     return self._passthrough(img, "colour spread too small to rescale")
                 out = _reinhard_apply(img, mean, std, self.lab_mean, self.lab_std, self.luminosity_threshold)
             else:
+                if float(pixels.std(axis=0).max()) < 1.0:  # a flat colour has no second stain to find
+                    return self._passthrough(img, "tissue is a single colour: two stains cannot be separated")
                 src = _estimate_stain_matrix(self.method, pixels, self.luminosity_threshold)
                 conc = _lasso_concentrations(img.reshape(-1, 3), src)
                 max_src = _max_concentrations(conc[mask.reshape(-1)])

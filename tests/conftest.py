@@ -28,3 +28,13 @@ def class_map():
     from helpers.config import load_class_map
 
     return load_class_map(ROOT / "data" / "classes.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Helpers return figures for notebooks to show; tests close them so none pile up."""
+    yield
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
