@@ -137,9 +137,8 @@ def _instrument() -> dict:
 
     wrap(infer, "_load_model", "load_model")
     wrap(infer, "tissue_mask", "tissue_mask")
-    wrap(infer, "write_raster_rows", "write_raster_rows")  # predict: probabilities.tiff; export: labels.tiff
     wrap(pp, "postprocess_labels", "postprocess_labels")
-    wrap(infer, "write_raster", "write_labels_tiff_in_memory")
+    wrap(infer, "write_raster", "write_raster")  # predict: probabilities.tiff; export: labels.tiff
     wrap(infer, "write_features_stream", "trace_and_write_geojson")
     wrap(infer, "overlay_figure", "overlay_figure")
 

@@ -237,9 +237,13 @@ def _disk_guard(path: Path) -> Iterator[None]:
         raise
 
 
-def write_raster(path: Path, array: np.ndarray, *, kind: str, mpp: float, downsample: float, meta: dict,
+def write_raster(path: Path, array: "np.ndarray | RowStore", *, kind: str, mpp: float, downsample: float, meta: dict,
                  overwrite: bool) -> Path:
-    """Write a pyramidal TIFF atomically (nothing under the final name unless complete)."""
+    """Write a pyramidal TIFF atomically (nothing under the final name unless complete).
+
+    ``array`` is an in-memory array or a :class:`RowStore`, which the writer reads strip by
+    strip (bounded memory).
+    """
     from helpers.rasters import write_pyramid_tiff
 
     h, w = array.shape[:2]
@@ -377,19 +381,6 @@ class RasterRows:
         y0, y1, _ = key.indices(self.shape[0])
         rows = self.read(y0, y1)
         return rows[(slice(None), *rest)] if rest else rows
-
-
-def write_raster_rows(path: Path, store: RowStore, *, kind: str, mpp: float, downsample: float, meta: dict,
-                      overwrite: bool) -> Path:
-    """Like :func:`write_raster`, from a :class:`RowStore` read strip by strip (bounded memory)."""
-    from helpers.rasters import write_pyramid_tiff
-
-    h, w = store.shape[:2]
-    channels = 1 if store.ndim == 2 else store.shape[2]
-    with _disk_guard(path), atomic_path(path, overwrite) as tmp:
-        write_pyramid_tiff(tmp, store, width=w, height=h, channels=channels, dtype=store.dtype, kind=kind,
-                           mpp=mpp, downsample=downsample, meta=meta, overwrite=True, progress=False)
-    return path
 
 
 def write_features_stream(features: Iterable[dict], path: Path, overwrite: bool = False) -> int:
@@ -585,8 +576,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
 
         meta = {"slide": slide.name, "classes": cmap.names, "overlap": overlap, "blend": blend, "tile_size": tile}
         prob_path = out_dir / "probabilities.tiff"
-        write_raster_rows(prob_path, probs_mm, kind="probabilities", mpp=model_mpp, downsample=ds, meta=meta,
-                          overwrite=True)
+        write_raster(prob_path, probs_mm, kind="probabilities", mpp=model_mpp, downsample=ds, meta=meta,
+                     overwrite=True)
         seconds = time.perf_counter() - t_start + seconds_before
         result = PredictionResult(
             slide=slide.name, slide_path=str(slide_path), out_dir=str(out_dir), probabilities=str(prob_path),
@@ -874,12 +865,7 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
             if tmp_store is not None:
                 tmp_store.close()
             meta = {"slide": slide_name, "classes": cmap.names}
-            if isinstance(labels, RowStore):
-                write_raster_rows(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta,
-                                  overwrite=True)
-            else:
-                write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta,
-                             overwrite=True)
+            write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta, overwrite=True)
             features = iter_label_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
                                            mpp=info["slide_mpp"], exclude=exclude_classes,
                                            band_rows=EXPORT_BAND_ROWS)
