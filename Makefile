@@ -9,6 +9,7 @@ WORKDIR ?= runs/demo
 export SM_FRAMEWORK := tf.keras
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
+export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: demo test lab bench batch install clean-demo
 

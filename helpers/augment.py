@@ -18,11 +18,15 @@ three-channel HED colour deconvolution (scikit-image's stain matrix) is invertib
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
+# albumentations asks the network for a newer version at import unless told not to;
+# this project pins it and runs offline.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 
@@ -219,7 +223,7 @@ def load_pairs(manifest: str | Path, workdir: str | Path | None = None, n: int =
 
 def tile_manifest(workdir: str | Path) -> Path:
     """The newest tile manifest of the work folder: ``labels/`` (03), else ``stain/`` (02), else ``tiles/`` (01)."""
-    from helpers.config import step_dir
+    from helpers.steps import step_dir
 
     for step in ("labels", "stain", "tiles"):
         path = step_dir(workdir, step) / "manifest.csv"

@@ -1,18 +1,6 @@
-"""Class map and work-folder layout shared by every step.
+"""The class map shared by every step (``data/classes.yaml``).
 
-The work folder (``workdir``) is the only hand-over between notebooks. Each step
-writes one sub-folder with a ``manifest.csv`` (see ``docs/workfolder.md``)::
-
-    workdir/
-      slides/ annotations/ truth/      00 demo data (or the user's own)
-      tiles/       01 image/label tile pairs + manifest.csv
-      stain/       02 normalizer.json, normalized tiles + manifest.csv
-      labels/      03 refined label tiles + manifest.csv
-      augment/     04 augment.yaml + preview
-      model/       05 best.keras, last.keras, history.csv, training_params.yaml, frames/
-      gif/         06 training.gif
-      predictions/ 07 one folder per slide
-      evaluation/  08 tables and plots
+The work-folder layout lives in :mod:`helpers.steps`.
 """
 
 from __future__ import annotations
@@ -26,39 +14,11 @@ import yaml
 
 from helpers.errors import ClassMapError
 
-#: Sub-folder of the work folder written by each step.
-STEP_DIRS: dict[str, str] = {
-    "slides": "slides",
-    "annotations": "annotations",
-    "truth": "truth",
-    "tiles": "tiles",
-    "stain": "stain",
-    "labels": "labels",
-    "augment": "augment",
-    "model": "model",
-    "gif": "gif",
-    "predictions": "predictions",
-    "evaluation": "evaluation",
-}
+#: Roles a class may carry in ``classes.yaml`` (each at most once).
+ROLES: tuple[str, ...] = ("background", "headline")
 
 #: Default class map shipped with the project (relative to the repository root).
 DEFAULT_CLASS_MAP = Path(__file__).resolve().parent.parent / "data" / "classes.yaml"
-
-
-def step_dir(workdir: str | Path, step: str, create: bool = False) -> Path:
-    """Return the sub-folder of ``workdir`` that ``step`` writes.
-
-    Args:
-        workdir: The work folder shared by all notebooks.
-        step: A key of :data:`STEP_DIRS` (e.g. ``"tiles"``).
-        create: Create the folder (and parents) if missing.
-    """
-    if step not in STEP_DIRS:
-        raise KeyError(f"unknown step {step!r}; known: {', '.join(STEP_DIRS)}")
-    path = Path(workdir) / STEP_DIRS[step]
-    if create:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @dataclass(frozen=True)
@@ -68,6 +28,7 @@ class TissueClass:
     label: int
     name: str
     color: tuple[int, int, int]
+    role: str | None = None  # "background" (glass) or "headline" (the class results lead with)
 
 
 @dataclass(frozen=True)
@@ -93,6 +54,26 @@ class ClassMap:
     @property
     def labels(self) -> list[int]:
         return [c.label for c in self.classes]
+
+    def _role(self, role: str) -> TissueClass:
+        for c in self.classes:
+            if c.role == role:
+                return c
+        raise ClassMapError(f"{self.source}: no class has role: {role}; add `role: {role}` to one class")
+
+    @property
+    def background(self) -> TissueClass:
+        """The glass/background class (``role: background`` in the YAML)."""
+        return self._role("background")
+
+    @property
+    def headline(self) -> TissueClass:
+        """The class results lead with, e.g. tumour (``role: headline`` in the YAML)."""
+        return self._role("headline")
+
+    def channel_of(self, name: str) -> int:
+        """Model output channel of a class name (channel = label - 1)."""
+        return self.label_of(name) - 1
 
     def label_of(self, name: str) -> int:
         """Label value of a class name (case-sensitive, as in QuPath)."""
@@ -120,7 +101,8 @@ class ClassMap:
         return {
             "ignore_label": self.ignore_label,
             "classes": [
-                {"label": c.label, "name": c.name, "color": list(c.color)} for c in self.classes
+                {"label": c.label, "name": c.name, "color": list(c.color), **({"role": c.role} if c.role else {})}
+                for c in self.classes
             ],
         }
 
@@ -157,12 +139,25 @@ def load_class_map(path: str | Path = DEFAULT_CLASS_MAP) -> ClassMap:
             raise ClassMapError(f"{path}: class #{i + 1} needs label (int), name (str) and color [r, g, b]") from None
         if len(color) != 3 or not all(0 <= v <= 255 for v in color):
             raise ClassMapError(f"{path}: class {name!r} color must be three values 0-255")
-        classes.append(TissueClass(label, name, color))  # type: ignore[arg-type]
+        role = entry.get("role")
+        if role is not None and role not in ROLES:
+            raise ClassMapError(f"{path}: class {name!r} has role {role!r}; roles are {', '.join(ROLES)}")
+        classes.append(TissueClass(label, name, color, role))  # type: ignore[arg-type]
     labels = [c.label for c in classes]
     if sorted(labels) != list(range(1, len(classes) + 1)):
         raise ClassMapError(f"{path}: labels must be 1..{len(classes)} without gaps (0 is unlabelled); got {labels}")
     names = [c.name for c in classes]
     if len(set(names)) != len(names):
         raise ClassMapError(f"{path}: class names must be unique; got {names}")
+    for role in ROLES:
+        holders = [c.name for c in classes if c.role == role]
+        if len(holders) > 1:
+            raise ClassMapError(f"{path}: role {role!r} is given to {holders}; give it to one class")
+        if not holders:
+            # maps written before roles existed: the conventional names stand in
+            fallback = {"background": "Background", "headline": "Tumor"}[role]
+            for i, c in enumerate(classes):
+                if c.name == fallback:
+                    classes[i] = TissueClass(c.label, c.name, c.color, role)
     classes.sort(key=lambda c: c.label)
     return ClassMap(tuple(classes), ignore, str(path))

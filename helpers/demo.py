@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers.config import DEFAULT_CLASS_MAP, ClassMap, load_class_map, step_dir
+from helpers.config import DEFAULT_CLASS_MAP, ClassMap, load_class_map
+from helpers.steps import step_dir
 from helpers.errors import ParameterError
 from helpers.io import check_writable
 

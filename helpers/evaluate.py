@@ -491,7 +491,7 @@ def seam_score(labels: np.ndarray, step: int, origin: tuple[int, int] = (0, 0)) 
 # ----------------------------------------------------------------------------- work folder
 def predicted_slides(workdir: str | Path) -> list[str]:
     """Names of the slides 07 predicted (``predictions/<slide>/labels.tiff`` exists)."""
-    from helpers.config import step_dir
+    from helpers.steps import step_dir
 
     pred = step_dir(workdir, "predictions")
     return sorted(p.parent.name for p in pred.glob("*/labels.tiff"))
@@ -512,7 +512,7 @@ def evaluate_workdir(workdir: str | Path, class_map: ClassMap, reference: str = 
     Raises:
         HistoUNetError: no prediction, or a slide without the requested reference.
     """
-    from helpers.config import step_dir
+    from helpers.steps import step_dir
 
     workdir = Path(workdir)
     slides = list(slides) if slides else predicted_slides(workdir)
@@ -543,7 +543,7 @@ def evaluate_workdir(workdir: str | Path, class_map: ClassMap, reference: str = 
 
 def _slide_size(workdir: Path, name: str, raster: Path) -> tuple[int, int]:
     """The slide's level-0 size: from the slide file if present, else from the raster."""
-    from helpers.config import step_dir
+    from helpers.steps import step_dir
     from helpers.slides import find_slides, open_slide
 
     slides_dir = step_dir(workdir, "slides")
@@ -557,7 +557,7 @@ def _slide_size(workdir: Path, name: str, raster: Path) -> tuple[int, int]:
 
 def slide_thumbnail(workdir: str | Path, name: str, max_size: int = 1200) -> np.ndarray | None:
     """RGB thumbnail of ``slides/<name>.*`` (None if the slide is not in the work folder)."""
-    from helpers.config import step_dir
+    from helpers.steps import step_dir
     from helpers.slides import find_slides, open_slide
 
     d = step_dir(workdir, "slides")
@@ -790,7 +790,7 @@ def plot_variants(table: pd.DataFrame, metric: str = "tumor_iou", tolerance: flo
 # ----------------------------------------------------------------------------- notebook steps
 def prepare_output(workdir: str | Path, overwrite: bool = False) -> Path:
     """``workdir/evaluation``, created; refuses a finished one (with a manifest) unless ``overwrite``."""
-    from helpers.config import step_dir
+    from helpers.steps import step_dir
     from helpers.io import check_writable
 
     out = step_dir(workdir, "evaluation", create=True)
@@ -800,7 +800,7 @@ def prepare_output(workdir: str | Path, overwrite: bool = False) -> Path:
 
 def find_slide(workdir: str | Path, name: str) -> Path:
     """``slides/<name>.*`` of the work folder, or the slide 07 predicted (``prediction.json``)."""
-    from helpers.config import step_dir
+    from helpers.steps import step_dir
     from helpers.slides import find_slides
 
     d = step_dir(workdir, "slides")
@@ -833,7 +833,7 @@ def workdir_variant_study(workdir: str | Path, slide: str, class_map: ClassMap,
         overwrite: Replace ``evaluation/variants.csv``.
         **kwargs: Passed to :func:`variant_study` (overlaps, blends, kernels, batch_size, ...).
     """
-    from helpers.config import step_dir
+    from helpers.steps import step_dir
 
     truth = step_dir(workdir, "truth") / f"{slide}.tiff"
     if not truth.is_file():
@@ -851,7 +851,7 @@ def workdir_variant_study(workdir: str | Path, slide: str, class_map: ClassMap,
 
 def write_manifest(workdir: str | Path, overwrite: bool = False) -> Path:
     """``evaluation/manifest.csv``: every file of the step (paths relative to the workdir); written last."""
-    from helpers.config import step_dir
+    from helpers.steps import step_dir
     from helpers.io import write_manifest as _write
 
     workdir = Path(workdir)

@@ -21,26 +21,30 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from helpers.errors import HistoUNetError, OutputExistsError
+from helpers.errors import HistoUNetError
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere the only portable read is a set-and-restore
     os.umask(mask)
     return mask
 
 
-_UMASK = _current_umask()
-
-
 def check_writable(path: str | Path, overwrite: bool = False) -> Path:
-    """Raise :class:`OutputExistsError` if ``path`` exists and ``overwrite`` is False."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{path} already exists; pass overwrite=True to replace it or choose another workdir"
-        )
-    return path
+    """Raise :class:`OutputExistsError` if ``path`` exists and ``overwrite`` is False.
+
+    The same rule as :func:`helpers.steps.guard_output` (which it calls).
+    """
+    from helpers.steps import guard_output
+
+    return guard_output(path, overwrite)
 
 
 @contextlib.contextmanager
@@ -59,7 +63,7 @@ def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         yield tmp_path
         if not tmp_path.exists() or tmp_path.stat().st_size == 0:
             raise HistoUNetError(f"{path}: nothing was written")
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared files
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are shared files
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -75,6 +79,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; step folders are shared
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

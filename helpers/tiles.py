@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from helpers.config import ClassMap, step_dir
+from helpers.config import ClassMap
+from helpers.steps import step_dir
 from helpers.errors import AnnotationError, HistoUNetError, ParameterError
 
 log = logging.getLogger(__name__)

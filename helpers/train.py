@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from helpers.config import ClassMap, load_class_map, step_dir
+from helpers.config import ClassMap, load_class_map
+from helpers.steps import step_dir
 from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.config import load_class_map, step_dir
+from helpers.config import load_class_map
+from helpers.steps import step_dir
 from helpers.errors import ClassMapError, HistoUNetError, OutputExistsError
 from helpers.io import atomic_path, read_image, write_image, write_json, read_json, write_manifest, read_manifest
 
