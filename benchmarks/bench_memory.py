@@ -136,7 +136,7 @@ def _instrument() -> dict:
         setattr(mod, name, inner)
 
     wrap(infer, "_load_model", "load_model")
-    wrap(infer, "tissue_mask", "tissue_mask")
+    wrap(infer, "slide_tissue_mask", "tissue_mask")
     wrap(pp, "postprocess_labels", "postprocess_labels")
     wrap(infer, "write_raster", "write_raster")  # predict: probabilities.tiff; export: labels.tiff
     wrap(infer, "write_features_stream", "trace_and_write_geojson")

@@ -35,3 +35,15 @@ class OutputExistsError(HistoUNetError):
 
 class ParameterError(HistoUNetError):
     """A parameter value is out of range or inconsistent with the data."""
+
+
+class ModelError(HistoUNetError):
+    """A model folder or weights file is missing or unusable."""
+
+
+class RasterError(HistoUNetError):
+    """A raster TIFF is missing, corrupt, or not readable as asked."""
+
+
+class DiskFullError(HistoUNetError):
+    """The disk filled up while writing an output (nothing was left under the final name)."""

@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 
 from helpers.config import ClassMap, TissueClass, load_class_map
-from helpers.errors import ClassMapError, HistoUNetError, OutputExistsError, ParameterError, SlideError
+from helpers.errors import ClassMapError, DiskFullError, HistoUNetError, OutputExistsError, ParameterError, SlideError
+from helpers.tissue import slide_tissue_mask
 from helpers.io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,6 @@ EXPORT_BAND_ROWS = 256
 RESULT_FILES = ("probabilities.tiff", "labels.tiff", "summary.json")
 
 PARTIAL_DIR = ".partial"
-
-
-class DiskFullError(HistoUNetError):
-    """The disk filled up while writing an output (nothing was left under the final name)."""
 
 
 @dataclass
@@ -150,23 +147,6 @@ def background_index(cmap: ClassMap) -> int:
         if c.name.lower() in ("background", "glass"):
             return i
     return 0
-
-
-def tissue_mask(slide, max_size: int = 2048) -> tuple[np.ndarray, float]:
-    """Low-resolution tissue mask: not glass (bright, unsaturated) and not black.
-
-    Returns:
-        ``(mask, downsample)`` with the mask's level-0 pixels per mask pixel.
-    """
-    import cv2
-
-    thumb, ds = slide.thumbnail(max_size)
-    hsv = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)
-    sat, val = hsv[..., 1], hsv[..., 2]
-    gray = cv2.cvtColor(thumb, cv2.COLOR_RGB2GRAY)
-    mask = ((sat > 20) | (gray < 200)) & (val > 30)
-    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
-    return mask, ds
 
 
 def grid_positions(length: int, tile: int, stride: int) -> list[int]:
@@ -483,7 +463,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         if W < tile or H < tile:
             raise SlideError(f"{slide_path}: {W}x{H} px at {model_mpp} um/px is smaller than one {tile} px tile; "
                              "use a smaller tile_size or a larger slide")
-        mask, mask_ds = tissue_mask(slide)
+        mask, mask_ds = slide_tissue_mask(slide)
         xs, ys = grid_positions(W, tile, stride), grid_positions(H, tile, stride)
         f = ds / mask_ds  # mask pixels per raster pixel
         tissue: list[list[int]] = []

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.errors import HistoUNetError, ParameterError
+from helpers.errors import HistoUNetError, ModelError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ SIZE_MULTIPLE = 32
 BACKBONES = ("efficientnetb0", "efficientnetb1", "efficientnetb2", "efficientnetb3")
 
 _WEIGHTS_HOST = ("github.com", 443)
-
-
-class ModelError(HistoUNetError):
-    """A model folder or weights file is missing or unusable."""
 
 
 def _import_sm():

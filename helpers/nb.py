@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from helpers.errors import HistoUNetError
 
@@ -66,3 +67,16 @@ def check_outputs(paths: list[str | Path] | dict[str, str | Path]) -> None:
             missing.append(str(p))
     if missing:
         raise HistoUNetError(f"outputs missing: {', '.join(missing)}; see the errors above")
+
+
+def renamed_parameter(value: Any, old_value: Any, old: str, new: str) -> Any:
+    """A parameter's value, honouring its old name for one release (with a warning).
+
+    Use in the cell after ``parameters``: the cell declares both names, the old one
+    ``= None``; ``x = renamed_parameter(x, old_x, "old_x", "x")``.
+    """
+    if old_value is None:
+        return value
+    logging.getLogger("histo-unet").warning("parameter %s= is deprecated and will be removed in the next release; "
+                                            "use %s= instead", old, new)
+    return old_value

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.errors import HistoUNetError, ParameterError
+from helpers.errors import HistoUNetError, ParameterError, RasterError
 from helpers.io import atomic_path, check_writable
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,6 @@ _RAM_BUFFER_BYTES = 64 * 2**20
 _BLOCK_TILES = 8
 
 TileReader = Callable[[int, int, int, int], np.ndarray]
-
-
-class RasterError(HistoUNetError):
-    """A raster TIFF is missing, corrupt, or not readable as asked."""
 
 
 def pyramid_shapes(width: int, height: int, tile: int = 256) -> list[tuple[int, int]]:
