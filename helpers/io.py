@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from helpers.errors import HistoUNetError
+from helpers.errors import HistoUNetError, OutputExistsError
 
 
 def current_umask() -> int:
@@ -37,14 +37,23 @@ def current_umask() -> int:
     return mask
 
 
-def check_writable(path: str | Path, overwrite: bool = False) -> Path:
-    """Raise :class:`OutputExistsError` if ``path`` exists and ``overwrite`` is False.
+def check_writable(path: str | Path, overwrite: bool = False, what: str = "") -> Path:
+    """The one refuse-to-overwrite rule: an existing output needs ``overwrite=True``.
 
-    The same rule as :func:`helpers.steps.guard_output` (which it calls).
+    ``path`` is a file, or a folder (which counts as existing when it is not empty).
+    Steps call it as :func:`helpers.steps.guard_output`.
+
+    Raises:
+        OutputExistsError: naming the path and the two ways out.
     """
-    from helpers.steps import guard_output
-
-    return guard_output(path, overwrite)
+    path = Path(path)
+    exists = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if exists and not overwrite:
+        what = f" ({what})" if what else ""
+        raise OutputExistsError(
+            f"{path} already exists{what}; pass overwrite=True to replace it or choose another workdir"
+        )
+    return path
 
 
 @contextlib.contextmanager

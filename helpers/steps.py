@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from helpers.errors import HistoUNetError, OutputExistsError
+from helpers.errors import HistoUNetError
+from helpers.io import check_writable as guard_output  # the one refuse-to-overwrite rule
+from helpers.io import write_manifest
 
 #: Sub-folder of the work folder written by each step.
 STEP_DIRS: dict[str, str] = {
@@ -86,32 +88,12 @@ def is_done(folder: str | Path) -> bool:
     return (Path(folder) / DONE).is_file()
 
 
-def guard_output(path: str | Path, overwrite: bool = False, what: str = "") -> Path:
-    """The one refuse-to-overwrite rule: an existing output needs ``overwrite=True``.
-
-    ``path`` is a file, or a folder (which counts as existing when it is not empty).
-
-    Raises:
-        OutputExistsError: naming the path and the two ways out.
-    """
-    path = Path(path)
-    exists = path.is_file() or (path.is_dir() and any(path.iterdir()))
-    if exists and not overwrite:
-        what = f" ({what})" if what else ""
-        raise OutputExistsError(
-            f"{path} already exists{what}; pass overwrite=True to replace it or choose another workdir"
-        )
-    return path
-
-
 def mark_done(folder: str | Path, table: pd.DataFrame | None = None) -> Path:
     """Write ``folder``'s done marker: ``table`` if given, else a list of its files.
 
     The file list has columns ``file`` (relative to ``folder``) and ``bytes``; hidden and
     partial files are left out. Written atomically, last.
     """
-    from helpers.io import write_manifest
-
     folder = Path(folder)
     if table is None:
         rows = [
