@@ -17,7 +17,7 @@ Set-up (documented choices):
   depend on the weights), trained resolution 1 um/px, tile 256, saved as a model folder
   with ``training_params.yaml`` like 05 writes, and a Macenko normalizer fitted to a
   real tile, so inference normalizes every tile as in the real pipeline.
-* **End to end** = :func:`helpers.infer.predict_slide` + :func:`helpers.infer.export_prediction`
+* **End to end** = :func:`helpers.predict.predict_slide` + :func:`helpers.export.export_prediction`
   (labels TIFF, QuPath GeoJSON, overlay, summary), model loading included.
   **Model only** = the same number of tiles, already in memory, through
   ``model(preprocess(x))`` in batches of the same size (one warm-up batch excluded).
@@ -182,7 +182,8 @@ def sample_tiles(slide_path: Path, tile: int, ds: float, n: int = 16) -> np.ndar
 def run(size: int = 4096, overlap: int = 16, tile: int = 256, batch: int = 8, workdir: Path | None = None,
         keep: bool = False, normalizer: bool = True) -> dict:
     """Build the fixtures, run both measurements, print and return the figures."""
-    from helpers.infer import export_prediction, predict_slide
+    from helpers.export import export_prediction
+    from helpers.predict import predict_slide
 
     mach = machine()
     tmp = Path(workdir or tempfile.mkdtemp(prefix="bench_inference_"))

@@ -14,8 +14,8 @@ fork/exec, so it would include the parent's slide generation) and, sampled every
 with psutil, its peak *anonymous* memory (RSS minus file-backed pages: the memory-mapped probability file is
 paged in and out by the OS and is counted in RSS while resident).
 
-Phases: ``predict`` = :func:`helpers.infer.predict_slide` (reading, tiling, model,
-blending, ``probabilities.tiff``); ``export`` = :func:`helpers.infer.export_prediction`
+Phases: ``predict`` = :func:`helpers.predict.predict_slide` (reading, tiling, model,
+blending, ``probabilities.tiff``); ``export`` = :func:`helpers.export.export_prediction`
 (post-processing, labels TIFF, GeoJSON, overlay). An export whose rough upper bound
 (the uint8 label image a few times over plus band buffers) exceeds half the available
 RAM is skipped and reported, so the benchmark cannot push the machine into the OOM killer.
@@ -83,7 +83,8 @@ def _child(phase: str, slide: str, model_dir: str, out_dir: str, tile: int) -> N
 
     threading.Thread(target=sample, daemon=True).start()
     logging.basicConfig(level=logging.WARNING)
-    from helpers.infer import export_prediction, predict_slide
+    from helpers.export import export_prediction
+    from helpers.predict import predict_slide
 
     checkpoints = _instrument()
 
@@ -118,8 +119,11 @@ def _instrument() -> dict:
     "rss_after"}}`` in MB (the first call of each step; ``band0`` / ``band_last`` after the
     first and last predicted band). A step that raised the peak is a contributor to it.
     """
-    import helpers.infer as infer
+    import helpers.export as export
     import helpers.postprocess as pp
+    import helpers.predict as predict
+    import helpers.qupath as qupath
+    import helpers.views.predict as views
 
     marks: dict = {}
 
@@ -135,18 +139,19 @@ def _instrument() -> dict:
 
         setattr(mod, name, inner)
 
-    wrap(infer, "_load_model", "load_model")
-    wrap(infer, "slide_tissue_mask", "tissue_mask")
+    wrap(predict, "load_model_and_classes", "load_model")
+    wrap(predict, "slide_tissue_mask", "tissue_mask")
     wrap(pp, "postprocess_labels", "postprocess_labels")
-    wrap(infer, "write_raster", "write_raster")  # predict: probabilities.tiff; export: labels.tiff
-    wrap(infer, "write_features_stream", "trace_and_write_geojson")
-    wrap(infer, "overlay_figure", "overlay_figure")
+    wrap(predict, "write_raster", "write_raster")  # predict: probabilities.tiff
+    wrap(export, "write_raster", "write_raster")  # export: labels.tiff (one phase per child process)
+    wrap(qupath, "write_features_stream", "trace_and_write_geojson")
+    wrap(views, "overlay_figure", "overlay_figure")
 
     def band_done(band: int) -> None:
         key = "band0" if band == 0 else "band_last"
         marks[key] = {"band": band, "hwm": round(_vm_kb("VmHWM") / 1024, 1), "rss": round(_vm_kb("VmRSS") / 1024, 1)}
 
-    infer._band_done = band_done
+    predict._band_done = band_done
     return marks
 
 

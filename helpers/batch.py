@@ -6,16 +6,16 @@ Usage::
     make batch SLIDES=DIR [MPP=0.5] [WORKDIR=runs/demo]
 
 Each slide gets its own executed copy ``WD/notebooks/batch/07_infer_slide_<slide>.ipynb``
-(the source notebook is never written). A slide whose ``WD/predictions/<slide>/summary.json``
-exists is skipped unless ``--overwrite``. A failing slide does not stop the batch: the
-failures are listed at the end and the exit code is 1.
+(the source notebook is never written; :func:`helpers.runner.run_notebook`). A slide whose
+``WD/predictions/<slide>/`` is done (holds its ``manifest.csv``) is skipped unless
+``--overwrite``. A failing slide does not stop the batch: the failures are listed at the
+end and the exit code is 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +24,8 @@ from pathlib import Path
 import yaml
 
 from helpers.errors import HistoUNetError, ParameterError
+from helpers.runner import run_notebook, select_parameters
+from helpers.steps import is_done, step_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "07_infer_slide.ipynb"
@@ -60,8 +62,6 @@ def run_batch(slides: str | Path, workdir: str | Path, *, mpp: float | None = No
     Returns:
         One :class:`SlideRun` per slide, in order.
     """
-    import papermill as pm
-
     from helpers.slides import find_slides
 
     workdir = Path(workdir).resolve()
@@ -70,20 +70,13 @@ def run_batch(slides: str | Path, workdir: str | Path, *, mpp: float | None = No
         raise ParameterError(f"{slides}: no slide files found (endings .svs, .tiff, .ndpi, .mrxs, ...)")
     out_dir = workdir / "notebooks" / "batch"
     out_dir.mkdir(parents=True, exist_ok=True)
-    declared = pm.inspect_notebook(str(notebook))
-    extra = dict(params or {})
-    unknown = sorted(set(extra) - set(declared))
-    if unknown:
-        raise ParameterError(f"{notebook.name} has no parameter(s) {', '.join(unknown)}")
-    os.environ["PAPERMILL_EXECUTION"] = "1"
-    os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    extra = select_parameters(notebook, dict(params or {}))
     runs: list[SlideRun] = []
     for i, path in enumerate(paths, 1):
         name = path.stem
-        done = workdir / "predictions" / name / "summary.json"
-        if done.is_file() and not overwrite:
-            runs.append(SlideRun(name, "skipped", message=f"{done} exists"))
+        pred_dir = step_dir(workdir, "predictions") / name
+        if is_done(pred_dir) and not overwrite:
+            runs.append(SlideRun(name, "skipped", message=f"{pred_dir} is done"))
             if progress:
                 print(f"[{i}/{len(paths)}] {name}: skipped (already done)", flush=True)
             continue
@@ -93,13 +86,10 @@ def run_batch(slides: str | Path, workdir: str | Path, *, mpp: float | None = No
         nb_out = out_dir / f"{notebook.stem}_{name}.ipynb"
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(str(notebook), str(nb_out), parameters=values, cwd=str(notebook.parent),
-                                kernel_name="python3", progress_bar=False, log_output=False,
-                                execution_timeout=timeout)
+            run_notebook(notebook, nb_out, values, timeout=timeout)
             runs.append(SlideRun(name, "done", time.perf_counter() - t0, notebook=str(nb_out)))
-        except pm.PapermillExecutionError as exc:
-            msg = f"{exc.ename}: {str(exc.evalue).splitlines()[0] if exc.evalue else ''}".strip()
-            runs.append(SlideRun(name, "failed", time.perf_counter() - t0, msg, str(nb_out)))
+        except HistoUNetError as exc:
+            runs.append(SlideRun(name, "failed", time.perf_counter() - t0, str(exc), str(nb_out)))
         except Exception as exc:  # noqa: BLE001 - one slide's failure must not stop the batch
             runs.append(SlideRun(name, "failed", time.perf_counter() - t0, f"{type(exc).__name__}: {exc}",
                                  str(nb_out)))
@@ -129,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed "
           f"(results in {Path(args.workdir) / 'predictions'})")
     for r in failed:
-        print(f"FAILED {r.slide}: {r.message}  (see {r.notebook})", file=sys.stderr)
+        print(f"FAILED {r.slide}: {r.message}" + ("" if r.notebook in r.message else f"  (see {r.notebook})"),
+              file=sys.stderr)
     return 1 if failed else 0
 
 

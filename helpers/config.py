@@ -149,15 +149,28 @@ def load_class_map(path: str | Path = DEFAULT_CLASS_MAP) -> ClassMap:
     names = [c.name for c in classes]
     if len(set(names)) != len(names):
         raise ClassMapError(f"{path}: class names must be unique; got {names}")
+    classes = with_default_roles(classes, str(path))
+    classes.sort(key=lambda c: c.label)
+    return ClassMap(tuple(classes), ignore, str(path))
+
+
+def with_default_roles(classes: list[TissueClass], source: str = "<memory>") -> list[TissueClass]:
+    """``classes`` with each role given at most once; a role nobody holds goes to its conventional name.
+
+    Maps written before roles existed (and model folders trained then) name their glass
+    class "Background" and their headline class "Tumor".
+
+    Raises:
+        ClassMapError: a role given to several classes.
+    """
+    classes = list(classes)
     for role in ROLES:
         holders = [c.name for c in classes if c.role == role]
         if len(holders) > 1:
-            raise ClassMapError(f"{path}: role {role!r} is given to {holders}; give it to one class")
+            raise ClassMapError(f"{source}: role {role!r} is given to {holders}; give it to one class")
         if not holders:
-            # maps written before roles existed: the conventional names stand in
             fallback = {"background": "Background", "headline": "Tumor"}[role]
             for i, c in enumerate(classes):
                 if c.name == fallback:
                     classes[i] = TissueClass(c.label, c.name, c.color, role)
-    classes.sort(key=lambda c: c.label)
-    return ClassMap(tuple(classes), ignore, str(path))
+    return classes

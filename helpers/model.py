@@ -229,3 +229,93 @@ def load_trained(model_dir: str | Path):
                          "re-run 05_train_model") from None
     params["model_file"] = str(path)
     return model, params
+
+
+# --------------------------------------------------------------------------- a trained model's classes
+
+
+def class_map_from_params(classes: Any, source: str):
+    """A :class:`helpers.config.ClassMap` from ``training_params.yaml``'s ``classes`` entry.
+
+    Accepts the :meth:`ClassMap.to_dict` form (``{"classes": [{label, name, color, role}]}``),
+    a bare list of such entries, or ``{name: label}``. Roles missing from older folders
+    are given as :func:`helpers.config.with_default_roles` does.
+    """
+    from helpers.config import ROLES, ClassMap, TissueClass, with_default_roles
+    from helpers.errors import ClassMapError
+
+    try:
+        if isinstance(classes, dict) and "classes" in classes:
+            classes = classes["classes"]
+        if isinstance(classes, dict):
+            items = [TissueClass(int(v), str(k), (128, 128, 128)) for k, v in classes.items()]
+        else:
+            items = [TissueClass(int(c["label"]), str(c["name"]), tuple(int(v) for v in c.get("color", (128, 128, 128))),
+                                 c.get("role") if c.get("role") in ROLES else None)
+                     for c in classes]
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise ClassMapError(f"{source}: 'classes' is not a class map; re-run 05_train_model") from None
+    items = with_default_roles(items, source)
+    items.sort(key=lambda c: c.label)
+    return ClassMap(tuple(items), 0, source)
+
+
+def load_model_and_classes(model_dir: str | Path):
+    """A trained model for inference: ``(model, training params, class map)``, checked against each other.
+
+    Raises:
+        ModelError, ParameterError, ClassMapError: one line naming the model folder's file.
+    """
+    from helpers.errors import ClassMapError
+
+    model, params = load_trained(model_dir)
+    src = str(Path(model_dir) / "training_params.yaml")
+    for key in ("mpp", "tile_size", "classes"):
+        if params.get(key) in (None, ""):
+            raise ParameterError(f"{src}: missing '{key}'; re-run 05_train_model")
+    cmap = class_map_from_params(params["classes"], src)
+    n_out = int(model.output_shape[-1])
+    if n_out != cmap.n_classes:
+        raise ClassMapError(f"{params.get('model_file', model_dir)}: model predicts {n_out} classes but "
+                            f"{src} lists {cmap.n_classes} ({', '.join(cmap.names)}); use the matching model folder")
+    return model, params, cmap
+
+
+def check_class_map(model_classes, class_map):
+    """The class map to use: the user's one if given (must match the model's), else the model's.
+
+    Args:
+        model_classes: The model's :class:`helpers.config.ClassMap`.
+        class_map: A ClassMap, a ``classes.yaml`` path, or None.
+    """
+    from helpers.config import ClassMap, load_class_map
+    from helpers.errors import ClassMapError
+
+    if class_map is None:
+        return model_classes
+    cmap = class_map if isinstance(class_map, ClassMap) else load_class_map(class_map)
+    if cmap.names != model_classes.names:
+        raise ClassMapError(f"{cmap.source}: classes {cmap.names} do not match the model's {model_classes.names} "
+                            f"({model_classes.source}); pass the class map the model was trained with")
+    return cmap
+
+
+def _role_channel(cmap, role: str) -> int | None:
+    from helpers.errors import ClassMapError
+
+    try:
+        cls = cmap.background if role == "background" else cmap.headline
+    except ClassMapError:
+        return None
+    return cmap.classes.index(cls)
+
+
+def background_index(cmap) -> int:
+    """Model channel of the map's background (glass) class; channel 0 when no class has that role."""
+    ch = _role_channel(cmap, "background")
+    return 0 if ch is None else ch
+
+
+def headline_index(cmap) -> int | None:
+    """Model channel of the map's headline class (e.g. tumour), None when no class has that role."""
+    return _role_channel(cmap, "headline")

@@ -6,14 +6,14 @@ Usage::
 
 Each notebook gets ``workdir`` (absolute) plus the values in ``<params>/<notebook>.yaml``
 when that file exists; only parameters the notebook declares are passed. Executed
-copies go to ``<workdir>/notebooks/``; the source notebooks are never written.
+copies go to ``<workdir>/notebooks/``; the source notebooks are never written
+(:func:`helpers.runner.run_notebook`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 import time
@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from helpers.errors import HistoUNetError
+from helpers.runner import run_notebook, select_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -35,22 +36,15 @@ def chain(notebooks_dir: Path = NOTEBOOKS) -> list[Path]:
 
 def notebook_parameters(nb_path: Path, workdir: Path, params_dir: Path | None, overwrite: bool) -> dict:
     """Parameters to pass: workdir, overwrite, and the notebook's YAML values it declares."""
-    import papermill as pm
-
-    declared = pm.inspect_notebook(str(nb_path))
     values: dict = {"workdir": str(workdir.resolve())}
     if overwrite:
         values["overwrite"] = True
+    source = None
     if params_dir is not None:
-        f = params_dir / f"{nb_path.stem}.yaml"
-        if f.is_file():
-            values.update(yaml.safe_load(f.read_text()) or {})
-    unknown = sorted(set(values) - set(declared))
-    if unknown and params_dir is not None:
-        extra = [k for k in unknown if k not in ("workdir", "overwrite")]
-        if extra:
-            raise HistoUNetError(f"{params_dir}/{nb_path.stem}.yaml: {nb_path.name} has no parameter(s) {', '.join(extra)}")
-    return {k: v for k, v in values.items() if k in declared}
+        source = params_dir / f"{nb_path.stem}.yaml"
+        if source.is_file():
+            values.update(yaml.safe_load(source.read_text()) or {})
+    return select_parameters(nb_path, values, source, optional=("workdir", "overwrite"))
 
 
 def run_chain(workdir: str | Path, params_dir: str | Path | None = None, only: list[str] | None = None,
@@ -60,15 +54,10 @@ def run_chain(workdir: str | Path, params_dir: str | Path | None = None, only: l
     Returns:
         ``[(notebook name, seconds), ...]`` for the notebooks run.
     """
-    import papermill as pm
-
     workdir = Path(workdir)
     out_dir = workdir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     params_dir = Path(params_dir) if params_dir else None
-    os.environ["PAPERMILL_EXECUTION"] = "1"
-    os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
-    os.environ.setdefault("MPLBACKEND", "Agg")
     timings = []
     todo = [nb for nb in chain(notebooks_dir) if not only or nb.name[:2] in only or nb.stem in only]
     if not todo:
@@ -76,15 +65,7 @@ def run_chain(workdir: str | Path, params_dir: str | Path | None = None, only: l
     for nb in todo:
         params = notebook_parameters(nb, workdir, params_dir, overwrite)
         print(f"==> {nb.name}  {params}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params, cwd=str(nb.parent),
-                                kernel_name="python3", progress_bar=False, log_output=False,
-                                execution_timeout=timeout)
-        except pm.PapermillExecutionError as exc:
-            msg = f"{exc.ename}: {exc.evalue}".strip()
-            raise HistoUNetError(f"{nb.name} failed ({msg}); see {out_dir / nb.name}") from None
-        dt = time.perf_counter() - t0
+        dt = run_notebook(nb, out_dir / nb.name, params, timeout=timeout)
         timings.append((nb.name, dt))
         print(f"    done in {dt:.1f} s", flush=True)
     return timings

@@ -255,7 +255,7 @@ def postprocess_labels(probs, mpp: float, *, smoothing: str | None = "gaussian",
       works in bands.
 
     ``out`` and ``scratch``: optional ``(H, W)`` uint8 destinations assignable and
-    readable by row slices (e.g. :class:`helpers.infer.RowStore` on disk): the labels go
+    readable by row slices (e.g. :class:`helpers.rasters.RowStore` on disk): the labels go
     to ``out`` (``scratch`` holds them before morphology), so without hole filling or
     small-object removal no whole-image array is held in memory at all.
 
@@ -303,33 +303,3 @@ def postprocess_labels(probs, mpp: float, *, smoothing: str | None = "gaussian",
         del prev
     log.info("post-processing changed pixels: %s", changed)
     return labels, changed
-
-
-def before_after_figure(image: np.ndarray | None, before: np.ndarray, after: np.ndarray, class_map,
-                        titles: tuple[str, str] = ("raw argmax", "post-processed"), max_size: int = 1024):
-    """Figure: before | after label overlays (on ``image`` when given), with changed pixels counted."""
-    import cv2
-    import matplotlib.pyplot as plt
-
-    from helpers.viz import colorize, legend_handles, overlay
-
-    h, w = before.shape
-    s = min(1.0, max_size / max(h, w))
-    size = (max(1, int(w * s)), max(1, int(h * s)))
-    b = cv2.resize(before, size, interpolation=cv2.INTER_NEAREST)
-    a = cv2.resize(after, size, interpolation=cv2.INTER_NEAREST)
-    if image is not None:
-        img = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        pics = [overlay(img, b, class_map), overlay(img, a, class_map)]
-    else:
-        pics = [colorize(b, class_map), colorize(a, class_map)]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 6 * size[1] / size[0] + 0.8))
-    n = int((before != after).sum())
-    for ax, pic, t in zip(axes, pics, titles):
-        ax.imshow(pic)
-        ax.set_title(t)
-        ax.axis("off")
-    axes[1].legend(handles=legend_handles(class_map), loc="lower right", fontsize=8, framealpha=0.8)
-    fig.suptitle(f"post-processing changed {n} px ({100 * n / before.size:.2f} %)")
-    fig.tight_layout()
-    return fig

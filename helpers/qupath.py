@@ -8,12 +8,13 @@ with ``objectType`` ("annotation" or "detection"), an optional ``name``,
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from helpers.io import write_json
+from helpers.io import atomic_path, write_json
 
 
 def make_feature(geometry: Any, class_name: str | None, color: tuple[int, int, int] | list[int] | None,
@@ -60,9 +61,37 @@ def write_feature_collection(features: list[dict], path: str | Path, overwrite: 
     return write_json({"type": "FeatureCollection", "features": features}, path, overwrite=overwrite, indent=None)
 
 
+def write_features_stream(features: Iterable[dict], path: str | Path, overwrite: bool = False) -> int:
+    """Write GeoJSON features to a ``FeatureCollection`` file as they come (atomically).
+
+    The same JSON as :func:`write_feature_collection`, without holding the
+    list: a whole-slide export has one feature per region. Returns the number written.
+    """
+    n = 0
+    with atomic_path(path, overwrite) as tmp, open(tmp, "w") as fh:
+        fh.write('{"type": "FeatureCollection", "features": [')
+        for feat in features:
+            fh.write((", " if n else "") + json.dumps(feat))
+            n += 1
+        fh.write("]}")
+    return n
+
+
+def _excluded_names(class_map: Any, exclude: tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """Class names not exported: ``exclude``, or by default the map's background (glass) class."""
+    if exclude is not None:
+        return tuple(exclude)
+    from helpers.errors import ClassMapError
+
+    try:
+        return (class_map.background.name,)
+    except (ClassMapError, AttributeError):
+        return ()
+
+
 def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, probabilities: Any = None,
                        object_type: str = "annotation", mpp: float | None = None,
-                       exclude: tuple[str, ...] | list[str] = ("Background",), min_area_px: int = 1,
+                       exclude: tuple[str, ...] | list[str] | None = None, min_area_px: int = 1,
                        simplify_tolerance: float | None = 0.25, connectivity: int = 4,
                        band_rows: int | None = None) -> list[dict]:
     """QuPath features from a label image: one per connected region per class, holes kept.
@@ -81,7 +110,7 @@ def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, pro
 
     Args:
         labels: ``(H, W)`` label image (``0`` unlabelled, ``1..N`` classes); with
-            ``band_rows`` anything sliceable by rows (a memmap, :class:`helpers.infer.RowStore`).
+            ``band_rows`` anything sliceable by rows (a memmap, :class:`helpers.rasters.RowStore`).
         class_map: :class:`helpers.config.ClassMap` giving names and colours.
         downsample: Level-0 slide pixels per label pixel.
         probabilities: Optional ``(H, W, N)`` class probabilities (0-1 or uint8 0-255);
@@ -89,7 +118,7 @@ def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, pro
             of rows, so a row-sliceable array on disk is fine.
         object_type: ``"annotation"`` or ``"detection"``.
         mpp: Level-0 um/px; adds ``Area µm^2`` (else ``Area px^2`` in level-0 pixels).
-        exclude: Class names not exported (glass).
+        exclude: Class names not exported; None: the class map's background (glass) class.
         min_area_px: Regions with fewer label pixels are skipped.
         simplify_tolerance: Douglas-Peucker tolerance in *label* pixels (keep it below 1
             so the outline stays within one model pixel); None/0 keeps every vertex.
@@ -114,6 +143,7 @@ def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, pro
     if rows < 1:
         raise ValueError(f"band_rows must be >= 1; got {band_rows}")
     feats: list[tuple[int, tuple[int, int], dict]] = []
+    exclude = _excluded_names(class_map, exclude)
     for ci, key, feat in _iter_features(labels, class_map, downsample, probabilities, object_type, mpp, exclude,
                                         min_area_px, simplify_tolerance, connectivity, rows):
         feats.append((ci, key, feat))
@@ -123,7 +153,7 @@ def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, pro
 
 def iter_label_features(labels: Any, class_map: Any, downsample: float = 1.0, probabilities: Any = None,
                         object_type: str = "annotation", mpp: float | None = None,
-                        exclude: tuple[str, ...] | list[str] = ("Background",), min_area_px: int = 1,
+                        exclude: tuple[str, ...] | list[str] | None = None, min_area_px: int = 1,
                         simplify_tolerance: float | None = 0.25, connectivity: int = 4,
                         band_rows: int = 256) -> Iterator[dict]:
     """:func:`labels_to_features` as a stream, traced in bands of rows: each feature is
@@ -138,6 +168,7 @@ def iter_label_features(labels: Any, class_map: Any, downsample: float = 1.0, pr
         raise ValueError(f"labels must be 2-D; got shape {labels.shape}")
     if band_rows < 1:
         raise ValueError(f"band_rows must be >= 1; got {band_rows}")
+    exclude = _excluded_names(class_map, exclude)
     for _, _, feat in _iter_features(labels, class_map, downsample, probabilities, object_type, mpp, exclude,
                                      min_area_px, simplify_tolerance, connectivity, int(band_rows)):
         yield feat

@@ -97,7 +97,9 @@ def test_before_after_figure(class_map):
     lab = scene()
     res = pp.postprocess(one_hot(lab), mpp=1.0, smoothing=None, min_area_um2=20)
     img = np.full(lab.shape + (3,), 230, np.uint8)
-    fig = pp.before_after_figure(img, res.raw, res.labels, class_map)
+    from helpers.views.predict import before_after_figure
+
+    fig = before_after_figure(img, res.raw, res.labels, class_map)
     assert isinstance(fig, matplotlib.figure.Figure)
     assert "9 px" in fig._suptitle.get_text()
 

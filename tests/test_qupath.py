@@ -185,3 +185,29 @@ def test_streamed_features_are_the_listed_ones(class_map):
         return f["properties"]["classification"]["name"], round(g.area, 3), round(g.bounds[0], 3), round(g.bounds[1], 3)
 
     assert sorted(map(key, streamed)) == sorted(map(key, listed))
+
+
+def test_glass_left_out_by_role_not_by_name(tmp_path):
+    """The class with role background is not exported, whatever its name; a map without one exports all."""
+    from helpers.config import load_class_map
+    from helpers.qupath import iter_label_features, write_features_stream
+
+    (tmp_path / "c.yaml").write_text(
+        "classes:\n"
+        "  - {label: 1, name: Tissue, color: [0, 200, 0]}\n"
+        "  - {label: 2, name: Glass, color: [200, 200, 200], role: background}\n")
+    cmap = load_class_map(tmp_path / "c.yaml")
+    lab = np.full((40, 40), 2, np.uint8)
+    lab[10:20, 10:20] = 1
+    names = [f["properties"]["classification"]["name"] for f in labels_to_features(lab, cmap)]
+    assert names == ["Tissue"]
+    streamed = list(iter_label_features(lab, cmap, band_rows=8))
+    assert [f["properties"]["classification"]["name"] for f in streamed] == ["Tissue"]
+    (tmp_path / "n.yaml").write_text("classes:\n  - {label: 1, name: A, color: [0, 0, 0]}\n"
+                                     "  - {label: 2, name: B, color: [9, 9, 9]}\n")
+    assert len(labels_to_features(lab, load_class_map(tmp_path / "n.yaml"))) == 2
+    # the streaming writer gives the same FeatureCollection JSON as the list writer
+    n = write_features_stream(iter(streamed), tmp_path / "s.geojson")
+    write_feature_collection(streamed, tmp_path / "l.geojson")
+    assert n == 1
+    assert json.loads((tmp_path / "s.geojson").read_text()) == json.loads((tmp_path / "l.geojson").read_text())

@@ -154,3 +154,24 @@ def test_bad_parameters_are_rejected(tmp_path):
         write_pyramid_tiff(tmp_path / "b.tiff", lambda x, y, w, h: None)
     with pytest.raises(HistoUNetError, match="JPEG"):
         write_pyramid_tiff(tmp_path / "c.tiff", np.zeros((10, 10), np.uint8), kind="labels", compression="jpeg")
+
+
+def test_row_store_and_raster_rows_read_what_was_written(tmp_path):
+    from helpers.rasters import RasterRows, RowStore, read_raster, write_pyramid_tiff
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (300, 170, 4), dtype=np.uint8)
+    store = RowStore(tmp_path / "p.npy", a.shape, np.uint8, create=True)
+    for y in range(0, 300, 64):
+        store.write(y, a[y:y + 64])
+    assert np.array_equal(store[10:250], a[10:250])
+    assert np.array_equal(store[5:9, 3:7, 2], a[5:9, 3:7, 2])
+    assert np.array_equal(store(128, 256, 40, 44), a[256:300, 128:168])
+    store.close()
+    assert np.array_equal(np.load(tmp_path / "p.npy"), a)  # a plain .npy file (resumable)
+    write_pyramid_tiff(tmp_path / "p.tiff", RowStore(tmp_path / "p.npy"), width=170, height=300, channels=4,
+                       kind="probabilities", downsample=2.5)
+    rows = RasterRows(tmp_path / "p.tiff")
+    assert rows.shape == a.shape and rows.dtype == np.uint8
+    assert np.array_equal(rows[0:300], read_raster(tmp_path / "p.tiff")) and np.array_equal(rows[0:300], a)
+    assert np.array_equal(rows[37:101, :, 1], a[37:101, :, 1])

@@ -1,0 +1,152 @@
+"""Prediction export (07, step 2): ``probabilities.tiff`` -> labels, QuPath GeoJSON, overlay, summary.
+
+:func:`export_prediction` post-processes the stored probabilities (:mod:`helpers.postprocess`),
+writes ``labels.tiff``, ``<slide>.geojson`` (:mod:`helpers.qupath`), ``overlay.png`` and
+``summary.json``, then the folder's done marker (:func:`helpers.steps.mark_done`, last).
+Post-processing variants can be tried without predicting again.
+
+Memory: the probability TIFF is read in bands of rows (:class:`helpers.rasters.RasterRows`),
+labels go to row files on disk (:class:`helpers.rasters.RowStore`) and GeoJSON regions are
+traced band by band, joined across seams. Exceptions: hole filling and small-object
+removal label connected components of the whole uint8 label image (1/C of the
+probabilities) in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from helpers.config import ClassMap
+from helpers.errors import HistoUNetError
+from helpers.io import write_json
+from helpers.model import background_index, check_class_map, class_map_from_params, headline_index
+from helpers.predict import probabilities_path, read_prediction_info
+from helpers.rasters import RasterRows, RowStore, disk_full_guard, write_raster
+from helpers.steps import DONE, guard_output, mark_done
+
+log = logging.getLogger(__name__)
+
+EXPORT_BAND_ROWS = 256
+
+
+
+def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path | None = None,
+                      smoothing: str | None = "gaussian", smoothing_size: float = 2.0, opening_px: int = 0,
+                      closing_px: int = 0, fill_holes_um2: float | None = None, min_area_um2: float | None = 0.0,
+                      object_type: str = "annotation", exclude_classes: tuple[str, ...] | None = None,
+                      overwrite: bool = False, thumbnail_size: int = 1024) -> dict:
+    """Post-process stored probabilities and write labels, GeoJSON, overlay and summary.
+
+    Args:
+        pred_dir: Folder written by :func:`helpers.predict.predict_slide`.
+        class_map: Class map (default: the model's, stored in ``prediction.json``).
+        smoothing, smoothing_size, opening_px, closing_px, fill_holes_um2, min_area_um2:
+            See :func:`helpers.postprocess.postprocess`.
+        object_type: ``"annotation"`` or ``"detection"`` for the QuPath objects.
+        exclude_classes: Classes not exported to GeoJSON; None: the map's background (glass) class.
+        overwrite: Replace earlier labels/GeoJSON/summary.
+        thumbnail_size: Longer side of ``overlay.png``'s slide thumbnail.
+
+    Returns:
+        The summary dict (also ``summary.json``; the folder's ``manifest.csv`` is written last).
+    """
+    from helpers import postprocess as pp
+    from helpers.qupath import iter_label_features, write_features_stream
+    from helpers.slides import open_slide
+    from helpers.views.predict import overlay_figure
+    from helpers.viz import save_figure
+
+    pred_dir = Path(pred_dir)
+    info = read_prediction_info(pred_dir)
+    model_cmap = class_map_from_params(info["classes"], str(pred_dir / "prediction.json"))
+    cmap = check_class_map(model_cmap, class_map)
+    slide_name = info["slide"]
+    outputs = {"labels": pred_dir / "labels.tiff", "geojson": pred_dir / f"{slide_name}.geojson",
+               "overlay": pred_dir / "overlay.png", "summary": pred_dir / "summary.json"}
+    for p in outputs.values():
+        guard_output(p, overwrite)
+    if overwrite:  # the done markers go first: a failed export must not look finished
+        for marker in (outputs["summary"], pred_dir / DONE):
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
+    t0 = time.perf_counter()
+    # Bounded memory: probabilities are read in bands of rows (twice: labels, then region
+    # means); labels go to row files on disk (page cache, not this process's memory),
+    # except when hole filling / small-object removal need the whole uint8 label image.
+    probs = RasterRows(probabilities_path(pred_dir))
+    if probs.ndim == 2:
+        raise HistoUNetError(f"{probabilities_path(pred_dir)}: one channel only; run predict_slide again")
+    ds, mpp = float(info["downsample"]), float(info["mpp"])
+    H, W = probs.shape[:2]
+    with disk_full_guard(pred_dir), tempfile.TemporaryDirectory(prefix=".export.", dir=pred_dir) as scratch_dir:
+        out_store = RowStore(Path(scratch_dir) / "labels.npy", (H, W), np.uint8, create=True)
+        tmp_store = RowStore(Path(scratch_dir) / "smoothed.npy", (H, W), np.uint8, create=True) \
+            if (opening_px or closing_px) else None
+        try:
+            labels, _ = pp.postprocess_labels(probs, mpp=info["mpp"], smoothing=smoothing,
+                                              smoothing_size=smoothing_size, opening_px=opening_px,
+                                              closing_px=closing_px, fill_holes_um2=fill_holes_um2,
+                                              min_area_um2=min_area_um2, background_label=background_index(cmap) + 1,
+                                              band_rows=EXPORT_BAND_ROWS, out=out_store, scratch=tmp_store)
+            if tmp_store is not None:
+                tmp_store.close()
+            meta = {"slide": slide_name, "classes": cmap.names}
+            write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta, overwrite=True)
+            features = iter_label_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
+                                           mpp=info["slide_mpp"], exclude=exclude_classes,
+                                           band_rows=EXPORT_BAND_ROWS)
+            with disk_full_guard(outputs["geojson"]):
+                n_features = write_features_stream(features, outputs["geojson"], overwrite=True)
+            summary = summarize(labels, cmap, mpp)
+        finally:
+            out_store.close()
+            if tmp_store is not None:
+                tmp_store.close()
+
+    from helpers.rasters import read_raster
+
+    with open_slide(info["slide_path"], mpp=info["slide_mpp"]) as slide:
+        thumb, tds = slide.thumbnail(thumbnail_size)
+    small = np.asarray(read_raster(outputs["labels"], downsample=tds))  # the pyramid's low level, not the image
+    fig = overlay_figure(thumb, small, cmap, title=f"{slide_name}: predicted classes")
+    with disk_full_guard(outputs["overlay"]):
+        save_figure(fig, outputs["overlay"], overwrite=True)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    summary.update({
+        "slide": slide_name, "slide_path": info["slide_path"], "features": n_features,
+        "tiles": info["tiles_tissue"], "tiles_grid": info["tiles_grid"], "predict_seconds": info["seconds"],
+        "tiles_per_second": info["tiles_per_second"], "postprocess_seconds": round(time.perf_counter() - t0, 2),
+        "raster": {"width": info["width"], "height": info["height"], "downsample": ds, "mpp": mpp},
+        "parameters": {"overlap": info["overlap"], "blend": info["blend"], "tile_size": info["tile_size"],
+                       "normalizer": info["normalizer"], "smoothing": smoothing, "smoothing_size": smoothing_size,
+                       "opening_px": opening_px, "closing_px": closing_px, "fill_holes_um2": fill_holes_um2,
+                       "min_area_um2": min_area_um2, "object_type": object_type},
+        "outputs": {k: str(v.name) for k, v in outputs.items()},
+    })
+    with disk_full_guard(outputs["summary"]):
+        write_json(summary, outputs["summary"], overwrite=True)
+        mark_done(pred_dir)
+    return summary
+
+
+def summarize(labels: np.ndarray, cmap: ClassMap, mpp: float) -> dict:
+    """Areas per class in mm^2 and the headline class's (tumour's) fraction of the tissue (non-background) area."""
+    counts = np.zeros(256, np.int64)
+    for y in range(0, labels.shape[0], 1024):  # in bands: bincount would copy the image as int64
+        counts += np.bincount(np.asarray(labels[y:y + 1024]).ravel(), minlength=256)
+    px_mm2 = (mpp / 1000.0) ** 2
+    areas = {c.name: round(float(counts[c.label] * px_mm2), 6) for c in cmap.classes}
+    bg = cmap.classes[background_index(cmap)].name
+    tissue = sum(v for k, v in areas.items() if k != bg)
+    head = headline_index(cmap)
+    tumour = cmap.classes[head].name if head is not None else None
+    frac = areas[tumour] / tissue if tumour and tissue > 0 else 0.0
+    return {"areas_mm2": areas, "tissue_mm2": round(tissue, 6), "tumour_fraction": round(frac, 4)}

@@ -1,0 +1,543 @@
+"""Whole-slide prediction (07, step 1): slide -> ``probabilities.tiff``.
+
+:func:`predict_slide` reads the slide at the model's resolution, only where there is
+tissue (:func:`helpers.tissue.slide_tissue_mask`), normalizes stain exactly as in
+training, predicts overlapping tiles and blends their class probabilities per pixel
+(``mean`` or ``gaussian`` weights). It works through the tile grid one row ("band") at
+a time, keeping only the rows still being blended in memory and writing finished rows
+to a row file on disk (:class:`helpers.rasters.RowStore`: the OS page cache, not this
+process); a checkpoint after each band makes an interrupted run resumable with the same
+result. The finished probabilities become ``probabilities.tiff`` plus ``prediction.json``.
+
+Post-processing and export are :mod:`helpers.export`; figures and the viewer are
+:mod:`helpers.views.predict`. Output folder ``workdir/predictions/<slide>/`` (see
+``docs/workfolder.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from helpers.config import ClassMap
+from helpers.errors import HistoUNetError, ParameterError, SlideError
+from helpers.io import atomic_path, read_json, write_json
+from helpers.model import SIZE_MULTIPLE, background_index, check_class_map, load_model_and_classes, preprocess
+from helpers.rasters import RowStore, disk_full_guard, write_raster
+from helpers.steps import DONE, guard_output
+from helpers.tissue import slide_tissue_mask
+
+log = logging.getLogger(__name__)
+
+OVERLAP_STRIDE = {1: 1, 4: 2, 16: 4}
+
+
+#: Files that mark a prediction folder as holding results.
+RESULT_FILES = ("probabilities.tiff", "labels.tiff", "summary.json", DONE)
+
+PARTIAL_DIR = ".partial"
+
+
+@dataclass
+class PredictionResult:
+    """What :func:`predict_slide` did (also stored as ``prediction.json``)."""
+
+    slide: str
+    slide_path: str
+    out_dir: str
+    probabilities: str
+    width: int  # raster size at model resolution
+    height: int
+    downsample: float  # level-0 slide pixels per raster pixel
+    mpp: float  # um per raster pixel (the model's)
+    slide_mpp: float
+    tile_size: int
+    stride: int
+    overlap: int
+    blend: str
+    normalizer: str | None
+    classes: list[dict]
+    tiles_grid: int
+    tiles_tissue: int
+    seconds: float
+    tiles_per_second: float
+    resumed_from_band: int = 0
+    model_file: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+
+# --------------------------------------------------------------------------- grid, blending, resume state
+
+
+def grid_positions(length: int, tile: int, stride: int) -> list[int]:
+    """Tile origins covering ``[0, length)``; the last tile is aligned to the end."""
+    if length <= tile:
+        return [0]
+    pos = list(range(0, length - tile + 1, stride))
+    if pos[-1] + tile < length:
+        pos.append(length - tile)
+    return pos
+
+
+def blend_weights(tile: int, blend: str) -> np.ndarray:
+    """Per-pixel weights of one tile: ones (``mean``) or a Gaussian (sigma = tile/8) floored at 1e-4."""
+    if blend == "mean":
+        return np.ones((tile, tile), np.float32)
+    if blend == "gaussian":
+        c = (np.arange(tile, dtype=np.float64) + 0.5 - tile / 2) / (tile / 8)
+        g = np.exp(-0.5 * c**2)
+        w = np.outer(g, g)
+        return np.maximum(w / w.max(), 1e-4).astype(np.float32)
+    raise ParameterError(f"blend must be 'gaussian' or 'mean'; got {blend!r}")
+
+
+def resolve_normalizer(normalizer: str | Path | None, model_dir: Path, params: dict) -> Path | None:
+    """Which normalizer file to use: ``"auto"`` = the one training used (``training_params.yaml``)."""
+    if normalizer is None or normalizer == "none":
+        return None
+    if normalizer == "auto":
+        rel = params.get("normalizer")
+        if not rel:
+            return None
+        path = Path(rel)
+        if not path.is_absolute():
+            path = model_dir.parent / path
+        if not path.is_file():
+            raise ParameterError(f"{path}: the stain normalizer used in training is missing; re-run 02_normalize_stain "
+                                 "or pass normalizer=None")
+        return path
+    path = Path(normalizer)
+    if not path.is_file():
+        raise ParameterError(f"{path}: stain normalizer not found; pass normalizer='auto', None or an existing normalizer.json")
+    return path
+
+
+def _fingerprint(**items: Any) -> str:
+    return hashlib.sha1(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_id(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, int(st.st_mtime)]
+
+
+def _band_done(band: int) -> None:
+    """Called after each band is checkpointed (tests inject interruptions here)."""
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder holding results unless ``overwrite``; when overwriting, drop the done markers first."""
+    existing = [out_dir / f for f in RESULT_FILES if (out_dir / f).exists()]
+    if existing:
+        guard_output(out_dir, overwrite, what=f"results: {', '.join(p.name for p in existing)}")
+    if overwrite:
+        for marker in ("summary.json", DONE):
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / marker).unlink()
+
+
+def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | Path, *, mpp: float | None = None,
+                  normalizer: str | Path | None = "auto", overlap: int = 16, blend: str = "gaussian",
+                  tile_size: int | None = None, batch_size: int = 8, class_map: ClassMap | str | Path | None = None,
+                  overwrite: bool = False, progress: bool = True, prefetch: int = 2,
+                  checkpoint_seconds: float = 30.0, min_tissue: float = 0.0) -> PredictionResult:
+    """Predict class probabilities over a whole slide; write ``probabilities.tiff``.
+
+    Args:
+        slide_path: A slide OpenSlide reads.
+        model_dir: Trained model folder (``workdir/model``).
+        out_dir: This slide's prediction folder (``workdir/predictions/<slide>``).
+        mpp: Level-0 um/px override (required when the slide stores none).
+        normalizer: ``"auto"`` (what training used), a ``normalizer.json`` path, or None.
+        overlap: 1, 4 or 16 tiles over each pixel (stride tile, tile/2, tile/4).
+        blend: ``"gaussian"`` (weights fall off towards tile borders) or ``"mean"``.
+        tile_size: Model input side in pixels (default: the training tile size).
+        batch_size: Tiles per model call.
+        class_map: Optional class map to check against the model's classes.
+        overwrite: Replace earlier results in ``out_dir``.
+        progress: Show a progress bar (tiles/s, ETA).
+        prefetch: Bands read and normalized ahead by the background thread.
+        checkpoint_seconds: Minimum time between band checkpoints (0 = after every band).
+        min_tissue: Fraction of a tile's footprint that must be tissue to predict it
+            (0 = any tissue pixel).
+
+    Returns:
+        A :class:`PredictionResult` (also written to ``out_dir/prediction.json``).
+
+    Raises:
+        SlideError, MissingMppError, ClassMapError, ParameterError, OutputExistsError,
+        DiskFullError: one-line errors naming the file or parameter.
+    """
+    from helpers.slides import open_slide
+
+    t_start = time.perf_counter()
+    slide_path, model_dir, out_dir = Path(slide_path), Path(model_dir), Path(out_dir)
+    if overlap not in OVERLAP_STRIDE:
+        raise ParameterError(f"overlap must be 1, 4 or 16; got {overlap}")
+    weights = blend_weights(8, blend)  # validates blend early
+    if batch_size < 1:
+        raise ParameterError(f"batch_size must be >= 1; got {batch_size}")
+    _check_out_dir(out_dir, overwrite)
+
+    model, params, model_classes = load_model_and_classes(model_dir)
+    cmap = check_class_map(model_classes, class_map)
+    n_cls = cmap.n_classes
+    bg = background_index(cmap)
+    tile = int(tile_size or params["tile_size"])
+    in_shape = model.input_shape
+    if in_shape[1] is not None and in_shape[1] != tile:
+        raise ParameterError(f"tile_size={tile} but the model in {model_dir} takes {in_shape[1]} px tiles; "
+                             "leave tile_size=None")
+    if tile < SIZE_MULTIPLE or tile % SIZE_MULTIPLE:
+        raise ParameterError(f"tile_size must be a multiple of {SIZE_MULTIPLE} (the U-Net halves it five times); "
+                             f"got {tile}")
+    stride = tile // OVERLAP_STRIDE[overlap]
+    weights = blend_weights(tile, blend)
+    model_mpp = float(params["mpp"])
+    norm_path = resolve_normalizer(normalizer, model_dir, params)
+
+    slide = open_slide(slide_path, mpp=mpp)
+    probs_mm: RowStore | None = None
+    try:
+        slide_mpp = slide.require_mpp()
+        ds = slide.downsample_for(model_mpp)
+        W, H = slide.size_at(ds)
+        if W < tile or H < tile:
+            raise SlideError(f"{slide_path}: {W}x{H} px at {model_mpp} um/px is smaller than one {tile} px tile; "
+                             "use a smaller tile_size or a larger slide")
+        mask, mask_ds = slide_tissue_mask(slide)
+        xs, ys = grid_positions(W, tile, stride), grid_positions(H, tile, stride)
+        f = ds / mask_ds  # mask pixels per raster pixel
+        tissue: list[list[int]] = []
+        for y in ys:
+            row = []
+            y0, y1 = int(y * f), max(int(y * f) + 1, math.ceil((y + tile) * f))
+            for x in xs:
+                x0, x1 = int(x * f), max(int(x * f) + 1, math.ceil((x + tile) * f))
+                frac = mask[y0:y1, x0:x1].mean() if mask[y0:y1, x0:x1].size else 0.0
+                if frac > min_tissue:
+                    row.append(x)
+            tissue.append(row)
+        n_tissue = sum(len(r) for r in tissue)
+        n_grid = len(xs) * len(ys)
+        if n_tissue == 0:
+            raise SlideError(f"{slide_path}: no tissue found (the slide looks like blank glass); check the slide "
+                             "or its mpp")
+        log.info("%s: %dx%d px at %.3g um/px (downsample %.3g), %d of %d tiles on tissue, tile %d stride %d",
+                 slide.name, W, H, model_mpp, ds, n_tissue, n_grid, tile, stride)
+
+        norm_fn = _slide_normalizer(norm_path, slide, tissue, ys, tile, ds)
+
+        # ---- resumable state
+        fp = _fingerprint(slide=_file_id(slide_path), model=_file_id(Path(params["model_file"])), ds=ds, tile=tile,
+                          stride=stride, blend=blend, normalizer=str(norm_path) if norm_path else None,
+                          batch=batch_size, n_cls=n_cls, mpp=slide_mpp, min_tissue=min_tissue)
+        part = out_dir / PARTIAL_DIR
+        state = _load_state(part, fp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir(parents=True)
+            with disk_full_guard(part / "probabilities.npy"):
+                probs_mm = RowStore(part / "probabilities.npy", (H, W, n_cls), np.uint8, create=True)
+            acc = np.zeros((tile, W, n_cls), np.float32)
+            wsum = np.zeros((tile, W), np.float32)
+            start_band, tiles_done, seconds_before = 0, 0, 0.0
+        else:
+            probs_mm = RowStore(part / "probabilities.npy")
+            acc, wsum = np.load(part / "acc.npy"), np.load(part / "wsum.npy")
+            start_band, tiles_done, seconds_before = state["next_band"], state["tiles_done"], state["seconds"]
+            log.info("%s: resuming at band %d of %d (%d tiles done)", slide.name, start_band, len(ys), tiles_done)
+
+        predict_fn = _make_predict_fn(model, batch_size, tile, n_cls)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_tissue, initial=tiles_done, unit="tile", desc=f"predict {slide.name}",
+                   disable=not progress, smoothing=0.1)
+        t_loop = time.perf_counter()
+        last_ckpt = time.perf_counter()
+        tiles_now = 0
+        pend_x: list[int] = []
+        pend_t: list[np.ndarray] = []
+        try:
+            for b, y, row_x, batch, band_end in _prefetch(_read_bands(slide, ys, tissue, tile, ds, norm_fn,
+                                                                      start_band), prefetch):
+                # full model batches across runs of the band; the float32 outputs held are one batch
+                pend_x.extend(row_x)
+                pend_t.extend(batch)
+                while len(pend_x) >= batch_size or (band_end and pend_x):
+                    xs_b, tiles_b = pend_x[:batch_size], np.stack(pend_t[:batch_size])
+                    del pend_x[:batch_size], pend_t[:batch_size]
+                    probs = predict_fn(tiles_b)
+                    for x, p in zip(xs_b, probs):
+                        acc[:, x:x + tile] += p * weights[..., None]
+                        wsum[:, x:x + tile] += weights
+                    del probs, tiles_b
+                    tiles_now += len(xs_b)
+                    bar.update(len(xs_b))
+                if not band_end:
+                    continue
+                # rows above the next band's top are final
+                y_next = ys[b + 1] if b + 1 < len(ys) else H
+                done = y_next - y
+                with disk_full_guard(part / "probabilities.npy"):
+                    probs_mm.write(y, _finalize(acc[:done], wsum[:done], bg))
+                _shift_rows(acc, done)
+                _shift_rows(wsum, done)
+                last = b + 1 == len(ys)
+                if last or time.perf_counter() - last_ckpt >= checkpoint_seconds:
+                    elapsed = seconds_before + time.perf_counter() - t_loop
+                    _save_state(part, fp, probs_mm, acc, wsum, b + 1, tiles_done + tiles_now, elapsed)
+                    last_ckpt = time.perf_counter()
+                _band_done(b)
+        finally:
+            bar.close()
+        loop_seconds = time.perf_counter() - t_loop
+        probs_mm.flush()
+        del acc, wsum  # the pyramid writer's buffers take their place, not add to them
+
+        meta = {"slide": slide.name, "classes": cmap.names, "overlap": overlap, "blend": blend, "tile_size": tile}
+        prob_path = out_dir / "probabilities.tiff"
+        write_raster(prob_path, probs_mm, kind="probabilities", mpp=model_mpp, downsample=ds, meta=meta,
+                     overwrite=True)
+        seconds = time.perf_counter() - t_start + seconds_before
+        result = PredictionResult(
+            slide=slide.name, slide_path=str(slide_path), out_dir=str(out_dir), probabilities=str(prob_path),
+            width=W, height=H, downsample=ds, mpp=model_mpp, slide_mpp=slide_mpp, tile_size=tile, stride=stride,
+            overlap=overlap, blend=blend, normalizer=str(norm_path) if norm_path else None,
+            classes=cmap.to_dict()["classes"], tiles_grid=n_grid, tiles_tissue=n_tissue, seconds=round(seconds, 2),
+            tiles_per_second=round(tiles_now / loop_seconds, 2) if loop_seconds > 0 and tiles_now else 0.0,
+            resumed_from_band=start_band, model_file=str(params["model_file"]),
+            extra={"slide_mpp_source": slide.mpp_source, "batch_size": batch_size},
+        )
+        with disk_full_guard(out_dir / "prediction.json"):
+            write_json(asdict(result), out_dir / "prediction.json", overwrite=True)
+        probs_mm.close()
+        shutil.rmtree(part, ignore_errors=True)
+        log.info("%s: %d tiles in %.1f s (%.1f tiles/s)", slide.name, n_tissue, seconds, result.tiles_per_second)
+        return result
+    finally:
+        if probs_mm is not None:
+            probs_mm.close()
+        slide.close()
+
+
+def _finalize(acc: np.ndarray, wsum: np.ndarray, bg: int, chunk_rows: int = 64) -> np.ndarray:
+    """Blended probabilities -> uint8 0-255; pixels no tile covered are background.
+
+    Works ``chunk_rows`` rows at a time, so its float temporaries are a few rows, not the band.
+    """
+    out = np.empty(acc.shape, np.uint8)
+    for r in range(0, acc.shape[0], chunk_rows):
+        a, w = acc[r:r + chunk_rows], wsum[r:r + chunk_rows]
+        covered = w > 0
+        q = a / np.where(covered, w, 1.0)[..., None]
+        q[~covered] = 0.0
+        q[~covered, bg] = 1.0
+        q *= 255.0
+        np.rint(q, out=q)
+        np.clip(q, 0, 255, out=q)
+        out[r:r + chunk_rows] = q
+    return out
+
+
+def _shift_rows(buf: np.ndarray, done: int, chunk_rows: int = 64) -> None:
+    """Move rows ``done:`` of a band buffer to the top and zero the rest, in place (no band-sized copy)."""
+    n = buf.shape[0]
+    if done >= n:
+        buf[:] = 0
+        return
+    step = max(1, min(chunk_rows, done))  # destination chunks never overlap their source
+    for r in range(0, n - done, step):
+        e = min(r + step, n - done)
+        buf[r:e] = buf[done + r:done + e]
+    buf[n - done:] = 0
+
+
+def _load_state(part: Path, fp: str) -> dict | None:
+    f = part / "state.json"
+    if not f.is_file():
+        return None
+    try:
+        state = read_json(f)
+    except (OSError, ValueError):
+        return None
+    if state.get("fingerprint") != fp or not all((part / n).is_file() for n in ("acc.npy", "wsum.npy", "probabilities.npy")):
+        log.info("%s: earlier partial run used other inputs or parameters; starting again", part)
+        return None
+    return state
+
+
+def _save_state(part: Path, fp: str, probs_mm: RowStore, acc: np.ndarray, wsum: np.ndarray, next_band: int,
+                tiles_done: int, seconds: float) -> None:
+    with disk_full_guard(part):
+        probs_mm.flush()
+        for name, arr in (("acc.npy", acc), ("wsum.npy", wsum)):
+            with atomic_path(part / name, overwrite=True) as tmp:
+                np.save(tmp, arr)
+        write_json({"fingerprint": fp, "next_band": next_band, "tiles_done": tiles_done, "seconds": seconds},
+                   part / "state.json", overwrite=True)
+
+
+def _slide_normalizer(norm_path: Path | None, slide, tissue: list[list[int]], ys: list[int], tile: int,
+                      ds: float) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Per-slide stain normalizer estimated from up to 8 evenly spread tissue tiles."""
+    if norm_path is None:
+        return None
+    from helpers.stain import load_normalizer
+
+    cells = [(y, x) for y, row in zip(ys, tissue) for x in row]
+    pick = np.linspace(0, len(cells) - 1, num=min(8, len(cells))).round().astype(int)
+    samples = [np.array(slide.read(round(cells[i][1] * ds), round(cells[i][0] * ds), tile, tile, ds)) for i in pick]
+    return load_normalizer(norm_path).for_slide(samples)
+
+
+def _read_bands(slide, ys: list[int], tissue: list[list[int]], tile: int, ds: float,
+                norm_fn: Callable[[np.ndarray], np.ndarray] | None, start: int,
+                max_span: int = 4096) -> Iterator[tuple[int, int, list[int], np.ndarray, bool]]:
+    """Yield ``(band, y, tile x positions, uint8 tiles, last of band)`` reading runs of tiles as one region.
+
+    Each item is one run (at most ``max_span`` px wide), not a whole band, so what the
+    prefetch queue holds does not grow with the slide's width; a band without tissue
+    yields one empty item so the consumer still finishes its rows.
+    """
+    for b in range(start, len(ys)):
+        y, row = ys[b], tissue[b]
+        if not row:
+            yield b, y, [], np.empty((0, tile, tile, 3), np.uint8), True
+            continue
+        i = 0
+        while i < len(row):
+            j = i
+            while j + 1 < len(row) and row[j + 1] + tile - row[i] <= max_span:
+                j += 1
+            x0, span = row[i], row[j] + tile - row[i]
+            region = slide.read(round(x0 * ds), round(y * ds), span, tile, ds)
+            if norm_fn is not None:
+                region = np.asarray(norm_fn(np.array(region)), np.uint8)
+            tiles = np.empty((j + 1 - i, tile, tile, 3), np.uint8)
+            for k in range(i, j + 1):
+                tiles[k - i] = region[:, row[k] - x0:row[k] - x0 + tile]
+            del region
+            yield b, y, row[i:j + 1], tiles, j + 1 == len(row)
+            i = j + 1
+
+
+def _prefetch(it: Iterator, depth: int) -> Iterator:
+    """Run an iterator in a background thread, ``depth`` items ahead; re-raise its errors."""
+    if depth <= 0:
+        yield from it
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    sentinel = object()
+
+    def work() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(sentinel)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    th = threading.Thread(target=work, name="slide-reader", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is sentinel:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()
+        th.join(timeout=5)
+
+
+def _make_predict_fn(model, batch_size: int, tile: int, n_cls: int) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 tiles -> float32 probabilities, in fixed-size (padded) batches: one trace, same results."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((batch_size, tile, tile, 3), tf.uint8)], reduce_retracing=True)
+    def run(x):
+        return model(preprocess(x), training=False)
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        out = np.empty((len(tiles), tile, tile, n_cls), np.float32)
+        for i in range(0, len(tiles), batch_size):
+            chunk = tiles[i:i + batch_size]
+            n = len(chunk)
+            if n < batch_size:
+                chunk = np.concatenate([chunk, np.full((batch_size - n, tile, tile, 3), 255, np.uint8)])
+            out[i:i + n] = run(tf.constant(chunk)).numpy()[:n]
+        return out
+
+    return predict
+
+
+
+# --------------------------------------------------------------------------- reading results
+
+
+def probabilities_path(path: str | Path) -> Path:
+    """``probabilities.tiff`` of a prediction folder (or the file itself); missing -> a one-line error."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "probabilities.tiff"
+    if not path.is_file():
+        raise HistoUNetError(f"{path}: probabilities not found; run predict_slide (07_infer_slide) first")
+    return path
+
+
+def read_probabilities(path: str | Path, region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Class probabilities ``(H, W, C)`` float32 in [0, 1] at model resolution.
+
+    Args:
+        path: A prediction folder (``workdir/predictions/<slide>``) or its ``probabilities.tiff``.
+        region: Optional ``(x, y, w, h)`` in raster (model-resolution) pixels.
+    """
+    from helpers.rasters import read_raster
+
+    arr = np.asarray(read_raster(probabilities_path(path)))
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if region is not None:
+        x, y, w, h = region
+        arr = arr[y:y + h, x:x + w]
+    return arr.astype(np.float32) / 255.0
+
+
+def read_prediction_info(path: str | Path) -> dict:
+    """``prediction.json`` of a prediction folder (size, downsample, mpp, classes, timings)."""
+    f = Path(path) / "prediction.json" if Path(path).is_dir() else Path(path)
+    if not f.is_file():
+        raise HistoUNetError(f"{f}: not found; run predict_slide (07_infer_slide) first")
+    return read_json(f)
