@@ -15,7 +15,7 @@ Set-up (documented choices):
 * **Augmentation**: the workdir's ``augment/augment.yaml`` if present, else the project's
   default preset (:func:`helpers.augment.default_augmentation`), so the albumentations
   cost is real.
-* **Pipeline**: :func:`helpers.train.make_dataset` exactly as training uses it; timed over
+* **Pipeline**: :func:`helpers.dataset.make_dataset` exactly as training uses it; timed over
   ``--batches`` batches after one warm-up batch, alone (no model running).
 * **Training**: Unet/EfficientNet-B0 (random weights; speed does not depend on them),
   ``model.fit`` on the same pipeline; the first (graph tracing) epoch is excluded.
@@ -93,7 +93,8 @@ def main(workdir: str | None = None, n: int = 32, tile: int = 256, batch: int = 
     import keras
     import pandas as pd
 
-    from helpers import train
+    from helpers.dataset import make_dataset
+    from helpers.losses import make_loss
     from helpers.model import build_model
 
     tmp = None
@@ -108,7 +109,7 @@ def main(workdir: str | None = None, n: int = 32, tile: int = 256, batch: int = 
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}")
     print(f"tiles: {len(images)} from {wd}; augmentation: {aug_name}; batch {batch}")
 
-    ds = train.make_dataset(images, labels, batch, True, aug, None, seed=0)
+    ds = make_dataset(images, labels, batch, True, aug, None, seed=0)
     it = iter(ds)
     next(it)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -121,7 +122,7 @@ def main(workdir: str | None = None, n: int = 32, tile: int = 256, batch: int = 
 
     keras.utils.set_random_seed(0)
     model = build_model(4, encoder_weights=None)
-    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=train.make_loss(4))
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=make_loss(4))
     t0 = time.perf_counter()
     model.fit(ds, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
     trace_s = time.perf_counter() - t0

@@ -2,7 +2,8 @@
 
 :class:`FrameWriter` is called by :func:`helpers.train.train_model` after every epoch with
 the validation predictions; it writes ``model/frames/epoch_NNN.png``.
-:func:`assemble_gif` turns the frames into ``gif/training.gif`` (step 06).
+:func:`assemble_gif` turns the frames into ``gif/training.gif`` (step 06); the figure of
+first and last frames is in :mod:`helpers.views.gif`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from helpers.config import ClassMap
 from helpers.errors import HistoUNetError, ParameterError
+from helpers.metrics import headline_name
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +30,14 @@ def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.6, 
 
 
 def render_frame(images: list[np.ndarray], labels: list[np.ndarray], preds: list[np.ndarray], class_map: ClassMap,
-                 epoch: int, iou: float, headline: str = "Tumor", size: int = 192) -> np.ndarray:
+                 epoch: int, iou: float, headline: str | None = None, size: int = 192) -> np.ndarray:
     """One frame: a row per tile with image | label (unlabelled black) | prediction, and a header.
 
     Args:
         images, labels, preds: RGB tiles, their label images and predicted labels (1..N).
         epoch: Epoch number written on the frame.
         iou: Validation IoU of the ``headline`` class written on the frame.
+        headline: Name of that class; None = the class map's headline class.
         size: Side of each panel in pixels.
 
     Returns:
@@ -45,6 +48,7 @@ def render_frame(images: list[np.ndarray], labels: list[np.ndarray], preds: list
     if not images:
         raise ParameterError("no tiles to draw a frame; check gif_tiles and the validation split")
     lut = class_map.palette()
+    headline = headline or headline_name(class_map) or "headline"
     rows = []
     for img, lab, pred in zip(images, labels, preds):
         panels = [img[..., :3], lut[lab], lut[pred]]
@@ -74,15 +78,15 @@ class FrameWriter:
     """Writes ``epoch_NNN.png`` for a fixed set of validation tiles (chosen once, by seed)."""
 
     def __init__(self, frames_dir: str | Path, images: list[np.ndarray], labels: list[np.ndarray],
-                 class_map: ClassMap, n_tiles: int = 4, headline: str = "Tumor", seed: int = 0,
+                 class_map: ClassMap, n_tiles: int = 4, headline: str | None = None, seed: int = 0,
                  boxes: list | None = None):
         self.dir = Path(frames_dir)
         self.cm = class_map
-        self.headline = headline
+        self.headline = headline or headline_name(class_map)
         n = min(max(1, n_tiles), len(images))
         # greedy: the headline class first, then classes not shown yet; tiles must not overlap (boxes)
         try:
-            target = class_map.label_of(headline)
+            target = class_map.label_of(self.headline) if self.headline else -1
         except HistoUNetError:
             target = -1
         frac = np.array([[np.mean(lab == c.label) for c in class_map.classes] for lab in labels])
@@ -173,21 +177,3 @@ def gif_frame_count(path: str | Path) -> int:
     import imageio.v3 as iio
 
     return int(iio.improps(path, index=None).shape[0])
-
-
-def plot_frames(frames_dir: str | Path, which: str = "first_last"):
-    """Figure: the first and last epoch frames side by side (``which="first_last"``) or the last only."""
-    import imageio.v3 as iio
-    import matplotlib.pyplot as plt
-
-    frames = list_frames(frames_dir)
-    chosen = [frames[-1]] if which == "last" or len(frames) == 1 else [frames[0], frames[-1]]
-    images = [iio.imread(p)[..., :3] for p in chosen]
-    h, w = images[0].shape[:2]
-    fig, axes = plt.subplots(1, len(images), figsize=(w / 100 * len(images), h / 100), squeeze=False)
-    for ax, img, p in zip(axes[0], images, chosen):
-        ax.imshow(img)
-        ax.set_title(p.stem.replace("_", " "), fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    return fig

@@ -1,4 +1,5 @@
-"""helpers.evaluate: metrics on hand-made masks with known answers, GeoJSON vs raster."""
+"""Evaluation (08): helpers.metrics on hand-made masks with known answers, helpers.evaluate (GeoJSON vs raster,
+work folder), helpers.variants and the figures of helpers.views.evaluate."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import pandas as pd
 import pytest
 
 from helpers import evaluate as ev
+from helpers import metrics as M
+from helpers import variants as V
+from helpers.views import evaluate as VE
 from helpers.errors import OutputExistsError, ParameterError
 
 # Reference: 0 = unlabelled (bottom-left quarter). Prediction: one miss per class.
@@ -27,7 +31,7 @@ PRED = np.array([
 
 
 def test_confusion_matrix_known(class_map):
-    cm = ev.confusion_matrix(REF, PRED, class_map.n_classes)
+    cm = M.confusion_matrix(REF, PRED, class_map.n_classes)
     expected = np.zeros((5, 5), int)
     expected[0, 2] = 2
     expected[0, 0] = 2
@@ -39,7 +43,7 @@ def test_confusion_matrix_known(class_map):
 
 
 def test_class_metrics_known_iou_dice(class_map):
-    m = ev.class_metrics(ev.confusion_matrix(REF, PRED, 4), class_map).set_index("class")
+    m = M.class_metrics(M.confusion_matrix(REF, PRED, 4), class_map).set_index("class")
     assert m.loc["Background", "iou"] == pytest.approx(3 / 4)
     assert m.loc["Background", "dice"] == pytest.approx(6 / 7)
     assert m.loc["Tumor", "iou"] == pytest.approx(3 / 5)  # FP at (0,1); FN at (1,3)
@@ -77,9 +81,9 @@ def test_dice_iou_relation_on_random_masks(class_map):
 
 def test_bad_inputs(class_map):
     with pytest.raises(ParameterError):
-        ev.confusion_matrix(REF, PRED[:3], 4)
+        M.confusion_matrix(REF, PRED[:3], 4)
     with pytest.raises(ParameterError, match="class map"):
-        ev.confusion_matrix(REF, np.full_like(REF, 9), 4)
+        M.confusion_matrix(REF, np.full_like(REF, 9), 4)
     with pytest.raises(ParameterError, match="rounding"):
         ev.evaluate_labels(np.zeros((10, 10), np.uint8), np.zeros((20, 20), np.uint8), class_map)
 
@@ -124,15 +128,15 @@ def test_seam_score_finds_tile_borders():
     y, x = np.mgrid[0:32, 0:32]
     lab = ((x // 8) % 2 + 1).astype(np.uint8)  # changes exactly on x = 8, 16, 24
     lab[13:] += 2  # one horizontal change off the border grid
-    s = ev.seam_score(lab, step=8)
+    s = V.seam_score(lab, step=8)
     assert s["border_change_rate"] == pytest.approx(96 / 192)
     assert s["other_change_rate"] == pytest.approx(32 / 1792)
     assert s["seam_score"] == pytest.approx((96 / 192) / (32 / 1792))
     # shifting the grid so the borders miss the changes gives no seam excess
-    shifted = ev.seam_score(lab, step=8, origin=(4, 4))
+    shifted = V.seam_score(lab, step=8, origin=(4, 4))
     assert shifted["seam_score"] < 1
     with pytest.raises(ParameterError):
-        ev.seam_score(lab, step=1)
+        V.seam_score(lab, step=1)
 
 
 def test_figures(class_map):
@@ -140,8 +144,8 @@ def test_figures(class_map):
 
     res = ev.evaluate_labels(PRED, REF, class_map, slide="s")
     rgb = np.full((40, 40, 3), 230, np.uint8)
-    for fig in (ev.plot_metrics(ev.results_tables([res], class_map)[0]), ev.plot_confusion(res.confusion, class_map),
-                ev.plot_errors(res, class_map, image=rgb)):
+    for fig in (VE.plot_metrics(ev.results_tables([res], class_map)[0]), VE.plot_confusion(res.confusion, class_map),
+                VE.plot_errors(res, class_map, image=rgb)):
         assert isinstance(fig, matplotlib.figure.Figure)
     err = ev.error_map(REF, PRED)
     assert (err == 2).sum() == 3 and (err == 0).sum() == 4
@@ -237,11 +241,10 @@ def _two_tone_slide(tmp_path, size=512, slide_mpp=0.5):
 
 
 def test_variant_study_small(class_map, tmp_path):
-    pytest.importorskip("helpers.infer")
     slide, truth = _two_tone_slide(tmp_path)
     model_dir = _brightness_model(tmp_path / "model", class_map)
     out = tmp_path / "evaluation"
-    table = ev.variant_study(slide, model_dir, truth[::2, ::2], out, class_map, overlaps=(1, 4), blends=("mean",),
+    table = V.variant_study(slide, model_dir, truth[::2, ::2], out, class_map, overlaps=(1, 4), blends=("mean",),
                              kernels=("none", "median:5"))
     assert len(table) == 4
     assert (out / "variants.csv").is_file() and not (out / "variants").exists()
@@ -249,26 +252,28 @@ def test_variant_study_small(class_map, tmp_path):
     # the brightness model is right almost everywhere: the alignment of truth and prediction holds
     assert (table["tumor_iou"] > 0.95).all(), table[["overlap", "kernel", "tumor_iou"]]
     assert (table["seconds"] > 0).all() and table["seam_score"].notna().all()
-    pick = ev.cheapest_within(table)
+    pick = V.cheapest_within(table)
     assert pick["tumor_iou"] >= table["tumor_iou"].max() - 0.005
-    assert "cheapest within 0.5 IoU points" in ev.recommend_variant(table)
+    assert "cheapest within 0.5 IoU points" in V.recommend_variant(table)
     with pytest.raises(OutputExistsError):
-        ev.variant_study(slide, model_dir, truth, out, class_map, overlaps=(1,), blends=("mean",))
+        V.variant_study(slide, model_dir, truth, out, class_map, overlaps=(1,), blends=("mean",))
     import matplotlib
 
-    assert isinstance(ev.plot_variants(table), matplotlib.figure.Figure)
+    assert isinstance(VE.plot_variants(table), matplotlib.figure.Figure)
 
 
 def test_cheapest_within():
     t = pd.DataFrame({"tumor_iou": [0.80, 0.853, 0.85, 0.849], "seconds": [1, 9, 5, 2]})
-    assert ev.cheapest_within(t)["seconds"] == 2  # 0.849 is 0.4 points below the best 0.853
-    assert ev.cheapest_within(t, tolerance=0.002)["seconds"] == 9
-    assert ev.cheapest_within(t, tolerance=0.5)["seconds"] == 1
+    assert V.cheapest_within(t)["seconds"] == 2  # 0.849 is 0.4 points below the best 0.853
+    assert V.cheapest_within(t, tolerance=0.002)["seconds"] == 9
+    assert V.cheapest_within(t, tolerance=0.5)["seconds"] == 1
 
 
 def test_evaluate_workdir_dense_and_sparse(class_map, tmp_path):
-    infer = pytest.importorskip("helpers.infer")
     from shapely.geometry import box
+
+    from helpers.export import export_prediction
+    from helpers.predict import predict_slide
 
     from helpers.errors import HistoUNetError
     from helpers.qupath import make_feature, write_feature_collection
@@ -284,7 +289,8 @@ def test_evaluate_workdir_dense_and_sparse(class_map, tmp_path):
                               make_feature(box(0, 0, 64, 64), "Background", (180, 180, 180))],
                              wd / "annotations" / "demo.geojson")
     _brightness_model(wd / "model", class_map)
-    infer.infer_slide(wd / "slides" / "demo.tiff", wd, predict_kwargs={"overlap": 1, "progress": False})
+    predict_slide(wd / "slides" / "demo.tiff", wd / "model", wd / "predictions" / "demo", overlap=1, progress=False)
+    export_prediction(wd / "predictions" / "demo")
     assert ev.predicted_slides(wd) == ["demo"]
     dense = ev.evaluate_workdir(wd, class_map, "dense")[0]
     sparse = ev.evaluate_workdir(wd, class_map, "sparse")[0]
@@ -303,4 +309,4 @@ def test_evaluate_workdir_dense_and_sparse(class_map, tmp_path):
     with pytest.raises(OutputExistsError):
         ev.prepare_output(wd)
     manifest = pd.read_csv(out / "manifest.csv")
-    assert set(manifest["file"]) == {"evaluation/metrics.csv", "evaluation/confusion.csv", "evaluation/metrics.json"}
+    assert set(manifest["file"]) == {"metrics.csv", "confusion.csv", "metrics.json"}  # steps.mark_done: relative to the folder

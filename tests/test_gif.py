@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import gif
+from helpers.views.gif import plot_frames
 from helpers.errors import HistoUNetError, OutputExistsError
 
 
@@ -46,7 +47,7 @@ def test_frames_and_gif(tmp_path, class_map):
             im.seek(i)
             durations.append(im.info["duration"])
     assert durations[-1] == pytest.approx(3 * durations[0], abs=20)  # the last epoch is held
-    fig = gif.plot_frames(tmp_path / "frames")
+    fig = plot_frames(tmp_path / "frames")
     assert len(fig.axes) == 2
 
 

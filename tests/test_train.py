@@ -1,4 +1,4 @@
-"""Training: masked loss, labelled-pixel IoU, region/slide split, a short run, resume."""
+"""Training (05): masked loss, labelled-pixel IoU, region/slide split, input pipeline, a short run, resume."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import dataset as D
+from helpers import losses as L
+from helpers import metrics as M
+from helpers import split as S
 from helpers import train as T
-from helpers.errors import OutputExistsError
+from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
 
 
 def make_synthetic_workdir(root: Path, n: int = 6, tile: int = 64, stride: int | None = None, slides=("s1",),
@@ -63,23 +67,23 @@ def test_confusion_and_iou_on_hand_made_masks(class_map):
                      [1, 2, 2, 2],
                      [1, 1, 3, 2],
                      [3, 3, 3, 3]])
-    cm = T.confusion_matrix(truth, pred, 4)
-    assert cm.sum() == 12  # only labelled pixels
-    iou = T.iou_from_confusion(cm)
+    cm = M.confusion_matrix(truth, pred, 4)
+    assert cm.shape == (5, 5) and cm[1:].sum() == 12  # row 0 (unlabelled) is not scored
+    iou = M.iou_from_confusion(cm)
     # tumour: TP 4, FP 2 (one background, one stroma), FN 0 -> 4/6
     assert iou[1] == pytest.approx(4 / 6)
     # background: TP 3, FN 1, FP 0 -> 3/4 ; stroma: TP 3, FN 1 -> 3/4 ; other: absent -> NaN
     assert iou[0] == pytest.approx(0.75) and iou[2] == pytest.approx(0.75)
     assert np.isnan(iou[3])
-    res = T.labelled_iou(truth, pred, class_map)
+    res = M.labelled_iou(truth, pred, class_map)
     assert res["iou_Tumor"] == pytest.approx(4 / 6)
     assert res["mean_iou"] == pytest.approx((0.75 + 4 / 6 + 0.75) / 3)
 
 
 def test_perfect_and_disjoint_iou():
     t = np.array([1, 1, 2, 2, 0])
-    assert np.allclose(T.iou_from_confusion(T.confusion_matrix(t, np.array([1, 1, 2, 2, 1]), 2)), 1.0)
-    assert np.allclose(T.iou_from_confusion(T.confusion_matrix(t, np.array([2, 2, 1, 1, 1]), 2)), 0.0)
+    assert np.allclose(M.iou_from_confusion(M.confusion_matrix(t, np.array([1, 1, 2, 2, 1]), 2)), 1.0)
+    assert np.allclose(M.iou_from_confusion(M.confusion_matrix(t, np.array([2, 2, 1, 1, 1]), 2)), 0.0)
 
 
 # ---------------------------------------------------------------- loss
@@ -93,7 +97,7 @@ def _random_softmax(rng, shape):
 @pytest.mark.parametrize("gamma", [0.0, 2.0])
 def test_loss_ignores_unlabelled_pixels(weights, gamma):
     rng = np.random.default_rng(1)
-    loss = T.make_loss(4, ce_weight=1.0, dice_weight=1.0, focal_gamma=gamma, class_weights=weights)
+    loss = L.make_loss(4, ce_weight=1.0, dice_weight=1.0, focal_gamma=gamma, class_weights=weights)
     y = rng.integers(0, 5, (2, 16, 16)).astype(np.uint8)
     y[:, :4] = 0
     p1 = _random_softmax(rng, (2, 16, 16, 4))
@@ -113,13 +117,13 @@ def test_loss_ignores_unlabelled_pixels(weights, gamma):
 
 
 def test_loss_all_unlabelled_is_finite():
-    loss = T.make_loss(4)
+    loss = L.make_loss(4)
     y = np.zeros((1, 8, 8), np.uint8)
     assert np.isfinite(float(loss(y, _random_softmax(np.random.default_rng(0), (1, 8, 8, 4)))))
 
 
 def test_class_weights_favour_rare_classes():
-    w = T.class_weights_from_counts(np.array([1000, 10, 500, 0]))
+    w = L.class_weights_from_counts(np.array([1000, 10, 500, 0]))
     assert w[1] > w[2] > w[0]
     assert w[3] == 1.0
 
@@ -128,7 +132,7 @@ def test_class_weights_favour_rare_classes():
 def test_region_split_never_puts_overlapping_tiles_on_both_sides(tmp_path):
     wd = make_synthetic_workdir(tmp_path, n=8, tile=64, stride=32)  # overlapping tiles
     df = pd.read_csv(wd / "labels" / "manifest.csv")
-    s = T.split_tiles(df, 0.25, by="region", block_size=128, seed=3, class_names=["Background", "Tumor", "Stroma"])
+    s = S.split_tiles(df, 0.25, by="region", block_size=128, seed=3, class_names=["Background", "Tumor", "Stroma"])
     assert set(s["split"]) == {"train", "val", "excluded"}
     tr, va = s[s.split == "train"], s[s.split == "val"]
     for _, a in tr.iterrows():
@@ -137,30 +141,30 @@ def test_region_split_never_puts_overlapping_tiles_on_both_sides(tmp_path):
     assert 0.05 < len(va) / len(s) < 0.6
     assert va["px_Tumor"].sum() > 0 and tr["px_Tumor"].sum() > 0
     # same seed -> same split
-    s2 = T.split_tiles(df, 0.25, by="region", block_size=128, seed=3, class_names=["Background", "Tumor", "Stroma"])
+    s2 = S.split_tiles(df, 0.25, by="region", block_size=128, seed=3, class_names=["Background", "Tumor", "Stroma"])
     assert (s2["split"] == s["split"]).all()
 
 
 def test_slide_split_keeps_slides_whole(tmp_path):
     wd = make_synthetic_workdir(tmp_path, n=3, tile=32, slides=("a", "b", "c", "d"))
     df = pd.read_csv(wd / "labels" / "manifest.csv")
-    s = T.split_tiles(df, 0.25, by="auto", seed=0, class_names=["Tumor"])
+    s = S.split_tiles(df, 0.25, by="auto", seed=0, class_names=["Tumor"])
     assert (s.groupby("slide")["split"].nunique() == 1).all()
     assert set(s["split"]) == {"train", "val"}
-    with pytest.raises(T.ParameterError):
-        T.split_tiles(df[df.slide == "a"], 0.25, by="slide")
+    with pytest.raises(ParameterError):
+        S.split_tiles(df[df.slide == "a"], 0.25, by="slide")
 
 
-def test_missing_manifest_says_run_03(tmp_path):
-    with pytest.raises(T.HistoUNetError, match="run 01"):
-        T.find_tile_manifest(tmp_path)
+def test_missing_manifest_says_run_01(tmp_path):
+    with pytest.raises(HistoUNetError, match="01_export_tiles"):
+        D.find_tile_manifest(tmp_path)
 
 
 # ---------------------------------------------------------------- pipeline
 def test_dataset_yields_preprocessed_batches(tmp_path):
     wd = make_synthetic_workdir(tmp_path, n=3, tile=64)
     df = pd.read_csv(wd / "labels" / "manifest.csv")
-    ds = T.make_dataset([str(wd / p) for p in df.image], [str(wd / p) for p in df.label], 4, True, crop_size=32)
+    ds = D.make_dataset([str(wd / p) for p in df.image], [str(wd / p) for p in df.label], 4, True, crop_size=32)
     x, y = next(iter(ds))
     assert x.shape == (4, 32, 32, 3) and x.dtype.name == "float32"
     assert y.shape == (4, 32, 32) and y.dtype.name == "uint8"
@@ -176,13 +180,17 @@ def test_two_step_training_then_resume(tmp_path):
                         augment=False, learning_rate=1e-3, seed=1)
     params = T.train_model(wd, cfg)
     out = wd / "model"
-    for name in ("best.keras", "last.keras", "history.csv", "training_params.yaml", "classes.yaml", "split.csv"):
+    for name in ("best.keras", "last.keras", "history.csv", "training_params.yaml", "classes.yaml", "split.csv",
+                 "manifest.csv"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "frames").glob("*.png")) == ["epoch_001.png", "epoch_002.png"]
     hist = pd.read_csv(out / "history.csv")
     assert list(hist["epoch"]) == [1, 2] and np.isfinite(hist["loss"]).all()
     assert params["encoder_weights_used"] is None and params["mpp"] == 1.0 and params["tile_size"] == 64
     assert 0 <= params["best_tumor_iou"] <= 1
+    assert params["headline_class"] == "Tumor"  # the class map's headline role
+    done = pd.read_csv(out / "manifest.csv")
+    assert {"best.keras", "history.csv", "training_params.yaml"} <= set(done["file"])
     # finished run: refuse without overwrite; resume by raising epochs keeps the optimizer step count
     with pytest.raises(OutputExistsError):
         T.train_model(wd, cfg)

@@ -1,0 +1,103 @@
+"""Train / validation split of the tile table (step 05): by slide, or by spatial blocks of a slide.
+
+Overlapping or neighbouring tiles never sit on both sides: with a region split, training
+tiles that overlap, touch or come near a validation tile are marked ``excluded``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from helpers.errors import ParameterError
+
+#: Column of the split table holding ``train`` / ``val`` / ``excluded``.
+SPLIT_COLUMN = "split"
+
+
+def split_tiles(df: pd.DataFrame, val_fraction: float = 0.25, by: str = "auto", block_size: float | None = None,
+                seed: int = 0, class_names: list[str] | None = None, trials: int = 200, margin: float = 0.0) -> pd.DataFrame:
+    """Split tiles into ``train`` / ``val`` (column ``split``) by slide or by spatial region.
+
+    ``by="slide"`` puts whole slides on one side. ``by="region"`` cuts each slide into
+    square blocks of ``block_size`` level-0 pixels (default: 3 tile widths), assigns each
+    tile to the block holding its centre, and draws validation blocks; any training tile
+    that overlaps, touches or comes within ``margin`` level-0 pixels of a validation tile
+    is then marked ``excluded``, so no pixel (and no direct neighbour) is on both sides
+    even when tiles overlap. ``"auto"`` is by slide with three slides or more, else by
+    region. Among ``trials`` random draws the one whose per-class labelled-pixel share in
+    validation is closest to ``val_fraction`` (tumour present on both sides) and which
+    excludes the fewest tiles is kept.
+
+    Returns:
+        A copy of ``df`` with ``split`` (train / val / excluded) and ``group`` columns.
+    """
+    if not 0 < val_fraction < 1:
+        raise ParameterError(f"val_fraction={val_fraction}: must be between 0 and 1")
+    if by not in ("auto", "slide", "region"):
+        raise ParameterError(f"split_by={by!r}: use 'slide', 'region' or 'auto'")
+    df = df.copy().reset_index(drop=True)
+    n_slides = df["slide"].nunique()
+    if by == "auto":
+        by = "slide" if n_slides >= 3 else "region"
+    if by == "slide":
+        if n_slides < 2:
+            raise ParameterError(f"split_by='slide' needs two slides or more; got {n_slides}; use split_by='region'")
+        df["group"] = df["slide"].astype(str)
+    else:
+        if block_size is None:
+            block_size = 3 * float(np.median(df["w"]))
+        cx = (df["x"] + df["w"] / 2) // block_size
+        cy = (df["y"] + df["h"] / 2) // block_size
+        df["group"] = [f"{s}|{int(i)},{int(j)}" for s, i, j in zip(df["slide"], cx, cy)]
+    groups = sorted(df["group"].unique())
+    if len(groups) < 2:
+        raise ParameterError(f"only one {by} group; lower block_size (now {block_size}) or add slides")
+    px_cols = [f"px_{n}" for n in class_names] if class_names else []
+    px_cols = [c for c in px_cols if c in df.columns]
+    weights = df[px_cols].to_numpy(float) if px_cols else np.ones((len(df), 1))
+    group_idx = np.searchsorted(groups, df["group"].to_numpy())
+    per_group = np.zeros((len(groups), weights.shape[1]))
+    np.add.at(per_group, group_idx, weights)
+    total = per_group.sum(axis=0)
+    present = total > 0
+    touch = _touching(df, margin) if by == "region" and len(df) <= 6000 else None
+    rng = np.random.default_rng(seed)
+    best, best_score = None, np.inf
+    for _ in range(max(1, trials)):
+        order = rng.permutation(len(groups))
+        chosen, acc = [], np.zeros_like(total)
+        for g in order:
+            if len(chosen) >= len(groups) - 1:
+                break
+            share = acc[present].sum() / max(total[present].sum(), 1)
+            if chosen and share >= val_fraction:
+                break
+            chosen.append(g)
+            acc = acc + per_group[g]
+        val = np.isin(group_idx, chosen)
+        lost = touch[:, val].any(axis=1) & ~val if touch is not None else np.zeros(len(df), bool)
+        v, t = weights[val].sum(0)[present], weights[~val & ~lost].sum(0)[present]
+        frac = v / np.maximum(v + t, 1)
+        # a class missing on either side is the worst outcome; then closeness to the target; then lost pixels
+        score = (np.abs(frac - val_fraction).sum() + 10 * np.sum((v == 0) | (t == 0))
+                 + weights[lost].sum() / max(weights.sum(), 1))
+        if score < best_score:
+            best, best_score = list(chosen), score
+    val_mask = np.isin(group_idx, best)
+    df[SPLIT_COLUMN] = np.where(val_mask, "val", "train")
+    if by == "region":
+        near = (touch if touch is not None else _touching(df, margin))[:, val_mask].any(axis=1) & ~val_mask
+        df.loc[near, SPLIT_COLUMN] = "excluded"
+    return df
+
+
+def _touching(df: pd.DataFrame, margin: float = 0.0) -> np.ndarray:
+    """``(n, n)`` bool: tiles of the same slide that overlap, touch or lie within ``margin`` level-0 px."""
+    x0, y0 = df["x"].to_numpy(float), df["y"].to_numpy(float)
+    x1, y1 = x0 + df["w"].to_numpy(float), y0 + df["h"].to_numpy(float)
+    slide = pd.factorize(df["slide"])[0]
+    return ((x0[:, None] <= x1[None] + margin) & (x0[None] <= x1[:, None] + margin)
+            & (y0[:, None] <= y1[None] + margin) & (y0[None] <= y1[:, None] + margin)
+            & (slide[:, None] == slide[None]))
+

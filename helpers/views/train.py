@@ -1,0 +1,72 @@
+"""Figures of step 05 (train): the train/validation split and the learning curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from helpers.config import ClassMap
+from helpers.metrics import headline_name
+from helpers.split import SPLIT_COLUMN
+
+
+def plot_history(history: pd.DataFrame | str | Path, headline: str | None = None, class_map: ClassMap | None = None):
+    """Figure: training loss and validation IoU (per class, mean) against epoch.
+
+    ``headline`` (drawn thick): a class name; None = the class map's headline class.
+    """
+    import matplotlib.pyplot as plt
+
+    h = pd.read_csv(history) if isinstance(history, (str, Path)) else history
+    if headline is None and class_map is not None:
+        headline = headline_name(class_map)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(h["epoch"], h["loss"], "o-", label="training loss")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("loss (labelled pixels)")
+    a1.legend()
+    for col in [c for c in h.columns if c.startswith("val_iou_")]:
+        name = col[len("val_iou_"):]
+        color = None
+        if class_map is not None and name in class_map.names:
+            color = np.array(class_map.by_label(class_map.label_of(name)).color) / 255
+        a2.plot(h["epoch"], h[col], "o-" if name == headline else ".--", lw=2.5 if name == headline else 1,
+                label=name, color=color)
+    if "val_mean_iou" in h:
+        a2.plot(h["epoch"], h["val_mean_iou"], "k-", lw=1, label="mean")
+    a2.set_ylim(0, 1)
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("validation IoU (labelled pixels)")
+    a2.legend(fontsize=8)
+    if "phase" in h and (h["phase"] == "warm-up").any():
+        x = h.loc[h["phase"] == "warm-up", "epoch"].max() + 0.5
+        for a in (a1, a2):
+            a.axvline(x, color="grey", ls=":", lw=1)
+    fig.tight_layout()
+    return fig
+
+
+def plot_split(split: pd.DataFrame, max_slides: int = 4):
+    """Figure: tile footprints per slide coloured by split (train / val / excluded)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    colors = {"train": "tab:blue", "val": "tab:orange", "excluded": "lightgrey"}
+    slides = list(split["slide"].unique())[:max_slides]
+    fig, axes = plt.subplots(1, len(slides), figsize=(5 * len(slides), 5), squeeze=False)
+    for ax, slide in zip(axes[0], slides):
+        sub = split[split["slide"] == slide]
+        for r in sub.itertuples():
+            ax.add_patch(Rectangle((r.x, r.y), r.w, r.h, facecolor=colors.get(getattr(r, SPLIT_COLUMN), "white"),
+                                   edgecolor="k", lw=0.3, alpha=0.75))
+        ax.set_xlim(sub["x"].min(), (sub["x"] + sub["w"]).max())
+        ax.set_ylim((sub["y"] + sub["h"]).max(), sub["y"].min())
+        ax.set_aspect("equal")
+        counts = sub[SPLIT_COLUMN].value_counts().to_dict()
+        ax.set_title(f"{slide}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), fontsize=9)
+        ax.set_xlabel("x (level-0 px)")
+    axes[0][0].legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return fig
