@@ -6,7 +6,7 @@ writes ``labels.tiff``, ``<slide>.geojson`` (:mod:`helpers.qupath`), ``overlay.p
 Post-processing variants can be tried without predicting again.
 
 Memory: the probability TIFF is read in bands of rows (:class:`helpers.rasters.RasterRows`),
-labels go to row files on disk (:class:`helpers.rasters.RowStore`) and GeoJSON regions are
+labels go to row files on disk (:class:`helpers.rowstore.RowStore`) and GeoJSON regions are
 traced band by band, joined across seams. Exceptions: hole filling and small-object
 removal label connected components of the whole uint8 label image (1/C of the
 probabilities) in memory.
@@ -27,7 +27,7 @@ from helpers.errors import HistoUNetError
 from helpers.io import write_json
 from helpers.model import background_index, check_class_map, class_map_from_params, headline_index
 from helpers.predict import probabilities_path, read_prediction_info
-from helpers.rasters import RasterRows, RowStore, disk_full_guard, write_raster
+from helpers.rowstore import RasterRows, RowStore, disk_full_guard, write_raster
 from helpers.steps import DONE, guard_output, mark_done
 
 log = logging.getLogger(__name__)

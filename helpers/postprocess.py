@@ -255,7 +255,7 @@ def postprocess_labels(probs, mpp: float, *, smoothing: str | None = "gaussian",
       works in bands.
 
     ``out`` and ``scratch``: optional ``(H, W)`` uint8 destinations assignable and
-    readable by row slices (e.g. :class:`helpers.rasters.RowStore` on disk): the labels go
+    readable by row slices (e.g. :class:`helpers.rowstore.RowStore` on disk): the labels go
     to ``out`` (``scratch`` holds them before morphology), so without hole filling or
     small-object removal no whole-image array is held in memory at all.
 

@@ -5,7 +5,7 @@ tissue (:func:`helpers.tissue.slide_tissue_mask`), normalizes stain exactly as i
 training, predicts overlapping tiles and blends their class probabilities per pixel
 (``mean`` or ``gaussian`` weights). It works through the tile grid one row ("band") at
 a time, keeping only the rows still being blended in memory and writing finished rows
-to a row file on disk (:class:`helpers.rasters.RowStore`: the OS page cache, not this
+to a row file on disk (:class:`helpers.rowstore.RowStore`: the OS page cache, not this
 process); a checkpoint after each band makes an interrupted run resumable with the same
 result. The finished probabilities become ``probabilities.tiff`` plus ``prediction.json``.
 
@@ -36,7 +36,7 @@ from helpers.config import ClassMap
 from helpers.errors import HistoUNetError, ParameterError, SlideError
 from helpers.io import atomic_path, read_json, write_json
 from helpers.model import SIZE_MULTIPLE, background_index, check_class_map, load_model_and_classes, preprocess
-from helpers.rasters import RowStore, disk_full_guard, write_raster
+from helpers.rowstore import RowStore, disk_full_guard, write_raster
 from helpers.steps import DONE, guard_output
 from helpers.tissue import slide_tissue_mask
 

@@ -110,7 +110,7 @@ def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, pro
 
     Args:
         labels: ``(H, W)`` label image (``0`` unlabelled, ``1..N`` classes); with
-            ``band_rows`` anything sliceable by rows (a memmap, :class:`helpers.rasters.RowStore`).
+            ``band_rows`` anything sliceable by rows (a memmap, :class:`helpers.rowstore.RowStore`).
         class_map: :class:`helpers.config.ClassMap` giving names and colours.
         downsample: Level-0 slide pixels per label pixel.
         probabilities: Optional ``(H, W, N)`` class probabilities (0-1 or uint8 0-255);

@@ -157,7 +157,8 @@ def test_bad_parameters_are_rejected(tmp_path):
 
 
 def test_row_store_and_raster_rows_read_what_was_written(tmp_path):
-    from helpers.rasters import RasterRows, RowStore, read_raster, write_pyramid_tiff
+    from helpers.rasters import read_raster, write_pyramid_tiff
+    from helpers.rowstore import RasterRows, RowStore
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (300, 170, 4), dtype=np.uint8)
