@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from helpers.errors import ParameterError
+
 #: HSV saturation (0..1) below which a bright pixel is glass.
 SATURATION_THRESHOLD = 0.08
 #: HSV value (0..1) above which a pixel can be glass.
@@ -39,7 +41,10 @@ def _saturation_cut(sat: np.ndarray, saturation_threshold: float | str) -> float
 
         s = sat.astype(np.float32) / 255.0
         return float(np.clip(threshold_otsu(s), 0.04, 0.15)) if np.ptp(s) > 0 else SATURATION_THRESHOLD
-    return float(saturation_threshold)
+    try:
+        return float(saturation_threshold)
+    except (TypeError, ValueError):
+        raise ParameterError(f"saturation_threshold={saturation_threshold!r}: use a number in 0..1 or 'otsu'") from None
 
 
 def glass_pixels(image: np.ndarray, saturation_threshold: float | str = SATURATION_THRESHOLD,
