@@ -8,14 +8,12 @@ rules to a label tile, each one switchable by a parameter:
    small unlabelled holes inside a class region take that class (morphology).
 2. ``border_band``: a band this many pixels wide along every annotation border becomes
    unlabelled (0), because annotators' lines are rough; the loss ignores it.
-3. ``glass_in_annotations``: glass inside any annotation becomes Background.
+3. ``glass_in_annotations``: glass inside any annotation becomes the background class.
 4. ``free_glass``: clearly empty glass anywhere (glass at least ``free_glass_margin``
-   pixels from tissue) becomes Background: free labels.
+   pixels from tissue) becomes the background class: free labels.
 Unannotated pixels otherwise stay 0 = unlabelled.
 
-Glass is found by :func:`glass_mask`: bright, unsaturated pixels (HSV saturation
-below a threshold, fixed or Otsu's, and value above ``min_brightness``), cleaned by
-morphology so single pale pixels inside tissue do not count.
+Glass is found by :func:`helpers.tissue.glass_mask`, the one glass rule of every step.
 """
 
 from __future__ import annotations
@@ -27,53 +25,12 @@ import numpy as np
 import pandas as pd
 
 from helpers.config import ClassMap
-from helpers.steps import step_dir
 from helpers.errors import HistoUNetError, ParameterError
+from helpers.steps import STEP_NOTEBOOKS, latest_tile_manifest, step_dir, step_manifest
+from helpers.tiles import label_counts, read_label_tile
+from helpers.tissue import MIN_BRIGHTNESS, SATURATION_THRESHOLD, drop_small_objects, fill_small_holes, glass_mask
 
 log = logging.getLogger(__name__)
-
-
-def glass_mask(image: np.ndarray, saturation_threshold: float | str = 0.08, min_brightness: float = 0.78,
-               min_area: int = 64) -> np.ndarray:
-    """Boolean mask of glass (no tissue) in an RGB tile.
-
-    Args:
-        image: ``(H, W, 3)`` uint8 RGB.
-        saturation_threshold: HSV saturation (0..1) below which a bright pixel is glass,
-            or ``"otsu"`` for Otsu's threshold of the tile (clipped to 0.04..0.15).
-        min_brightness: HSV value (0..1) above which a pixel can be glass.
-        min_area: Glass regions smaller than this (pixels) count as tissue, and tissue
-            specks smaller than this as glass.
-    """
-    import cv2
-    hsv = cv2.cvtColor(np.ascontiguousarray(image[..., :3]), cv2.COLOR_RGB2HSV)
-    sat = hsv[..., 1].astype(np.float32) / 255.0
-    val = hsv[..., 2].astype(np.float32) / 255.0
-    if saturation_threshold == "otsu":
-        from skimage.filters import threshold_otsu
-
-        thr = float(np.clip(threshold_otsu(sat), 0.04, 0.15)) if np.ptp(sat) > 0 else 0.08
-    else:
-        thr = float(saturation_threshold)
-    glass = (sat < thr) & (val > min_brightness)
-    glass = cv2.morphologyEx(glass.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
-    if min_area > 0:
-        glass = _fill_small(_drop_small(glass, min_area), min_area)
-    return glass
-
-
-def _drop_small(mask: np.ndarray, size: int) -> np.ndarray:
-    """``mask`` without connected objects smaller than ``size`` pixels."""
-    from skimage.morphology import remove_small_objects
-
-    return remove_small_objects(mask, max_size=size - 1) if size > 1 else mask
-
-
-def _fill_small(mask: np.ndarray, size: int) -> np.ndarray:
-    """``mask`` with holes smaller than ``size`` pixels filled."""
-    from skimage.morphology import remove_small_holes
-
-    return remove_small_holes(mask, max_size=size - 1) if size > 1 else mask
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -82,23 +39,23 @@ def _disk(radius: int) -> np.ndarray:
     return disk(max(0, int(radius))).astype(bool)
 
 
-def refine_label(image: np.ndarray, label: np.ndarray, class_map: ClassMap, *, background_class: str = "Background",
+def refine_label(image: np.ndarray, label: np.ndarray, class_map: ClassMap, *, background_class: str | None = None,
                  min_region: int = 16, border_band: int = 3, glass_in_annotations: bool = True, free_glass: bool = True,
-                 free_glass_margin: int = 8, saturation_threshold: float | str = 0.08,
-                 min_brightness: float = 0.78) -> np.ndarray:
+                 free_glass_margin: int = 8, saturation_threshold: float | str = SATURATION_THRESHOLD,
+                 min_brightness: float = MIN_BRIGHTNESS) -> np.ndarray:
     """Apply the refinement rules (module docstring) to one label tile.
 
     Args:
         image: RGB tile (raw, not stain-normalized) the labels belong to.
         label: uint8 label tile (0 unlabelled, 1..N classes).
         class_map: Classes.
-        background_class: Class given to glass.
+        background_class: Class given to glass; None = the map's background role.
         min_region: Specks/holes smaller than this many pixels are cleaned; 0 = off.
         border_band: Half-width in pixels of the unlabelled band along annotation borders; 0 = off.
         glass_in_annotations: Glass inside annotations becomes ``background_class``.
         free_glass: Clearly empty glass outside annotations becomes ``background_class``.
         free_glass_margin: Minimum distance (pixels) from tissue for "clearly empty" glass.
-        saturation_threshold, min_brightness: Passed to :func:`glass_mask`.
+        saturation_threshold, min_brightness: Passed to :func:`helpers.tissue.glass_mask`.
 
     Returns:
         The refined uint8 label tile.
@@ -107,16 +64,16 @@ def refine_label(image: np.ndarray, label: np.ndarray, class_map: ClassMap, *, b
 
     if image.shape[:2] != label.shape[:2]:
         raise ParameterError(f"image {image.shape[:2]} and label {label.shape[:2]} tiles differ in size")
-    bg = class_map.label_of(background_class)
+    bg = class_map.background.label if background_class is None else class_map.label_of(background_class)
     out = label.astype(np.uint8).copy()
     if min_region > 0:
         for c in class_map.labels:
             mask = out == c
             if not mask.any():
                 continue
-            kept = _drop_small(mask, min_region)
+            kept = drop_small_objects(mask, min_region)
             out[mask & ~kept] = 0
-            filled = _fill_small(kept, min_region)
+            filled = fill_small_holes(kept, min_region)
             out[filled & (out == 0)] = c
     annotated = out > 0
     if border_band > 0:
@@ -139,10 +96,11 @@ def _input_manifest(workdir: Path, input_step: str) -> tuple[pd.DataFrame, str]:
 
     if input_step not in ("auto", "tiles", "stain"):
         raise ParameterError(f"input_step={input_step!r}: use 'auto', 'tiles' or 'stain'")
-    stain = step_dir(workdir, "stain") / "manifest.csv"
-    if input_step == "stain" or (input_step == "auto" and stain.is_file()):
-        return read_manifest(stain, "notebook 02_normalize_stain"), "stain"
-    return read_manifest(step_dir(workdir, "tiles") / "manifest.csv", "notebook 01_export_tiles"), "tiles"
+    if input_step == "auto":
+        path, step = latest_tile_manifest(workdir, ("stain", "tiles"))
+    else:
+        path, step = step_manifest(workdir, input_step), input_step
+    return read_manifest(path, f"notebook {STEP_NOTEBOOKS[step]}"), step
 
 
 def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "auto", overwrite: bool = False,
@@ -163,7 +121,6 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
     from tqdm.auto import tqdm
 
     from helpers.io import atomic_dir, read_image, write_image, write_manifest
-    from helpers.tiles import label_counts, read_label_tile
 
     workdir = Path(workdir)
     manifest, source = _input_manifest(workdir, input_step)
@@ -204,58 +161,6 @@ def label_stats(before: pd.DataFrame, after: pd.DataFrame, class_map: ClassMap) 
     return df
 
 
-def plot_label_stats(stats: pd.DataFrame, class_map: ClassMap):
-    """Figure: pixels and tiles per class before/after refinement (bars in class colours)."""
-    import matplotlib.pyplot as plt
-
-    colors = [(0.2, 0.2, 0.2)] + [np.array(c.color) / 255 for c in class_map.classes]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    x = np.arange(len(stats))
-    for ax, what, unit in [(axes[0], "pixels", "pixels (millions)"), (axes[1], "tiles", "tiles containing the class")]:
-        scale = 1e6 if what == "pixels" else 1
-        ax.bar(x - 0.2, stats[f"{what}_before"] / scale, 0.4, color=colors, alpha=0.45, edgecolor="black", label="before")
-        ax.bar(x + 0.2, stats[f"{what}_after"] / scale, 0.4, color=colors, edgecolor="black", hatch="//", label="after")
-        ax.set_xticks(x, stats["class"], rotation=0)
-        ax.set_ylabel(unit)
-        ax.set_title(f"{what} per class: before (pale) vs after (hatched)")
-    fig.tight_layout()
-    return fig
-
-
-def plot_before_after(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMap, n: int = 4, seed: int = 0,
-                      truth: bool = True):
-    """Figure: for ``n`` tiles, the image, raw labels, refined labels (and the dense truth if the demo has it)."""
-    import matplotlib.pyplot as plt
-
-    from helpers.io import read_image
-    from helpers.tiles import read_label_tile
-    from helpers.viz import legend_handles, overlay
-
-    workdir = Path(workdir)
-    rng = np.random.default_rng(seed)
-    pick = sorted(rng.choice(len(manifest), size=min(n, len(manifest)), replace=False))
-    image_col = "image_raw" if "image_raw" in manifest.columns else "image"
-    show_truth = truth and (step_dir(workdir, "truth")).is_dir()
-    ncols = 4 if show_truth else 3
-    fig, axes = plt.subplots(len(pick), ncols, figsize=(3 * ncols, 3 * len(pick)), squeeze=False)
-    for row, i in zip(axes, pick):
-        r = manifest.iloc[i]
-        img = read_image(workdir / r[image_col])
-        panels = [(img, f"{r['slide']} x={r['x']} y={r['y']}"),
-                  (overlay(img, read_label_tile(workdir / r["label_raw"]), class_map, 0.5), "annotations (before)"),
-                  (overlay(img, read_label_tile(workdir / r["label"]), class_map, 0.5), "refined (after)")]
-        if show_truth:
-            t = truth_tile(workdir, r, img.shape[:2])
-            panels.append((overlay(img, t, class_map, 0.5) if t is not None else img, "dense truth" if t is not None else "no truth"))
-        for ax, (pic, title) in zip(row, panels):
-            ax.imshow(pic)
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-    fig.legend(handles=legend_handles(class_map), loc="lower center", ncol=class_map.n_classes, fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    return fig
-
-
 def truth_tile(workdir: str | Path, row: dict | pd.Series, shape: tuple[int, int]) -> np.ndarray | None:
     """Dense truth labels under a tile (``truth/<slide>.tiff``), or None if there is none."""
     import cv2
@@ -281,8 +186,6 @@ def disagreement_with_truth(workdir: str | Path, manifest: pd.DataFrame, label_c
         ``{"labelled_pixels", "wrong_pixels", "wrong_fraction", "tiles"}``; NaN fraction
         when no tile has a truth raster.
     """
-    from helpers.tiles import read_label_tile
-
     workdir = Path(workdir)
     labelled = wrong = tiles = 0
     for r in manifest.to_dict("records"):
@@ -296,51 +199,3 @@ def disagreement_with_truth(workdir: str | Path, manifest: pd.DataFrame, label_c
         tiles += 1
     return {"labelled_pixels": labelled, "wrong_pixels": wrong,
             "wrong_fraction": wrong / labelled if labelled else float("nan"), "tiles": tiles}
-
-
-def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMap):
-    """ipywidgets viewer: tile slider, before/after/truth, class toggles, overlay opacity.
-
-    Building it needs no display; show it only when ``helpers.nb.interactive()``.
-    """
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-
-    from helpers.io import read_image
-    from helpers.tiles import read_label_tile
-    from helpers.viz import overlay
-
-    workdir = Path(workdir)
-    image_col = "image_raw" if "image_raw" in manifest.columns else "image"
-    views = ["after", "before"] if "label_raw" in manifest.columns else ["labels"]
-    if (step_dir(workdir, "truth")).is_dir():
-        views.append("truth")
-    tile = widgets.IntSlider(0, 0, max(0, len(manifest) - 1), description="tile")
-    view = widgets.ToggleButtons(options=views, description="labels")
-    alpha = widgets.FloatSlider(value=0.45, min=0, max=1, step=0.05, description="opacity")
-    toggles = {c.label: widgets.Checkbox(value=True, description=c.name, indent=False) for c in class_map.classes}
-    out = widgets.Output()
-
-    def draw(*_):
-        r = manifest.iloc[tile.value]
-        img = read_image(workdir / r[image_col])
-        if view.value == "truth":
-            lab = truth_tile(workdir, r, img.shape[:2])
-            lab = np.zeros(img.shape[:2], np.uint8) if lab is None else lab
-        else:
-            lab = read_label_tile(workdir / r["label_raw" if view.value == "before" else "label"])
-        hidden = [k for k, w in toggles.items() if not w.value]
-        with out:
-            out.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(6, 6))
-            ax.imshow(overlay(img, lab, class_map, alpha.value, hidden=hidden))
-            ax.set_title(str(r["tile_id"]), fontsize=8)
-            ax.axis("off")
-            plt.show(fig)
-            plt.close(fig)
-
-    for w in [tile, view, alpha, *toggles.values()]:
-        w.observe(draw, names="value")
-    box = widgets.VBox([widgets.HBox([tile, alpha]), view, widgets.HBox(list(toggles.values())), out])
-    box.redraw = draw  # type: ignore[attr-defined]
-    return box

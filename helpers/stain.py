@@ -1,5 +1,9 @@
 """Stain normalization (step 02): Macenko, Vahadane and Reinhard with staintools, plus "none".
 
+This module is the normalizer (estimation and transforms); choosing the reference tile
+and normalizing a work folder's tiles is :mod:`helpers.normalize`, figures are
+:mod:`helpers.views.stain`.
+
 Two ways to apply a fitted :class:`StainNormalizer`:
 
 * per tile (:meth:`StainNormalizer.transform`): like staintools, the source stain matrix
@@ -11,8 +15,8 @@ Two ways to apply a fitted :class:`StainNormalizer`:
   concentration solve in optical density space. Fast and seamless across tile borders.
 
 Robustness rule (the same everywhere): only *tissue* pixels are used for fitting
-(luminosity below ``luminosity_threshold``, not near-black, not pen-coloured — see
-:func:`tissue_mask`). In per-tile mode a tile whose tissue fraction is below
+(the common tissue rule of :mod:`helpers.tissue`, and luminosity below
+``luminosity_threshold``, not near-black, not pen-coloured — see :func:`tissue_mask`). In per-tile mode a tile whose tissue fraction is below
 ``min_tissue_fraction``, whose estimation fails, or whose result would be non-finite or
 much darker than the input is passed through UNCHANGED with a logged warning. In
 per-slide mode every tile goes through the slide's fixed linear map (safe for any pixel:
@@ -27,15 +31,14 @@ inference uses exactly the normalization used for training.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
+from helpers.errors import HistoUNetError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +97,17 @@ def pen_mask(img: np.ndarray) -> np.ndarray:
 def tissue_mask(img: np.ndarray, luminosity_threshold: float = 0.8) -> np.ndarray:
     """Boolean mask of stained tissue usable for stain estimation.
 
-    Tissue is darker than ``luminosity_threshold`` (staintools' rule) but not near-black
-    (ink, folds), not pen-coloured and not clipped (a channel at 0).
+    The common tissue rule of every step (:mod:`helpers.tissue`: not glass, not black,
+    per pixel) plus the exclusions of stain estimation: pale pixels (luminosity at or above
+    ``luminosity_threshold``, staintools' rule), near-black pixels (ink, folds),
+    pen-coloured and clipped (a channel at 0) pixels.
     """
+    from helpers.tissue import black_pixels, glass_pixels
+
     img = _as_rgb_uint8(img)
     lum = luminosity(img)
-    return (lum < luminosity_threshold) & (lum > DARK_LUMINOSITY) & ~pen_mask(img) & (img.min(axis=2) > 0)
+    estimable = (lum < luminosity_threshold) & (lum > DARK_LUMINOSITY) & ~pen_mask(img) & (img.min(axis=2) > 0)
+    return estimable & ~glass_pixels(img) & ~black_pixels(img)
 
 
 def tissue_fraction(img: np.ndarray, luminosity_threshold: float = 0.8) -> float:
@@ -568,204 +576,6 @@ def load_normalizer(path: str | Path) -> StainNormalizer:
     return norm
 
 
-# --------------------------------------------------------------------------- reference choice
-
-
-@dataclass
-class ReferenceChoice:
-    """The reference tile picked by :func:`choose_reference` and the table it was picked from."""
-
-    image: np.ndarray
-    index: int
-    name: str
-    scores: pd.DataFrame
-
-
-def _load_candidates(source: Any, workdir: str | Path | None) -> tuple[list[Any], list[str], Path | None]:
-    """Paths/arrays and names of candidate tiles from images, paths or a manifest."""
-    if isinstance(source, pd.DataFrame) or isinstance(source, (str, Path)):
-        from helpers.io import read_manifest
-
-        if isinstance(source, pd.DataFrame):
-            df = source
-            root = Path(workdir) if workdir is not None else Path(".")
-        else:
-            df = read_manifest(source, "01_make_tiles.ipynb")
-            root = Path(workdir) if workdir is not None else Path(source).resolve().parent.parent
-        if "image" not in df.columns:
-            raise HistoUNetError(f"{source if not isinstance(source, pd.DataFrame) else 'manifest'}: no 'image' column")
-        names = df["tile_id"].astype(str).tolist() if "tile_id" in df.columns else df["image"].astype(str).tolist()
-        return [root / p for p in df["image"]], names, root
-    items = list(source)
-    names = [Path(x).stem if isinstance(x, (str, Path)) else f"#{i}" for i, x in enumerate(items)]
-    return items, names, None
-
-
-def choose_reference(source: Sequence[np.ndarray] | Sequence[str | Path] | str | Path | pd.DataFrame,
-                     workdir: str | Path | None = None, max_candidates: int = 200, min_tissue_fraction: float = 0.6,
-                     luminosity_threshold: float = 0.8, seed: int = 0) -> ReferenceChoice:
-    """Pick a well-stained, tissue-rich reference tile automatically.
-
-    Rule: among (a random sample of at most ``max_candidates``) tiles, keep those with at
-    least ``min_tissue_fraction`` tissue and less than 1 % pen-coloured pixels (if none
-    qualify, the 25 % most tissue-rich); then take the one whose median tissue colour
-    (LAB) is closest to the median of the kept tiles — a typical, not an outlier, stain —
-    with a bonus for more tissue.
-
-    Args:
-        source: Tile images, image paths, a manifest CSV path or a manifest DataFrame.
-        workdir: Root for the manifest's relative paths (default: the manifest's parent's parent).
-
-    Raises:
-        HistoUNetError: no candidate tiles.
-    """
-    from helpers.io import read_image
-
-    items, names, _ = _load_candidates(source, workdir)
-    if not items:
-        raise HistoUNetError("choose_reference: no tiles to choose from; run 01_make_tiles first or give images")
-    order = np.arange(len(items))
-    if len(items) > max_candidates:
-        order = np.sort(np.random.default_rng(seed).choice(len(items), max_candidates, replace=False))
-    rows = []
-    for i in order:
-        img = _as_rgb_uint8(read_image(items[i]) if isinstance(items[i], (str, Path)) else items[i], names[i])
-        mask = tissue_mask(img, luminosity_threshold)
-        lab = _lab_stats(img[mask])[0] if mask.sum() >= MIN_TISSUE_PIXELS else np.full(3, np.nan)
-        rows.append({"index": int(i), "name": names[i], "tissue_fraction": float(mask.mean()),
-                     "pen_fraction": float(pen_mask(img).mean()), "L": lab[0], "a": lab[1], "b": lab[2]})
-    df = pd.DataFrame(rows)
-    ok = (df["tissue_fraction"] >= min_tissue_fraction) & (df["pen_fraction"] < 0.01) & df["L"].notna()
-    if not ok.any():
-        ok = df["L"].notna() & (df["tissue_fraction"] >= df["tissue_fraction"].quantile(0.75))
-        log.warning("choose_reference: no tile has %.0f%% tissue; choosing among the most tissue-rich", 100 * min_tissue_fraction)
-    if not ok.any():
-        raise HistoUNetError("choose_reference: no tile holds enough tissue to serve as stain reference; "
-                             "pass a reference image explicitly (reference_tile=)")
-    typical = df.loc[ok, ["L", "a", "b"]].median()
-    df["colour_distance"] = np.sqrt(((df[["L", "a", "b"]] - typical) ** 2).sum(axis=1))
-    df["score"] = np.where(ok, -df["colour_distance"] + 20 * df["tissue_fraction"].clip(upper=0.95), -np.inf)
-    best = df.loc[df["score"].idxmax()]
-    idx = int(best["index"])
-    image = read_image(items[idx]) if isinstance(items[idx], (str, Path)) else np.asarray(items[idx])
-    log.info("reference tile: %s (tissue %.0f%%, LAB distance to typical %.1f)", best["name"],
-             100 * best["tissue_fraction"], best["colour_distance"])
-    return ReferenceChoice(_as_rgb_uint8(image).copy(), idx, str(best["name"]), df.sort_values("score", ascending=False))
-
-
-# --------------------------------------------------------------------------- whole step
-
-
-def check_step(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Refuse to redo step 02 when ``out_dir/manifest.csv`` exists and ``overwrite`` is False."""
-    out_dir = Path(out_dir)
-    if (out_dir / "manifest.csv").exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir / 'manifest.csv'} already exists; pass overwrite=True to normalize again")
-    return out_dir
-
-
-def reference_from(manifest_path: str | Path, reference_tile: str = "", workdir: str | Path | None = None,
-                   **choose_kw: Any) -> ReferenceChoice:
-    """The reference tile: ``reference_tile`` (a tile_id of the manifest or an image path), or automatic.
-
-    Raises:
-        ParameterError: ``reference_tile`` is neither a tile of the manifest nor an image file.
-    """
-    from helpers.io import read_image, read_manifest
-
-    manifest_path = Path(manifest_path)
-    root = Path(workdir) if workdir is not None else manifest_path.resolve().parent.parent
-    if not reference_tile:
-        return choose_reference(manifest_path, workdir=root, **choose_kw)
-    df = read_manifest(manifest_path, "01_export_tiles.ipynb")
-    hit = df[df["tile_id"].astype(str) == reference_tile]
-    if len(hit):
-        image = read_image(root / hit["image"].iloc[0])
-        idx = int(hit.index[0])
-    elif Path(reference_tile).is_file():
-        image, idx = read_image(reference_tile), -1
-    else:
-        raise ParameterError(f"reference_tile={reference_tile!r} is neither a tile_id in {manifest_path} nor an "
-                             "image file; leave it empty to choose automatically")
-    row = {"index": idx, "name": reference_tile, "tissue_fraction": tissue_fraction(image)}
-    return ReferenceChoice(_as_rgb_uint8(image).copy(), idx, reference_tile, pd.DataFrame([row]))
-
-
-def normalize_tiles(manifest_path: str | Path, out_dir: str | Path, normalizer: StainNormalizer, mode: str = "slide",
-                    workdir: str | Path | None = None, samples_per_slide: int = 32, overwrite: bool = False,
-                    seed: int = 0) -> pd.DataFrame:
-    """Normalize every tile of a tile manifest; write ``tiles/<tile_id>.png`` and ``manifest.csv``.
-
-    Args:
-        manifest_path: ``workdir/tiles/manifest.csv`` (paths relative to ``workdir``).
-        out_dir: ``workdir/stain``.
-        normalizer: A fitted :class:`StainNormalizer`.
-        mode: ``"slide"`` (estimate each slide's stains once, fast and seamless) or
-            ``"tile"`` (staintools per tile).
-        workdir: Root of the manifest's relative paths (default: the manifest's parent's parent).
-        samples_per_slide: Tiles per slide (the most tissue-rich of a random draw) used to estimate its stains.
-        overwrite: Replace an earlier result.
-
-    Returns:
-        The new manifest: input rows with ``image`` = normalized tile, ``image_raw`` = input
-        tile, ``stain_status`` = ``normalized`` / ``passthrough: <reason>``. For method
-        ``none`` the images point to the raw tiles. Per-slide estimates go to ``slides.json``.
-    """
-    from tqdm.auto import tqdm
-
-    from helpers.io import read_image, read_manifest, write_image, write_json, write_manifest
-
-    if mode not in MODES:
-        raise ParameterError(f"mode={mode!r} is unknown; use 'slide' (fast, seamless) or 'tile' (staintools per tile)")
-    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
-    root = Path(workdir) if workdir is not None else manifest_path.resolve().parent.parent
-    out_manifest = out_dir / "manifest.csv"
-    if out_manifest.exists() and not overwrite:
-        raise OutputExistsError(f"{out_manifest} already exists; pass overwrite=True to normalize again")
-    df = read_manifest(manifest_path, "01_make_tiles.ipynb")
-    for col in ("tile_id", "slide", "image"):
-        if col not in df.columns:
-            raise HistoUNetError(f"{manifest_path}: column {col!r} missing; re-run 01_make_tiles")
-    df = df.copy()
-    df["image_raw"] = df["image"]
-    df["stain_status"] = "normalized"
-    slides_info: dict[str, Any] = {}
-    tiles_dir = out_dir / "tiles"
-    rng = np.random.default_rng(seed)
-    if normalizer.method == "none":
-        log.info("stain method 'none': the manifest points to the raw tiles")
-    else:
-        tiles_dir.mkdir(parents=True, exist_ok=True)
-        for slide, group in df.groupby("slide", sort=False):
-            fn: Callable[[np.ndarray], np.ndarray] | None = None
-            if mode == "slide":
-                draw = group.index.to_numpy()
-                if len(draw) > 3 * samples_per_slide:
-                    draw = rng.choice(draw, 3 * samples_per_slide, replace=False)
-                cands = [(read_image(root / df.at[i, "image"])) for i in draw]
-                fracs = [tissue_fraction(c, normalizer.luminosity_threshold) for c in cands]
-                keep = np.argsort(fracs)[::-1][:samples_per_slide]
-                fn = normalizer.for_slide([cands[k] for k in keep], seed=seed)
-                slides_info[str(slide)] = {**fn.to_dict(), "n_sample_tiles": len(keep)}
-            for i in tqdm(group.index, desc=f"stain {slide}", leave=False):
-                img = read_image(root / df.at[i, "image"])
-                if fn is not None:
-                    out, status = fn(img), fn.status
-                else:
-                    out, status = normalizer.transform_with_status(img)
-                rel = Path(out_dir.name) / "tiles" / f"{df.at[i, 'tile_id']}.png"
-                # no manifest yet means any tile already here is from an unfinished run
-                write_image(out, tiles_dir / f"{df.at[i, 'tile_id']}.png", overwrite=True)
-                df.at[i, "image"] = rel.as_posix()
-                df.at[i, "stain_status"] = status
-    write_json({"method": normalizer.method, "mode": mode, "slides": slides_info}, out_dir / "slides.json", overwrite=True)
-    n_pass = int(df["stain_status"].str.startswith("passthrough").sum())
-    if n_pass:
-        log.warning("%d of %d tiles passed through unchanged (see stain_status in the manifest)", n_pass, len(df))
-    write_manifest(df, out_manifest, overwrite=overwrite)
-    return df
-
-
 # --------------------------------------------------------------------------- colour statistics
 
 
@@ -778,136 +588,3 @@ def mean_lab(img: np.ndarray, luminosity_threshold: float = 0.8) -> np.ndarray:
 def lab_distance(img1: np.ndarray, img2: np.ndarray, luminosity_threshold: float = 0.8) -> float:
     """Distance (delta E 76) between the mean tissue colours of two images."""
     return float(np.linalg.norm(mean_lab(img1, luminosity_threshold) - mean_lab(img2, luminosity_threshold)))
-
-
-# --------------------------------------------------------------------------- pictures
-
-
-def plot_reference(normalizer: StainNormalizer, image: np.ndarray | None = None):
-    """Figure: the reference tile, its tissue mask and the target stain colours."""
-    import matplotlib.pyplot as plt
-
-    image = normalizer.reference_image if image is None else image
-    fig, axes = plt.subplots(1, 3, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1, 0.7]})
-    if image is not None:
-        axes[0].imshow(image)
-        axes[1].imshow(tissue_mask(image, normalizer.luminosity_threshold), cmap="gray")
-        axes[1].set_title(f"tissue used for fitting ({tissue_fraction(image, normalizer.luminosity_threshold):.0%})", fontsize=9)
-    axes[0].set_title(f"reference ({normalizer.method})", fontsize=9)
-    for ax in axes[:2]:
-        ax.axis("off")
-    _draw_stains(axes[2], normalizer)
-    fig.tight_layout()
-    return fig
-
-
-def _draw_stains(ax, normalizer: StainNormalizer) -> None:
-    ax.axis("off")
-    if normalizer.stain_matrix is not None:
-        cols = stain_colors(normalizer.stain_matrix, 1.0)
-        for k, (name, c) in enumerate(zip(("Hematoxylin", "Eosin"), cols)):
-            ax.add_patch(plt_rect((0.05, 0.55 - 0.45 * k), 0.35, 0.35, c / 255))
-            od = normalizer.stain_matrix[k]
-            ax.text(0.45, 0.72 - 0.45 * k, f"{name}\nOD r,g,b = {od[0]:.2f}, {od[1]:.2f}, {od[2]:.2f}\n"
-                    f"max conc. {normalizer.max_concentrations[k]:.2f}", fontsize=8, va="center")
-        ax.set_title("target stain vectors", fontsize=9)
-    elif normalizer.lab_mean is not None:
-        m, s = normalizer.lab_mean, normalizer.lab_std
-        ax.text(0.0, 0.5, f"target LAB of tissue\nmean L,a,b = {m[0]:.1f}, {m[1]:.1f}, {m[2]:.1f}\n"
-                f"std  L,a,b = {s[0]:.1f}, {s[1]:.1f}, {s[2]:.1f}", fontsize=9, va="center")
-    else:
-        ax.text(0.0, 0.5, "method 'none': tiles are not changed", fontsize=9, va="center")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-
-
-def plt_rect(xy: tuple[float, float], w: float, h: float, color: Any):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle(xy, w, h, color=color, ec="k", lw=0.5)
-
-
-def plot_stain_vectors(normalizer: StainNormalizer, slides_json: str | Path | dict | None = None):
-    """Figure: OD components of the target stain vectors and of each slide's estimate (per-slide mode)."""
-    import matplotlib.pyplot as plt
-
-    from helpers.io import read_json
-
-    info = read_json(slides_json) if isinstance(slides_json, (str, Path)) else (slides_json or {})
-    mats = {"target (reference)": normalizer.stain_matrix}
-    for name, d in (info.get("slides") or {}).items():
-        if d.get("stain_matrix") is not None:
-            mats[name] = np.asarray(d["stain_matrix"])
-    mats = {k: v for k, v in mats.items() if v is not None}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    if not mats:
-        for ax in axes:
-            ax.axis("off")
-        axes[0].text(0, 0.5, f"method {normalizer.method!r} has no stain vectors", fontsize=10)
-        return fig
-    width = 0.8 / len(mats)
-    for k, stain in enumerate(("Hematoxylin", "Eosin")):
-        ax = axes[k]
-        for j, (name, m) in enumerate(mats.items()):
-            ax.bar(np.arange(3) + j * width, m[k], width, color=stain_colors(m, 1.0)[k] / 255, ec="k", lw=0.5,
-                   label=name)
-        ax.set_xticks(np.arange(3) + 0.4 - width / 2, ["R", "G", "B"])
-        ax.set_ylabel("optical density (unit vector)")
-        ax.set_title(f"{stain} stain vector (bar colour = stain colour)", fontsize=9)
-    axes[1].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    return fig
-
-
-def plot_before_after(manifest: pd.DataFrame | str | Path, workdir: str | Path, n: int = 6, seed: int = 0):
-    """Figure: raw tiles (top) above their normalized versions (bottom), one column per tile."""
-    import matplotlib.pyplot as plt
-
-    from helpers.io import read_image, read_manifest
-
-    df = read_manifest(manifest) if isinstance(manifest, (str, Path)) else manifest
-    workdir = Path(workdir)
-    n = min(n, len(df))
-    rows = df.sample(n, random_state=seed) if len(df) > n else df
-    fig, axes = plt.subplots(2, max(n, 1), figsize=(2.4 * max(n, 1), 5.2), squeeze=False)
-    for j, (_, r) in enumerate(rows.iterrows()):
-        raw_col = "image_raw" if "image_raw" in r else "image"
-        for i, (col, label) in enumerate(((raw_col, "before"), ("image", "after"))):
-            ax = axes[i, j]
-            ax.imshow(read_image(workdir / r[col]))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(label)
-            if i == 0:
-                ax.set_title(f"{r['slide']}\nx={r.get('x', '?')}, y={r.get('y', '?')}", fontsize=7)
-            if i == 1 and str(r.get("stain_status", "normalized")).startswith("passthrough"):
-                ax.set_title("unchanged (too little tissue)", fontsize=7, color="tab:red")
-    for ax in axes.ravel()[2 * n:]:
-        ax.axis("off")
-    fig.suptitle("stain normalization: before (top) / after (bottom)")
-    fig.tight_layout()
-    return fig
-
-
-def plot_comparison(images: Sequence[np.ndarray], normalized: Sequence[np.ndarray], target: np.ndarray,
-                    titles: Sequence[str] | None = None):
-    """Figure: target, then each source above its normalized version."""
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    fig, axes = plt.subplots(2, n + 1, figsize=(2.6 * (n + 1), 5.4), squeeze=False)
-    axes[0, 0].imshow(target)
-    axes[0, 0].set_title("target", fontsize=8)
-    axes[1, 0].axis("off")
-    for j in range(n):
-        axes[0, j + 1].imshow(images[j])
-        axes[1, j + 1].imshow(normalized[j])
-        axes[0, j + 1].set_title(titles[j] if titles else f"#{j}", fontsize=8)
-        axes[1, j + 1].set_title(f"dE {lab_distance(images[j], target):.1f} -> {lab_distance(normalized[j], target):.1f}",
-                                 fontsize=8)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    return fig

@@ -160,7 +160,7 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
                  annotations: str | Path | None = None, mpp: float = 1.0, slide_mpp: float | None = None,
                  tile_size: int = 256, stride: int = 256, min_labelled_fraction: float = 0.05,
                  max_glass_fraction: float = 0.95, unclassified: str = "skip", max_tiles_per_slide: int | None = None,
-                 background_class: str = "Background", overwrite: bool = False) -> pd.DataFrame:
+                 background_class: str | None = None, overwrite: bool = False) -> pd.DataFrame:
     """Python route of step 01: write image/label tile pairs and ``tiles/manifest.csv``.
 
     Args:
@@ -178,7 +178,7 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
             they carry ``background_class`` annotations (glass annotated on purpose).
         unclassified: Policy for unclassified annotations (see :func:`helpers.annotations.read_annotations`).
         max_tiles_per_slide: Keep at most this many tiles per slide (evenly spread); None = all.
-        background_class: The class of glass (see ``max_glass_fraction``).
+        background_class: The class of glass (see ``max_glass_fraction``); None = the map's background role.
         overwrite: Replace an earlier ``tiles/`` folder.
 
     Returns:
@@ -190,7 +190,7 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
 
     from helpers.annotations import rasterize, read_annotations
     from helpers.io import atomic_dir, write_image, write_manifest
-    from helpers.labels import glass_mask
+    from helpers.tissue import glass_mask
     from helpers.slides import find_slides, open_slide
 
     workdir = Path(workdir)
@@ -231,7 +231,10 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
                     pick = np.linspace(0, len(kept) - 1, max_tiles_per_slide).round().astype(int)
                     kept = [kept[i] for i in sorted(set(pick))]
                 n_glass = 0
-                glass_label = class_map.label_of(background_class) if background_class in class_map.names else -1
+                if background_class is None:
+                    glass_label = next((c.label for c in class_map.classes if c.role == "background"), -1)
+                else:
+                    glass_label = class_map.label_of(background_class) if background_class in class_map.names else -1
                 for (x, y, w, h, label) in tqdm(kept, desc=f"{slide.name} write", unit="tile", leave=False):
                     image = slide.read(x, y, tile_size, tile_size, ds)
                     if (max_glass_fraction < 1 and not (label == glass_label).any()
@@ -323,75 +326,3 @@ def import_tile_folder(folder: str | Path, workdir: str | Path, class_map: Class
         manifest["label"] = "tiles/" + manifest["label"].str.split("/").str[-1]
         write_manifest(manifest, tmp / "manifest.csv")
     return manifest
-
-
-def plot_tile_overview(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMap, slide: str | None = None,
-                       slides: str | Path | None = None, annotations: str | Path | None = None, slide_mpp: float | None = None,
-                       max_size: int = 1200):
-    """Figure: slide thumbnail with the annotations (class colours) and the exported tiles (boxes)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    from helpers.annotations import find_annotation_file, read_annotations
-    from helpers.slides import find_slides, open_slide
-    from helpers.viz import legend_handles
-
-    workdir = Path(workdir)
-    slide = slide or str(manifest["slide"].iloc[0])
-    folder = Path(slides) if slides else step_dir(workdir, "slides")
-    paths = [p for p in find_slides(folder) if p.stem == slide] if folder.exists() else []
-    if paths:
-        with open_slide(paths[0], mpp=slide_mpp) as s:
-            thumb, tds = s.thumbnail(max_size)
-            size = s.dimensions
-    else:  # e.g. tiles exported in QuPath, slide elsewhere: draw the tile layout on blank glass
-        log.warning("slide %r not found in %s; the overview shows the tile layout only", slide, folder)
-        sub = manifest[manifest["slide"] == slide]
-        size = (int((sub["x"] + sub["w"]).max()), int((sub["y"] + sub["h"]).max()))
-        tds = max(size) / max_size
-        thumb = np.full((max(1, int(size[1] / tds)), max(1, int(size[0] / tds)), 3), 245, np.uint8)
-    fig, ax = plt.subplots(figsize=(9, 9 * thumb.shape[0] / thumb.shape[1] + 0.5))
-    ax.imshow(thumb)
-    geo = find_annotation_file(Path(annotations) if annotations else step_dir(workdir, "annotations"), slide)
-    if geo is not None:
-        for a in read_annotations(geo, class_map, slide_size=size, allow_empty=True):
-            color = np.array(class_map.by_label(a.label).color) / 255
-            polys = getattr(a.geometry, "geoms", [a.geometry])
-            for p in polys:
-                for ring in [p.exterior, *p.interiors]:
-                    xy = np.asarray(ring.coords) / tds
-                    ax.plot(xy[:, 0], xy[:, 1], color=color, lw=1.5)
-    for r in manifest[manifest["slide"] == slide].itertuples():
-        ax.add_patch(Rectangle((r.x / tds, r.y / tds), r.w / tds, r.h / tds, fill=False, ec="black", lw=0.6, alpha=0.7))
-    n = int((manifest["slide"] == slide).sum())
-    ax.set_title(f"{slide}: annotations (class colours) and {n} exported tiles (black boxes)")
-    ax.axis("off")
-    ax.legend(handles=legend_handles(class_map), loc="lower right", fontsize=8, framealpha=0.8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_tile_samples(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMap, n: int = 8,
-                      label_col: str = "label", image_col: str = "image", seed: int = 0):
-    """Figure: ``n`` tiles (spread over the manifest) with their label overlay."""
-    from helpers.io import read_image
-    from helpers.viz import overlay, tile_grid
-
-    workdir = Path(workdir)
-    if manifest.empty:
-        raise HistoUNetError("no tiles to show")
-    rng = np.random.default_rng(seed)
-    pick = sorted(rng.choice(len(manifest), size=min(n, len(manifest)), replace=False))
-    images, titles = [], []
-    for i in pick:
-        r = manifest.iloc[i]
-        img = read_image(workdir / r[image_col])
-        lab = read_label_tile(workdir / r[label_col])
-        images += [img, overlay(img, lab, class_map, 0.45)]
-        short = f"{r['slide']} x={r['x']} y={r['y']}"
-        titles += [short, "labels"]
-    fig = tile_grid(images, titles, ncols=4, size=2.6, suptitle="tiles and their labels (unlabelled = no colour)")
-    from helpers.viz import legend_handles
-
-    fig.legend(handles=legend_handles(class_map), loc="lower center", ncol=len(class_map.names), fontsize=8)
-    return fig

@@ -2,15 +2,118 @@
 
 Steps 01 (tile export), 02 (stain estimation), 03 (label refinement) and 07 (which
 tiles to predict) all ask the same question of an RGB image; they get their answer here.
+
+The rule (:func:`glass_pixels`): a pixel is glass when it is bright (HSV value above
+``min_brightness``) and unsaturated (HSV saturation below ``saturation_threshold``);
+tissue is what is neither glass nor near-black (:data:`BLACK_VALUE`: scanner borders,
+ink). Tiles (01, 03) clean the glass mask at pixel scale (:func:`glass_mask`); slides
+(07) apply the same pixel rule to a thumbnail (:func:`slide_tissue_mask`). Stain
+estimation (02) adds its own exclusions (pale, pen, clipped pixels) on top of
+:func:`tissue_mask`, in :func:`helpers.stain.tissue_mask`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from helpers.errors import ParameterError
+
+#: HSV saturation (0..1) below which a bright pixel is glass.
+SATURATION_THRESHOLD = 0.08
+#: HSV value (0..1) above which a pixel can be glass.
+MIN_BRIGHTNESS = 0.78
+#: HSV value (0..255) at or below which a pixel is black (not tissue, not glass).
+BLACK_VALUE = 30
+
+
+def _hsv(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value (uint8 0..255) of an RGB uint8 image."""
+    import cv2
+
+    hsv = cv2.cvtColor(np.ascontiguousarray(image[..., :3]), cv2.COLOR_RGB2HSV)
+    return hsv[..., 1], hsv[..., 2]
+
+
+def _saturation_cut(sat: np.ndarray, saturation_threshold: float | str) -> float:
+    """The saturation threshold (0..1): fixed, or Otsu's of ``sat`` clipped to 0.04..0.15."""
+    if saturation_threshold == "otsu":
+        from skimage.filters import threshold_otsu
+
+        s = sat.astype(np.float32) / 255.0
+        return float(np.clip(threshold_otsu(s), 0.04, 0.15)) if np.ptp(s) > 0 else SATURATION_THRESHOLD
+    try:
+        return float(saturation_threshold)
+    except (TypeError, ValueError):
+        raise ParameterError(f"saturation_threshold={saturation_threshold!r}: use a number in 0..1 or 'otsu'") from None
+
+
+def glass_pixels(image: np.ndarray, saturation_threshold: float | str = SATURATION_THRESHOLD,
+                 min_brightness: float = MIN_BRIGHTNESS) -> np.ndarray:
+    """THE glass rule, per pixel: bright and unsaturated (no morphology).
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        saturation_threshold: HSV saturation (0..1) below which a bright pixel is glass,
+            or ``"otsu"`` for Otsu's threshold of the image (clipped to 0.04..0.15).
+        min_brightness: HSV value (0..1) above which a pixel can be glass.
+    """
+    sat, val = _hsv(image)
+    thr = _saturation_cut(sat, saturation_threshold)
+    return (sat.astype(np.float32) / 255.0 < thr) & (val.astype(np.float32) / 255.0 > min_brightness)
+
+
+def black_pixels(image: np.ndarray) -> np.ndarray:
+    """Near-black pixels (HSV value <= :data:`BLACK_VALUE`): neither tissue nor glass."""
+    return _hsv(image)[1] <= BLACK_VALUE
+
+
+def drop_small_objects(mask: np.ndarray, size: int) -> np.ndarray:
+    """``mask`` without connected objects smaller than ``size`` pixels."""
+    from skimage.morphology import remove_small_objects
+
+    return remove_small_objects(mask, max_size=size - 1) if size > 1 else mask
+
+
+def fill_small_holes(mask: np.ndarray, size: int) -> np.ndarray:
+    """``mask`` with holes smaller than ``size`` pixels filled."""
+    from skimage.morphology import remove_small_holes
+
+    return remove_small_holes(mask, max_size=size - 1) if size > 1 else mask
+
+
+def _open3(mask: np.ndarray) -> np.ndarray:
+    """Morphological opening with a 3x3 square (removes single-pixel specks)."""
+    import cv2
+
+    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
+
+
+def glass_mask(image: np.ndarray, saturation_threshold: float | str = SATURATION_THRESHOLD,
+               min_brightness: float = MIN_BRIGHTNESS, min_area: int = 64) -> np.ndarray:
+    """Boolean mask of glass (no tissue) in an RGB tile: :func:`glass_pixels`, cleaned.
+
+    Single pale pixels inside tissue do not count (3x3 opening); glass regions smaller
+    than ``min_area`` pixels count as tissue, and tissue specks smaller than it as glass.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        saturation_threshold, min_brightness: See :func:`glass_pixels`.
+        min_area: Size (pixels) of the smallest glass region / tissue speck kept; 0 = off.
+    """
+    glass = _open3(glass_pixels(image, saturation_threshold, min_brightness))
+    if min_area > 0:
+        glass = fill_small_holes(drop_small_objects(glass, min_area), min_area)
+    return glass
+
+
+def tissue_mask(image: np.ndarray, saturation_threshold: float | str = SATURATION_THRESHOLD,
+                min_brightness: float = MIN_BRIGHTNESS, min_area: int = 64) -> np.ndarray:
+    """Boolean mask of tissue in an RGB tile: neither glass (:func:`glass_mask`) nor black."""
+    return ~glass_mask(image, saturation_threshold, min_brightness, min_area) & ~black_pixels(image)
+
 
 def slide_tissue_mask(slide, max_size: int = 2048) -> tuple[np.ndarray, float]:
-    """Low-resolution tissue mask of a slide: not glass (bright, unsaturated) and not black.
+    """Low-resolution tissue mask of a slide: the glass rule on a thumbnail, 3x3-opened.
 
     Args:
         slide: A :class:`helpers.slides.Slide`.
@@ -19,12 +122,6 @@ def slide_tissue_mask(slide, max_size: int = 2048) -> tuple[np.ndarray, float]:
     Returns:
         ``(mask, downsample)`` with the mask's level-0 pixels per mask pixel.
     """
-    import cv2
-
     thumb, ds = slide.thumbnail(max_size)
-    hsv = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)
-    sat, val = hsv[..., 1], hsv[..., 2]
-    gray = cv2.cvtColor(thumb, cv2.COLOR_RGB2GRAY)
-    mask = ((sat > 20) | (gray < 200)) & (val > 30)
-    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
-    return mask, ds
+    mask = ~glass_pixels(thumb) & ~black_pixels(thumb)
+    return _open3(mask), ds

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import augment
+from helpers.views import augment as augment_views
 from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
 from helpers.io import read_image
 
@@ -126,7 +127,7 @@ def test_preview_figure(class_map):
     matplotlib.use("Agg")
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
-    fig = augment.plot_preview(augment.default_augmentation(), images, _random_masks(2, 64), class_map, n_aug=2)
+    fig = augment_views.plot_preview(augment.default_augmentation(), images, _random_masks(2, 64), class_map, n_aug=2)
     assert len(fig.axes) == 2 * 2 * 3
 
 
@@ -138,7 +139,7 @@ def test_widget_builds_headless(class_map):
 
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)]
-    box = augment.augmentation_widget(images, _random_masks(1, 48), class_map, scale=0.2)
+    box = augment_views.augmentation_widget(images, _random_masks(1, 48), class_map, scale=0.2)
     assert isinstance(box, widgets.VBox)
     sliders = [w for col in box.children[0].children for w in col.children]
     assert {s.description for s in sliders} >= {"scale", "hed_sigma", "elastic"}

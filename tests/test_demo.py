@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers.demo import ROLE_NAMES, make_demo
+from helpers.demo import demo_class_names, make_demo
 from helpers.errors import OutputExistsError, ParameterError
 
 SIZE = 1536  # small, yet enough for >= 3 pyramid levels (1536 -> 768 -> 384 -> 192)
@@ -61,7 +61,7 @@ def test_annotations_are_valid_sparse_qupath_features(demo, class_map):
         assert minx >= 0 and miny >= 0 and maxx <= SIZE and maxy <= SIZE
         geoms.append(g)
         names.add(cls["name"])
-    assert names == set(ROLE_NAMES.values())  # every class annotated somewhere
+    assert names == set(demo_class_names(class_map).values())  # every class annotated somewhere
     tissue = demo["stats"]["tissue_fraction"] * SIZE * SIZE
     assert unary_union(geoms).area <= 0.15 * tissue
 
@@ -76,7 +76,7 @@ def test_truth_aligns_with_the_slide(demo, class_map):
     assert set(np.unique(truth)) == set(class_map.labels)
     gray = rgb.mean(axis=2)
     od = -np.log(np.clip(rgb, 1, 255) / 255.0)
-    by = {name: truth == class_map.label_of(name) for name in ROLE_NAMES.values()}
+    by = {name: truth == class_map.label_of(name) for name in demo_class_names(class_map).values()}
     glass, tumour, stroma, other = by["Background"], by["Tumor"], by["Stroma"], by["Other"]
     assert gray[glass].mean() > 225 and np.percentile(gray[glass], 5) > 200
     assert gray[tumour].mean() < gray[stroma].mean() - 10
@@ -145,7 +145,7 @@ def test_annotations_mostly_right_but_some_imperfect(demo, class_map):
     ds = 2.0
     truth = read_raster(demo["truth"], downsample=ds)
     feats = json.loads(demo["annotations"].read_text())["features"]
-    glass = class_map.label_of(ROLE_NAMES["glass"])
+    glass = class_map.background.label
     spills = []
     for f in feats:
         under = _truth_under(f, truth, ds)

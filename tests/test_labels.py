@@ -12,10 +12,11 @@ from shapely.geometry import Point
 
 from helpers.errors import OutputExistsError, ParameterError
 from helpers.io import read_image, write_manifest
-from helpers.labels import (disagreement_with_truth, glass_mask, label_stats, label_viewer, plot_before_after,
-                            plot_label_stats, refine_label, refine_tiles)
+from helpers.labels import disagreement_with_truth, label_stats, refine_label, refine_tiles
 from helpers.qupath import make_feature, write_feature_collection
 from helpers.tiles import export_tiles
+from helpers.tissue import glass_mask
+from helpers.views.labels import label_viewer, plot_before_after, plot_label_stats
 
 PINK, PURPLE, GLASS = (205, 140, 185), (120, 60, 140), (240, 240, 240)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import stain
+from helpers import normalize, stain
+from helpers.views import stain as stain_views
 from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
 from helpers.io import read_image, write_image, write_manifest
 
@@ -239,7 +240,7 @@ def test_choose_reference_prefers_tissue_over_odd_tiles(slide_tiles):
     odd = _odd_tiles(slide_tiles)
     good = slide_tiles[(1280, 2048)]
     cands = [odd["blank"], odd["pen"], odd["little_tissue"], good, odd["almost_white"]]
-    choice = stain.choose_reference(cands)
+    choice = normalize.choose_reference(cands)
     assert choice.index == 3
     assert np.array_equal(choice.image, good)
     assert len(choice.scores) == len(cands)
@@ -265,7 +266,7 @@ def _tile_workdir(tmp_path, slide_tiles):
 @pytest.mark.parametrize("mode", ("slide", "tile"))
 def test_normalize_tiles_writes_step_outputs(mode, fitted, slide_tiles, tmp_path):
     wd = _tile_workdir(tmp_path, slide_tiles)
-    df = stain.normalize_tiles(wd / "tiles" / "manifest.csv", wd / "stain", fitted["macenko"], mode=mode)
+    df = normalize.normalize_tiles(wd / "tiles" / "manifest.csv", wd / "stain", fitted["macenko"], mode=mode)
     written = pd.read_csv(wd / "stain" / "manifest.csv")
     assert list(written["tile_id"]) == list(df["tile_id"])
     assert {"image", "image_raw", "label", "stain_status"} <= set(written.columns)
@@ -280,13 +281,13 @@ def test_normalize_tiles_writes_step_outputs(mode, fitted, slide_tiles, tmp_path
         info = json.loads((wd / "stain" / "slides.json").read_text())
         assert np.asarray(info["slides"]["CMU"]["stain_matrix"]).shape == (2, 3)
     with pytest.raises(OutputExistsError, match="overwrite"):
-        stain.normalize_tiles(wd / "tiles" / "manifest.csv", wd / "stain", fitted["macenko"], mode=mode)
-    stain.normalize_tiles(wd / "tiles" / "manifest.csv", wd / "stain", fitted["macenko"], mode=mode, overwrite=True)
+        normalize.normalize_tiles(wd / "tiles" / "manifest.csv", wd / "stain", fitted["macenko"], mode=mode)
+    normalize.normalize_tiles(wd / "tiles" / "manifest.csv", wd / "stain", fitted["macenko"], mode=mode, overwrite=True)
 
 
 def test_normalize_tiles_none_points_to_raw(pink, slide_tiles, tmp_path):
     wd = _tile_workdir(tmp_path, slide_tiles)
-    df = stain.normalize_tiles(wd / "tiles" / "manifest.csv", wd / "stain", stain.fit_normalizer(pink, "none"))
+    df = normalize.normalize_tiles(wd / "tiles" / "manifest.csv", wd / "stain", stain.fit_normalizer(pink, "none"))
     assert (df["image"] == df["image_raw"]).all()
     assert not (wd / "stain" / "tiles").exists()
 
@@ -297,8 +298,8 @@ def test_figures(fitted, pink, tmp_path):
     matplotlib.use("Agg")
     for m in (*METHODS, "none"):
         n = fitted.get(m) or stain.fit_normalizer(pink, "none")
-        assert stain.plot_reference(n).axes
-        assert stain.plot_stain_vectors(n).axes
+        assert stain_views.plot_reference(n).axes
+        assert stain_views.plot_stain_vectors(n).axes
 
 
 def test_vahadane_keeps_h_and_e_apart_on_a_pale_tile(pink):

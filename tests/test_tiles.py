@@ -219,7 +219,7 @@ def test_demo_slide_tiles_agree_with_geojson(tmp_path, class_map):
 
 
 def test_overview_without_the_slide(tmp_path, class_map):
-    from helpers.tiles import plot_tile_overview
+    from helpers.views.tiles import plot_tile_overview
 
     m = pd.DataFrame([{"tile_id": "s [x=0,y=0,w=64,h=64]", "slide": "s", "x": 0, "y": 0, "w": 64, "h": 64},
                       {"tile_id": "s [x=64,y=0,w=64,h=64]", "slide": "s", "x": 64, "y": 0, "w": 64, "h": 64}])

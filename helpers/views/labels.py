@@ -1,0 +1,111 @@
+"""Figures and the tile viewer of step 03 (label refinement)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from helpers.config import ClassMap
+from helpers.labels import truth_tile
+from helpers.steps import step_dir
+from helpers.tiles import read_label_tile
+
+
+def plot_label_stats(stats: pd.DataFrame, class_map: ClassMap):
+    """Figure: pixels and tiles per class before/after refinement (bars in class colours)."""
+    import matplotlib.pyplot as plt
+
+    colors = [(0.2, 0.2, 0.2)] + [np.array(c.color) / 255 for c in class_map.classes]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(len(stats))
+    for ax, what, unit in [(axes[0], "pixels", "pixels (millions)"), (axes[1], "tiles", "tiles containing the class")]:
+        scale = 1e6 if what == "pixels" else 1
+        ax.bar(x - 0.2, stats[f"{what}_before"] / scale, 0.4, color=colors, alpha=0.45, edgecolor="black", label="before")
+        ax.bar(x + 0.2, stats[f"{what}_after"] / scale, 0.4, color=colors, edgecolor="black", hatch="//", label="after")
+        ax.set_xticks(x, stats["class"], rotation=0)
+        ax.set_ylabel(unit)
+        ax.set_title(f"{what} per class: before (pale) vs after (hatched)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_before_after(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMap, n: int = 4, seed: int = 0,
+                      truth: bool = True):
+    """Figure: for ``n`` tiles, the image, raw labels, refined labels (and the dense truth if the demo has it)."""
+    import matplotlib.pyplot as plt
+
+    from helpers.io import read_image
+    from helpers.viz import legend_handles, overlay
+
+    workdir = Path(workdir)
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(manifest), size=min(n, len(manifest)), replace=False))
+    image_col = "image_raw" if "image_raw" in manifest.columns else "image"
+    show_truth = truth and (step_dir(workdir, "truth")).is_dir()
+    ncols = 4 if show_truth else 3
+    fig, axes = plt.subplots(len(pick), ncols, figsize=(3 * ncols, 3 * len(pick)), squeeze=False)
+    for row, i in zip(axes, pick):
+        r = manifest.iloc[i]
+        img = read_image(workdir / r[image_col])
+        panels = [(img, f"{r['slide']} x={r['x']} y={r['y']}"),
+                  (overlay(img, read_label_tile(workdir / r["label_raw"]), class_map, 0.5), "annotations (before)"),
+                  (overlay(img, read_label_tile(workdir / r["label"]), class_map, 0.5), "refined (after)")]
+        if show_truth:
+            t = truth_tile(workdir, r, img.shape[:2])
+            panels.append((overlay(img, t, class_map, 0.5) if t is not None else img, "dense truth" if t is not None else "no truth"))
+        for ax, (pic, title) in zip(row, panels):
+            ax.imshow(pic)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.legend(handles=legend_handles(class_map), loc="lower center", ncol=class_map.n_classes, fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMap):
+    """ipywidgets viewer: tile slider, before/after/truth, class toggles, overlay opacity.
+
+    Building it needs no display; show it only when ``helpers.nb.interactive()``.
+    """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from helpers.io import read_image
+    from helpers.viz import overlay
+
+    workdir = Path(workdir)
+    image_col = "image_raw" if "image_raw" in manifest.columns else "image"
+    views = ["after", "before"] if "label_raw" in manifest.columns else ["labels"]
+    if (step_dir(workdir, "truth")).is_dir():
+        views.append("truth")
+    tile = widgets.IntSlider(0, 0, max(0, len(manifest) - 1), description="tile")
+    view = widgets.ToggleButtons(options=views, description="labels")
+    alpha = widgets.FloatSlider(value=0.45, min=0, max=1, step=0.05, description="opacity")
+    toggles = {c.label: widgets.Checkbox(value=True, description=c.name, indent=False) for c in class_map.classes}
+    out = widgets.Output()
+
+    def draw(*_):
+        r = manifest.iloc[tile.value]
+        img = read_image(workdir / r[image_col])
+        if view.value == "truth":
+            lab = truth_tile(workdir, r, img.shape[:2])
+            lab = np.zeros(img.shape[:2], np.uint8) if lab is None else lab
+        else:
+            lab = read_label_tile(workdir / r["label_raw" if view.value == "before" else "label"])
+        hidden = [k for k, w in toggles.items() if not w.value]
+        with out:
+            out.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(6, 6))
+            ax.imshow(overlay(img, lab, class_map, alpha.value, hidden=hidden))
+            ax.set_title(str(r["tile_id"]), fontsize=8)
+            ax.axis("off")
+            plt.show(fig)
+            plt.close(fig)
+
+    for w in [tile, view, alpha, *toggles.values()]:
+        w.observe(draw, names="value")
+    box = widgets.VBox([widgets.HBox([tile, alpha]), view, widgets.HBox(list(toggles.values())), out])
+    box.redraw = draw  # type: ignore[attr-defined]
+    return box
