@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.errors import HistoUNetError, ModelError, ParameterError
+from helpers.errors import ModelError, ParameterError
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from helpers.errors import HistoUNetError, ParameterError
-from helpers.stain import (MIN_TISSUE_PIXELS, MODES, StainNormalizer, _as_rgb_uint8, _lab_stats, pen_mask,
-                           tissue_fraction, tissue_mask)
+from helpers.stain import MIN_TISSUE_PIXELS, MODES, StainNormalizer, lab_stats
+from helpers.tissue import as_rgb_uint8, pen_mask, stain_tissue_mask, tissue_fraction
 from helpers.steps import guard_output
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,9 @@ def choose_reference(source: Sequence[np.ndarray] | Sequence[str | Path] | str |
         order = np.sort(np.random.default_rng(seed).choice(len(items), max_candidates, replace=False))
     rows = []
     for i in order:
-        img = _as_rgb_uint8(read_image(items[i]) if isinstance(items[i], (str, Path)) else items[i], names[i])
-        mask = tissue_mask(img, luminosity_threshold)
-        lab = _lab_stats(img[mask])[0] if mask.sum() >= MIN_TISSUE_PIXELS else np.full(3, np.nan)
+        img = as_rgb_uint8(read_image(items[i]) if isinstance(items[i], (str, Path)) else items[i], names[i])
+        mask = stain_tissue_mask(img, luminosity_threshold)
+        lab = lab_stats(img[mask])[0] if mask.sum() >= MIN_TISSUE_PIXELS else np.full(3, np.nan)
         rows.append({"index": int(i), "name": names[i], "tissue_fraction": float(mask.mean()),
                      "pen_fraction": float(pen_mask(img).mean()), "L": lab[0], "a": lab[1], "b": lab[2]})
     df = pd.DataFrame(rows)
@@ -103,7 +103,7 @@ def choose_reference(source: Sequence[np.ndarray] | Sequence[str | Path] | str |
     image = read_image(items[idx]) if isinstance(items[idx], (str, Path)) else np.asarray(items[idx])
     log.info("reference tile: %s (tissue %.0f%%, LAB distance to typical %.1f)", best["name"],
              100 * best["tissue_fraction"], best["colour_distance"])
-    return ReferenceChoice(_as_rgb_uint8(image).copy(), idx, str(best["name"]), df.sort_values("score", ascending=False))
+    return ReferenceChoice(as_rgb_uint8(image).copy(), idx, str(best["name"]), df.sort_values("score", ascending=False))
 
 
 def check_step(out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -137,7 +137,7 @@ def reference_from(manifest_path: str | Path, reference_tile: str | None = None,
         raise ParameterError(f"reference_tile={reference_tile!r} is neither a tile_id in {manifest_path} nor an "
                              "image file; leave it None to choose automatically")
     row = {"index": idx, "name": reference_tile, "tissue_fraction": tissue_fraction(image)}
-    return ReferenceChoice(_as_rgb_uint8(image).copy(), idx, reference_tile, pd.DataFrame([row]))
+    return ReferenceChoice(as_rgb_uint8(image).copy(), idx, reference_tile, pd.DataFrame([row]))
 
 
 def normalize_tiles(manifest_path: str | Path, out_dir: str | Path, normalizer: StainNormalizer, mode: str = "slide",

@@ -16,7 +16,7 @@ Two ways to apply a fitted :class:`StainNormalizer`:
 
 Robustness rule (the same everywhere): only *tissue* pixels are used for fitting
 (the common tissue rule of :mod:`helpers.tissue`, and luminosity below
-``luminosity_threshold``, not near-black, not pen-coloured — see :func:`tissue_mask`). In per-tile mode a tile whose tissue fraction is below
+``luminosity_threshold``, not near-black, not pen-coloured — see :func:`helpers.tissue.stain_tissue_mask`). In per-tile mode a tile whose tissue fraction is below
 ``min_tissue_fraction``, whose estimation fails, or whose result would be non-finite or
 much darker than the input is passed through UNCHANGED with a logged warning. In
 per-slide mode every tile goes through the slide's fixed linear map (safe for any pixel:
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from helpers.errors import HistoUNetError, ParameterError
+from helpers.tissue import as_rgb_uint8, pen_mask, stain_tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ _OD_LUT = np.maximum(-np.log(np.maximum(np.arange(256), 1) / 255.0), 1e-6).astyp
 _H_MINUS_E = (np.array([0.650, 0.704, 0.286]) / np.linalg.norm([0.650, 0.704, 0.286])
               - np.array([0.072, 0.990, 0.105]) / np.linalg.norm([0.072, 0.990, 0.105]))
 
-#: Tissue pixels darker than this luminosity (0-1) are treated as ink, folds or dirt.
-DARK_LUMINOSITY = 0.12
 #: Reinhard leaves pixels at least this light (0-1) unchanged: glass stays white.
 GLASS_LUMINOSITY = 0.95
 #: Minimum number of tissue pixels needed to estimate stains.
@@ -61,58 +60,6 @@ MIN_TISSUE_PIXELS = 500
 
 
 # --------------------------------------------------------------------------- pixels
-
-
-def _as_rgb_uint8(img: np.ndarray, what: str = "image") -> np.ndarray:
-    img = np.asarray(img)
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=-1)
-    if img.ndim != 3 or img.shape[2] not in (3, 4):
-        raise ParameterError(f"{what}: expected an RGB image (H, W, 3); got shape {img.shape}")
-    if img.dtype != np.uint8:
-        raise ParameterError(f"{what}: expected uint8 RGB; got {img.dtype} (convert with skimage.util.img_as_ubyte)")
-    return np.ascontiguousarray(img[..., :3])
-
-
-def luminosity(img: np.ndarray) -> np.ndarray:
-    """LAB lightness in 0-1 (as staintools' tissue locator)."""
-    import cv2
-
-    return cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_RGB2LAB)[..., 0] / 255.0
-
-
-def pen_mask(img: np.ndarray) -> np.ndarray:
-    """Pixels coloured like marker ink (green, cyan, blue hues), never like H&E.
-
-    H&E hues lie between purple-blue (hematoxylin, about 240-300 degrees) and pink-red
-    (eosin, about 300-20 degrees); saturated hues from 60 to 220 degrees are pen.
-    """
-    import cv2
-
-    hsv = cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_RGB2HSV)
-    hue, sat = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1]
-    return (hue >= 60) & (hue <= 220) & (sat > 40)
-
-
-def tissue_mask(img: np.ndarray, luminosity_threshold: float = 0.8) -> np.ndarray:
-    """Boolean mask of stained tissue usable for stain estimation.
-
-    The common tissue rule of every step (:mod:`helpers.tissue`: not glass, not black,
-    per pixel) plus the exclusions of stain estimation: pale pixels (luminosity at or above
-    ``luminosity_threshold``, staintools' rule), near-black pixels (ink, folds),
-    pen-coloured and clipped (a channel at 0) pixels.
-    """
-    from helpers.tissue import black_pixels, glass_pixels
-
-    img = _as_rgb_uint8(img)
-    lum = luminosity(img)
-    estimable = (lum < luminosity_threshold) & (lum > DARK_LUMINOSITY) & ~pen_mask(img) & (img.min(axis=2) > 0)
-    return estimable & ~glass_pixels(img) & ~black_pixels(img)
-
-
-def tissue_fraction(img: np.ndarray, luminosity_threshold: float = 0.8) -> float:
-    """Fraction of the image's pixels that :func:`tissue_mask` keeps."""
-    return float(tissue_mask(img, luminosity_threshold).mean())
 
 
 def optical_density(img: np.ndarray) -> np.ndarray:
@@ -133,7 +80,7 @@ def _pixels_image(pixels: np.ndarray) -> np.ndarray:
 def _sample_tissue_pixels(images: Sequence[np.ndarray], luminosity_threshold: float, max_pixels: int,
                           seed: int = 0) -> np.ndarray:
     """Tissue pixels (N, 3) pooled from ``images``, randomly thinned to ``max_pixels``."""
-    chunks = [(_as_rgb_uint8(im)[tissue_mask(im, luminosity_threshold)]) for im in images]
+    chunks = [(as_rgb_uint8(im)[stain_tissue_mask(im, luminosity_threshold)]) for im in images]
     pix = np.concatenate(chunks, axis=0) if chunks else np.zeros((0, 3), np.uint8)
     if len(pix) > max_pixels:
         rng = np.random.default_rng(seed)
@@ -211,7 +158,7 @@ def _max_concentrations(conc: np.ndarray) -> np.ndarray:
     return np.percentile(conc, 99, axis=0).astype(np.float64)
 
 
-def _lab_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def lab_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of L (0-100), a, b (about -127..127) over pixels (N, 3)."""
     from staintools import ReinhardColorNormalizer
 
@@ -296,7 +243,7 @@ class SlideTransform:
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
         """Normalize one tile (uint8 RGB) of this slide."""
-        img = _as_rgb_uint8(img, "tile")
+        img = as_rgb_uint8(img, "tile")
         if self.status != "normalized" or self.normalizer.method == "none":
             return img.copy()
         if self.normalizer.method == "reinhard":
@@ -358,17 +305,17 @@ class StainNormalizer:
 
     def transform_with_status(self, img: np.ndarray) -> tuple[np.ndarray, str]:
         """Like :meth:`transform`, also returning ``"normalized"`` or ``"passthrough: <reason>"``."""
-        img = _as_rgb_uint8(img, "tile")
+        img = as_rgb_uint8(img, "tile")
         if self.method == "none":
             return img.copy(), "normalized"
-        mask = tissue_mask(img, self.luminosity_threshold)
+        mask = stain_tissue_mask(img, self.luminosity_threshold)
         frac = float(mask.mean())
         if frac < self.min_tissue_fraction or mask.sum() < MIN_TISSUE_PIXELS:
             return self._passthrough(img, f"tissue fraction {frac:.1%} < min_tissue_fraction {self.min_tissue_fraction:.0%}")
         pixels = img[mask]
         try:
             if self.method == "reinhard":
-                mean, std = _lab_stats(pixels)
+                mean, std = lab_stats(pixels)
                 if np.any(std < 0.5):
                     return self._passthrough(img, "colour spread too small to rescale")
                 out = _reinhard_apply(img, mean, std, self.lab_mean, self.lab_std, self.luminosity_threshold)
@@ -413,7 +360,7 @@ class StainNormalizer:
             return SlideTransform(self, status=f"passthrough: {reason}", n_pixels=len(pixels))
         try:
             if self.method == "reinhard":
-                mean, std = _lab_stats(pixels)
+                mean, std = lab_stats(pixels)
                 return SlideTransform(self, lab_mean=mean, lab_std=np.maximum(std, 0.5), n_pixels=len(pixels))
             src = _estimate_stain_matrix(self.method, pixels, self.luminosity_threshold)
             conc = _lstsq_concentrations(optical_density(pixels), np.linalg.pinv(src).astype(np.float32))
@@ -527,7 +474,7 @@ def fit_normalizer(reference_img: np.ndarray, method: str = "macenko", luminosit
         raise ParameterError(f"stain_method={method!r} is unknown; use one of {', '.join(METHODS)}")
     if not 0 < luminosity_threshold <= 1:
         raise ParameterError(f"luminosity_threshold={luminosity_threshold} must be in (0, 1]; 0.8 suits most H&E")
-    ref = _as_rgb_uint8(reference_img, "reference image").copy()
+    ref = as_rgb_uint8(reference_img, "reference image").copy()
     norm = StainNormalizer(method, luminosity_threshold=luminosity_threshold, min_tissue_fraction=min_tissue_fraction,
                            max_fit_pixels=max_fit_pixels, reference_source=reference_source, reference_image=ref)
     if method == "none":
@@ -538,7 +485,7 @@ def fit_normalizer(reference_img: np.ndarray, method: str = "macenko", luminosit
             f"reference image {reference_source or ''}: only {len(pixels)} tissue pixels; choose a tissue-rich "
             "reference (reference_tile=) or raise luminosity_threshold")
     if method == "reinhard":
-        norm.lab_mean, norm.lab_std = _lab_stats(pixels)
+        norm.lab_mean, norm.lab_std = lab_stats(pixels)
         return norm
     try:
         norm.stain_matrix = _estimate_stain_matrix(method, pixels, luminosity_threshold)
@@ -581,8 +528,8 @@ def load_normalizer(path: str | Path) -> StainNormalizer:
 
 def mean_lab(img: np.ndarray, luminosity_threshold: float = 0.8) -> np.ndarray:
     """Mean LAB colour (L 0-100) of an image's tissue pixels."""
-    img = _as_rgb_uint8(img)
-    return _lab_stats(img[tissue_mask(img, luminosity_threshold)])[0]
+    img = as_rgb_uint8(img)
+    return lab_stats(img[stain_tissue_mask(img, luminosity_threshold)])[0]
 
 
 def lab_distance(img1: np.ndarray, img2: np.ndarray, luminosity_threshold: float = 0.8) -> float:

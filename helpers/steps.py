@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from helpers.errors import HistoUNetError
-from helpers.io import check_writable as guard_output  # the one refuse-to-overwrite rule
+from helpers.io import check_writable as guard_output  # noqa: F401 - the one refuse-to-overwrite rule, re-exported
 from helpers.io import write_manifest
 
 #: Sub-folder of the work folder written by each step.

@@ -9,7 +9,7 @@ tissue is what is neither glass nor near-black (:data:`BLACK_VALUE`: scanner bor
 ink). Tiles (01, 03) clean the glass mask at pixel scale (:func:`glass_mask`); slides
 (07) apply the same pixel rule to a thumbnail (:func:`slide_tissue_mask`). Stain
 estimation (02) adds its own exclusions (pale, pen, clipped pixels) on top of
-:func:`tissue_mask`, in :func:`helpers.stain.tissue_mask`.
+:func:`tissue_mask`, in :func:`stain_tissue_mask`.
 """
 
 from __future__ import annotations
@@ -125,3 +125,58 @@ def slide_tissue_mask(slide, max_size: int = 2048) -> tuple[np.ndarray, float]:
     thumb, ds = slide.thumbnail(max_size)
     mask = ~glass_pixels(thumb) & ~black_pixels(thumb)
     return _open3(mask), ds
+
+
+# --------------------------------------------------------------------------- stain estimation
+
+#: Tissue pixels darker than this luminosity (0-1) are treated as ink, folds or dirt.
+DARK_LUMINOSITY = 0.12
+def as_rgb_uint8(img: np.ndarray, what: str = "image") -> np.ndarray:
+    """``img`` as contiguous uint8 RGB (grey expanded, alpha dropped), or a one-line error."""
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise ParameterError(f"{what}: expected an RGB image (H, W, 3); got shape {img.shape}")
+    if img.dtype != np.uint8:
+        raise ParameterError(f"{what}: expected uint8 RGB; got {img.dtype} (convert with skimage.util.img_as_ubyte)")
+    return np.ascontiguousarray(img[..., :3])
+
+
+def luminosity(img: np.ndarray) -> np.ndarray:
+    """LAB lightness in 0-1 (as staintools' tissue locator)."""
+    import cv2
+
+    return cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_RGB2LAB)[..., 0] / 255.0
+
+
+def pen_mask(img: np.ndarray) -> np.ndarray:
+    """Pixels coloured like marker ink (green, cyan, blue hues), never like H&E.
+
+    H&E hues lie between purple-blue (hematoxylin, about 240-300 degrees) and pink-red
+    (eosin, about 300-20 degrees); saturated hues from 60 to 220 degrees are pen.
+    """
+    import cv2
+
+    hsv = cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_RGB2HSV)
+    hue, sat = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1]
+    return (hue >= 60) & (hue <= 220) & (sat > 40)
+
+
+def stain_tissue_mask(img: np.ndarray, luminosity_threshold: float = 0.8) -> np.ndarray:
+    """Boolean mask of stained tissue usable for stain estimation.
+
+    The common tissue rule of every step (:mod:`helpers.tissue`: not glass, not black,
+    per pixel) plus the exclusions of stain estimation: pale pixels (luminosity at or above
+    ``luminosity_threshold``, staintools' rule), near-black pixels (ink, folds),
+    pen-coloured and clipped (a channel at 0) pixels.
+    """
+    img = as_rgb_uint8(img)
+    lum = luminosity(img)
+    estimable = (lum < luminosity_threshold) & (lum > DARK_LUMINOSITY) & ~pen_mask(img) & (img.min(axis=2) > 0)
+    return estimable & ~glass_pixels(img) & ~black_pixels(img)
+
+
+def tissue_fraction(img: np.ndarray, luminosity_threshold: float = 0.8) -> float:
+    """Fraction of the image's pixels that :func:`stain_tissue_mask` keeps."""
+    return float(stain_tissue_mask(img, luminosity_threshold).mean())

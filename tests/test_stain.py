@@ -12,6 +12,7 @@ from helpers import normalize, stain
 from helpers.views import stain as stain_views
 from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
 from helpers.io import read_image, write_image, write_manifest
+from helpers.tissue import stain_tissue_mask
 
 METHODS = ("macenko", "vahadane", "reinhard")
 
@@ -80,7 +81,7 @@ def test_tumour_tiles_move_to_one_reference(method, stain_dir):
 def test_od_chromaticity_distance_also_drops(method, fitted, pink, purple):
     """Stain hue in optical-density space (OD / |OD|, independent of how much tissue is dense)."""
     def chroma(img):
-        od = stain.optical_density(img)[stain.tissue_mask(img)]
+        od = stain.optical_density(img)[stain_tissue_mask(img)]
         return (od / np.linalg.norm(od, axis=1, keepdims=True)).mean(axis=0)
 
     before = np.linalg.norm(chroma(purple) - chroma(pink))
@@ -141,7 +142,7 @@ def test_pen_pixels_are_not_tissue_and_not_recoloured(fitted, slide_tiles):
     tile = slide_tiles[(1280, 2048)].copy()
     tile[:, :128] = (40, 160, 70)
     tile[:10, 200:] = (30, 100, 200)  # blue marker (hue 215 degrees)
-    mask = stain.tissue_mask(tile)
+    mask = stain_tissue_mask(tile)
     assert not mask[:, :128].any() and not mask[:10, 200:].any()
     assert mask[:, 128:].mean() > 0.3
     for m in ("macenko", "vahadane"):

@@ -50,7 +50,6 @@ def annotation_figure(slide_path: str | Path, geojson: str | Path, class_map: Cl
     thumb, ds = slide_thumbnail(slide_path, max_size)
     ann = rasterize_annotations(geojson, class_map, thumb.shape[:2], ds)
     fig = show_overlay(thumb, ann, class_map, title=f"{Path(geojson).name}: sparse annotations", alpha=0.5)
-    outline = np.zeros(ann.shape, np.uint8)
     for label in np.unique(ann[ann > 0]):
         contours, _ = cv2.findContours((ann == label).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
         for c in contours:

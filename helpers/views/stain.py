@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from helpers.stain import StainNormalizer, lab_distance, stain_colors, tissue_fraction, tissue_mask
+from helpers.stain import StainNormalizer, lab_distance, stain_colors
+from helpers.tissue import stain_tissue_mask, tissue_fraction
 
 
 def plot_reference(normalizer: StainNormalizer, image: np.ndarray | None = None):
@@ -20,7 +21,7 @@ def plot_reference(normalizer: StainNormalizer, image: np.ndarray | None = None)
     fig, axes = plt.subplots(1, 3, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1, 0.7]})
     if image is not None:
         axes[0].imshow(image)
-        axes[1].imshow(tissue_mask(image, normalizer.luminosity_threshold), cmap="gray")
+        axes[1].imshow(stain_tissue_mask(image, normalizer.luminosity_threshold), cmap="gray")
         axes[1].set_title(f"tissue used for fitting ({tissue_fraction(image, normalizer.luminosity_threshold):.0%})", fontsize=9)
     axes[0].set_title(f"reference ({normalizer.method})", fontsize=9)
     for ax in axes[:2]:
