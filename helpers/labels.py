@@ -307,6 +307,7 @@ def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMa
     import matplotlib.pyplot as plt
 
     from helpers.io import read_image
+    from helpers.nb import show_figure
     from helpers.tiles import read_label_tile
     from helpers.viz import overlay
 
@@ -330,14 +331,12 @@ def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMa
         else:
             lab = read_label_tile(workdir / r["label_raw" if view.value == "before" else "label"])
         hidden = [k for k, w in toggles.items() if not w.value]
-        with out:
-            out.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(6, 6))
-            ax.imshow(overlay(img, lab, class_map, alpha.value, hidden=hidden))
-            ax.set_title(str(r["tile_id"]), fontsize=8)
-            ax.axis("off")
-            plt.show(fig)
-            plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 6))
+        ax.imshow(overlay(img, lab, class_map, alpha.value, hidden=hidden))
+        ax.set_title(str(r["tile_id"]), fontsize=8)
+        ax.axis("off")
+        show_figure(out, fig)  # not `with out:` (hangs nbclient, issue 18)
+        plt.close(fig)
 
     for w in [tile, view, alpha, *toggles.values()]:
         w.observe(draw, names="value")
