@@ -45,5 +45,9 @@ class RasterError(HistoUNetError):
     """A raster TIFF is missing, corrupt, or not readable as asked."""
 
 
-class DiskFullError(HistoUNetError):
+class WriteError(HistoUNetError):
+    """An output folder cannot be written: read-only, no permission, or a full disk."""
+
+
+class DiskFullError(WriteError):
     """The disk filled up while writing an output (nothing was left under the final name)."""

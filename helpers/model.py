@@ -220,8 +220,12 @@ def load_trained(model_dir: str | Path):
     if name == "last.keras":
         log.warning("%s: best.keras missing, using last.keras", model_dir)
     _import_sm()  # registers the custom layers/activations segmentation_models uses
+    import zipfile
+
     import keras
 
+    if not zipfile.is_zipfile(path):  # keras says "File not found" for a truncated file (issue 18)
+        raise ModelError(f"{path}: not a complete .keras file (truncated or damaged); copy it again or re-run 05_train_model")
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - any decode failure is the same user problem

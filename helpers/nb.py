@@ -40,7 +40,16 @@ def setup_notebook(level: int = logging.INFO) -> None:
 
 
 def interactive() -> bool:
-    """True when a person runs the notebook (a kernel with a front end), False under papermill."""
+    """True when a person runs the notebook in a front end that shows widgets.
+
+    False under every runner: ``helpers.pipeline``/``helpers.batch`` (they set
+    ``HISTO_HEADLESS``), papermill (``PAPERMILL_EXECUTION`` when run through its Python
+    API), and any client that executes cells without a front end: plain ``papermill``
+    from the shell, ``jupyter nbconvert --execute`` and other nbclient users send their
+    execute requests with ``allow_stdin=False`` (no one to answer ``input()``), which
+    JupyterLab, Notebook, VS Code and consoles do not. Plain Python and a terminal
+    IPython (no widget display) are not interactive either.
+    """
     if os.environ.get("PAPERMILL_EXECUTION") or os.environ.get("HISTO_HEADLESS"):
         return False
     try:
@@ -48,7 +57,44 @@ def interactive() -> bool:
     except ImportError:
         return False
     ip = get_ipython()
-    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell" and "papermill" not in sys.modules
+    if ip is None or type(ip).__name__ != "ZMQInteractiveShell" or "papermill" in sys.modules:
+        return False
+    return _front_end_attached(ip)
+
+
+def _front_end_attached(ip: Any) -> bool:
+    """Whether the cell being run came from a front end (it accepts stdin) rather than a runner."""
+    kernel = getattr(ip, "kernel", None)
+    try:
+        parent = kernel.get_parent("shell") if kernel is not None else getattr(ip, "parent_header", None)
+    except TypeError:  # older ipykernel: get_parent() takes no channel
+        parent = kernel.get_parent()
+    except Exception:  # noqa: BLE001 - no parent message: not run from a front end
+        return False
+    if not isinstance(parent, dict) or not parent:
+        return False
+    content = parent.get("content") or {}
+    return bool(content.get("allow_stdin", False))
+
+
+def show_figure(out: Any, fig: Any, text: str = "") -> None:
+    """Put a matplotlib figure (and an optional text line) into an ``ipywidgets.Output``.
+
+    Sets the widget's outputs directly instead of capturing with ``with out:``: captured
+    output makes nbclient (papermill, nbconvert) answer on the kernel's shell socket while
+    it waits for the cell's reply, which can leave it waiting forever (issue 18). A front
+    end shows both the same.
+    """
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    outputs = [{"output_type": "display_data", "metadata": {},
+                "data": {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": repr(fig)}}]
+    if text:
+        outputs.append({"output_type": "stream", "name": "stdout", "text": text + "\n"})
+    out.outputs = tuple(outputs)
 
 
 def check_outputs(paths: list[str | Path] | dict[str, str | Path]) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 
 from helpers.config import ClassMap
 from helpers.errors import HistoUNetError, ParameterError, SlideError
-from helpers.io import atomic_path, read_json, write_json
+from helpers.io import atomic_path, make_dir, read_json, resumable_or_nothing, write_json
 from helpers.model import SIZE_MULTIPLE, background_index, check_class_map, load_model_and_classes, preprocess
 from helpers.rowstore import RowStore, disk_full_guard, write_raster
 from helpers.steps import DONE, guard_output
@@ -251,64 +251,65 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                           batch=batch_size, n_cls=n_cls, mpp=slide_mpp, min_tissue=min_tissue)
         part = out_dir / PARTIAL_DIR
         state = _load_state(part, fp)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            shutil.rmtree(part, ignore_errors=True)
-            part.mkdir(parents=True)
-            with disk_full_guard(part / "probabilities.npy"):
-                probs_mm = RowStore(part / "probabilities.npy", (H, W, n_cls), np.uint8, create=True)
-            acc = np.zeros((tile, W, n_cls), np.float32)
-            wsum = np.zeros((tile, W), np.float32)
-            start_band, tiles_done, seconds_before = 0, 0, 0.0
-        else:
-            probs_mm = RowStore(part / "probabilities.npy")
-            acc, wsum = np.load(part / "acc.npy"), np.load(part / "wsum.npy")
-            start_band, tiles_done, seconds_before = state["next_band"], state["tiles_done"], state["seconds"]
-            log.info("%s: resuming at band %d of %d (%d tiles done)", slide.name, start_band, len(ys), tiles_done)
-
-        predict_fn = _make_predict_fn(model, batch_size, tile, n_cls)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_tissue, initial=tiles_done, unit="tile", desc=f"predict {slide.name}",
-                   disable=not progress, smoothing=0.1)
-        t_loop = time.perf_counter()
-        last_ckpt = time.perf_counter()
-        tiles_now = 0
-        pend_x: list[int] = []
-        pend_t: list[np.ndarray] = []
-        try:
-            for b, y, row_x, batch, band_end in _prefetch(_read_bands(slide, ys, tissue, tile, ds, norm_fn,
-                                                                      start_band), prefetch):
-                # full model batches across runs of the band; the float32 outputs held are one batch
-                pend_x.extend(row_x)
-                pend_t.extend(batch)
-                while len(pend_x) >= batch_size or (band_end and pend_x):
-                    xs_b, tiles_b = pend_x[:batch_size], np.stack(pend_t[:batch_size])
-                    del pend_x[:batch_size], pend_t[:batch_size]
-                    probs = predict_fn(tiles_b)
-                    for x, p in zip(xs_b, probs):
-                        acc[:, x:x + tile] += p * weights[..., None]
-                        wsum[:, x:x + tile] += weights
-                    del probs, tiles_b
-                    tiles_now += len(xs_b)
-                    bar.update(len(xs_b))
-                if not band_end:
-                    continue
-                # rows above the next band's top are final
-                y_next = ys[b + 1] if b + 1 < len(ys) else H
-                done = y_next - y
+        make_dir(out_dir)
+        with resumable_or_nothing(part, covers=("acc.npy", "wsum.npy")):  # a full disk keeps a resumable state or nothing
+            if state is None:
+                shutil.rmtree(part, ignore_errors=True)
+                make_dir(part)
                 with disk_full_guard(part / "probabilities.npy"):
-                    probs_mm.write(y, _finalize(acc[:done], wsum[:done], bg))
-                _shift_rows(acc, done)
-                _shift_rows(wsum, done)
-                last = b + 1 == len(ys)
-                if last or time.perf_counter() - last_ckpt >= checkpoint_seconds:
-                    elapsed = seconds_before + time.perf_counter() - t_loop
-                    _save_state(part, fp, probs_mm, acc, wsum, b + 1, tiles_done + tiles_now, elapsed)
-                    last_ckpt = time.perf_counter()
-                _band_done(b)
-        finally:
-            bar.close()
+                    probs_mm = RowStore(part / "probabilities.npy", (H, W, n_cls), np.uint8, create=True)
+                acc = np.zeros((tile, W, n_cls), np.float32)
+                wsum = np.zeros((tile, W), np.float32)
+                start_band, tiles_done, seconds_before = 0, 0, 0.0
+            else:
+                probs_mm = RowStore(part / "probabilities.npy")
+                acc, wsum = np.load(part / "acc.npy"), np.load(part / "wsum.npy")
+                start_band, tiles_done, seconds_before = state["next_band"], state["tiles_done"], state["seconds"]
+                log.info("%s: resuming at band %d of %d (%d tiles done)", slide.name, start_band, len(ys), tiles_done)
+
+            predict_fn = _make_predict_fn(model, batch_size, tile, n_cls)
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_tissue, initial=tiles_done, unit="tile", desc=f"predict {slide.name}",
+                       disable=not progress, smoothing=0.1)
+            t_loop = time.perf_counter()
+            last_ckpt = time.perf_counter()
+            tiles_now = 0
+            pend_x: list[int] = []
+            pend_t: list[np.ndarray] = []
+            try:
+                for b, y, row_x, batch, band_end in _prefetch(_read_bands(slide, ys, tissue, tile, ds, norm_fn,
+                                                                          start_band), prefetch):
+                    # full model batches across runs of the band; the float32 outputs held are one batch
+                    pend_x.extend(row_x)
+                    pend_t.extend(batch)
+                    while len(pend_x) >= batch_size or (band_end and pend_x):
+                        xs_b, tiles_b = pend_x[:batch_size], np.stack(pend_t[:batch_size])
+                        del pend_x[:batch_size], pend_t[:batch_size]
+                        probs = predict_fn(tiles_b)
+                        for x, p in zip(xs_b, probs):
+                            acc[:, x:x + tile] += p * weights[..., None]
+                            wsum[:, x:x + tile] += weights
+                        del probs, tiles_b
+                        tiles_now += len(xs_b)
+                        bar.update(len(xs_b))
+                    if not band_end:
+                        continue
+                    # rows above the next band's top are final
+                    y_next = ys[b + 1] if b + 1 < len(ys) else H
+                    done = y_next - y
+                    with disk_full_guard(part / "probabilities.npy"):
+                        probs_mm.write(y, _finalize(acc[:done], wsum[:done], bg))
+                    _shift_rows(acc, done)
+                    _shift_rows(wsum, done)
+                    last = b + 1 == len(ys)
+                    if last or time.perf_counter() - last_ckpt >= checkpoint_seconds:
+                        elapsed = seconds_before + time.perf_counter() - t_loop
+                        _save_state(part, fp, probs_mm, acc, wsum, b + 1, tiles_done + tiles_now, elapsed)
+                        last_ckpt = time.perf_counter()
+                    _band_done(b)
+            finally:
+                bar.close()
         loop_seconds = time.perf_counter() - t_loop
         probs_mm.flush()
         del acc, wsum  # the pyramid writer's buffers take their place, not add to them

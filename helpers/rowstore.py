@@ -3,33 +3,27 @@
 :class:`RowStore` is a ``.npy`` file written and read by rows (and a tile source for
 :func:`helpers.rasters.write_pyramid_tiff`), :class:`RasterRows` reads rows of a written
 TIFF on demand, and :func:`write_raster` writes either atomically, a full disk becoming a
-one-line :class:`helpers.errors.DiskFullError`.
+one-line :class:`helpers.errors.DiskFullError` (through :func:`helpers.io.write_guard`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from helpers.errors import DiskFullError, HistoUNetError
-from helpers.io import atomic_path
+from helpers.errors import HistoUNetError
+from helpers.io import atomic_path, write_guard
 from helpers.rasters import raster_info, read_raster, write_pyramid_tiff
 
 @contextlib.contextmanager
 def disk_full_guard(path: Path) -> Iterator[None]:
-    """Turn a full disk into a one-line error naming the file."""
-    try:
+    """The shared write guard (:func:`helpers.io.write_guard`) for a file: names its folder."""
+    with write_guard(Path(path).parent):
         yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"{path}: disk full while writing ({exc.strerror}); free space or choose another "
-                                "workdir, then run again (finished bands are kept)") from None
-        raise
 
 
 def write_raster(path: Path, array: "np.ndarray | RowStore", *, kind: str, mpp: float, downsample: float, meta: dict,

@@ -51,15 +51,15 @@ class Slide:
         """The slide's microns per pixel, or a clear error if unknown."""
         if self.mpp is None:
             raise MissingMppError(
-                f"{self.path}: the slide stores no microns-per-pixel; pass mpp=<um/px at full "
-                "resolution> (e.g. 0.25 for 40x, 0.5 for 20x) to use it"
+                f"{self.path}: the slide stores no microns-per-pixel; set the notebook parameter slide_mpp=<um/px at "
+                "full resolution> (e.g. 0.25 for 40x, 0.5 for 20x)"
             )
         return self.mpp
 
     def downsample_for(self, target_mpp: float) -> float:
         """Downsample from level 0 that gives ``target_mpp`` um/px."""
         if target_mpp <= 0:
-            raise ParameterError(f"mpp must be > 0; got {target_mpp}")
+            raise ParameterError(f"mpp (the resolution to read at, um/px) must be > 0; got {target_mpp}")
         return target_mpp / self.require_mpp()
 
     def size_at(self, downsample: float) -> tuple[int, int]:
@@ -150,7 +150,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
         raise SlideError(f"{path}: OpenSlide failed to open the file ({exc}); it may be damaged") from None
     if mpp is not None:
         if not mpp > 0:
-            raise ParameterError(f"{path}: mpp override must be > 0; got {mpp}")
+            raise ParameterError(f"{path}: slide_mpp (the slide's full-resolution um/px) must be > 0; got {mpp}")
         return Slide(path, osr, float(mpp), "override")
     file_mpp = None
     for key in ("openslide.mpp-x", "tiff.XResolution"):
@@ -171,7 +171,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
             file_mpp = v
             break
     if file_mpp is None:
-        log.warning("%s: no microns-per-pixel in the file; pass mpp= to read it at a physical resolution", path)
+        log.warning("%s: no microns-per-pixel in the file; set slide_mpp= to read it at a physical resolution", path)
     return Slide(path, osr, file_mpp, "file" if file_mpp else "missing")
 
 

@@ -79,7 +79,9 @@ def step_dir(workdir: str | Path, step: str, create: bool = False) -> Path:
         raise KeyError(f"unknown step {step!r}; known: {', '.join(STEP_DIRS)}")
     path = Path(workdir) / STEP_DIRS[step]
     if create:
-        path.mkdir(parents=True, exist_ok=True)
+        from helpers.io import make_dir
+
+        make_dir(path)  # a read-only or full work folder: one line naming it
     return path
 
 

@@ -200,6 +200,8 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
         raise ParameterError(f"max_glass_fraction must be within 0..1; got {max_glass_fraction}")
     if tile_size < 16:
         raise ParameterError(f"tile_size must be >= 16 pixels; got {tile_size}")
+    if stride <= 0 or not mpp > 0:
+        raise ParameterError(f"stride and mpp must be > 0; got stride={stride}, mpp={mpp}")
     slides_path = Path(slides) if slides else step_dir(workdir, "slides")
     ann_path = Path(annotations) if annotations else step_dir(workdir, "annotations")
     pairs = _check_slides(find_slides(slides_path), ann_path)

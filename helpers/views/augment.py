@@ -49,7 +49,8 @@ def augmentation_widget(images: Sequence[np.ndarray], masks: Sequence[np.ndarray
     """
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
-    from IPython.display import display
+
+    from helpers.nb import show_figure
 
     ranges = {"flip": (0, 1, 0.05), "rotate90": (0, 1, 0.05), "scale": (0, 0.4, 0.01), "rotate": (0, 45, 1),
               "elastic": (0, 60, 1), "blur": (0, 3, 0.1), "noise": (0, 0.2, 0.005), "brightness": (0, 0.4, 0.01),
@@ -66,12 +67,9 @@ def augmentation_widget(images: Sequence[np.ndarray], masks: Sequence[np.ndarray
 
     def redraw(*_: Any) -> None:
         vals = {k: s.value for k, s in sliders.items()}
-        with out:
-            out.clear_output(wait=True)
-            fig = plot_preview(default_augmentation(**vals), images, masks, class_map, seed=state["seed"])
-            display(fig)
-            plt.close(fig)
-            print("parameters: " + ", ".join(f"{k}={v:g}" for k, v in vals.items()))
+        fig = plot_preview(default_augmentation(**vals), images, masks, class_map, seed=state["seed"])
+        show_figure(out, fig, "parameters: " + ", ".join(f"{k}={v:g}" for k, v in vals.items()))  # issue 18
+        plt.close(fig)
 
     def reroll(*_: Any) -> None:
         state["seed"] += 1

@@ -85,6 +85,7 @@ def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMa
     alpha = widgets.FloatSlider(value=0.45, min=0, max=1, step=0.05, description="opacity")
     toggles = {c.label: widgets.Checkbox(value=True, description=c.name, indent=False) for c in class_map.classes}
     out = widgets.Output()
+    from helpers.nb import show_figure
 
     def draw(*_):
         r = manifest.iloc[tile.value]
@@ -95,14 +96,12 @@ def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMa
         else:
             lab = read_label_tile(workdir / r["label_raw" if view.value == "before" else "label"])
         hidden = [k for k, w in toggles.items() if not w.value]
-        with out:
-            out.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(6, 6))
-            ax.imshow(overlay(img, lab, class_map, alpha.value, hidden=hidden))
-            ax.set_title(str(r["tile_id"]), fontsize=8)
-            ax.axis("off")
-            plt.show(fig)
-            plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 6))
+        ax.imshow(overlay(img, lab, class_map, alpha.value, hidden=hidden))
+        ax.set_title(str(r["tile_id"]), fontsize=8)
+        ax.axis("off")
+        show_figure(out, fig)  # not `with out:` (it can hang nbclient, issue 18)
+        plt.close(fig)
 
     for w in [tile, view, alpha, *toggles.values()]:
         w.observe(draw, names="value")
