@@ -4,6 +4,8 @@ Usage (what ``make bench-real [DATA=folder]`` runs)::
 
     python -m benchmarks.bench_real [--data ../shared/data/real] [--sources ocdc_oral ...]
         [--workdir runs/bench_real] [--params data/params/demo] [--seed 0] [--prepare-only]
+        [--out benchmarks/results/real.csv]
+    python -m benchmarks.bench_real --merge results/real_a.csv results/real_b.csv   # table of separate runs
 
 ``--data`` is a folder of sources. A source is a sub-folder of image + mask pairs described
 by a YAML, looked up as ``<data>/<source>/bench_real.yaml`` first, then in this repository's
@@ -506,8 +508,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="annotator seed")
     ap.add_argument("--out", default=str(RESULTS), help="results CSV")
     ap.add_argument("--prepare-only", action="store_true", help="write slides, truth and annotations; do not run the chain")
+    ap.add_argument("--merge", nargs="*", default=None, metavar="CSV",
+                    help="no run: merge result CSVs of separate runs (e.g. one per source) into --out and print the table")
     args = ap.parse_args([] if argv is None and __name__ != "__main__" else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.merge is not None:
+        import pandas as pd
+
+        rows = pd.concat([pd.read_csv(f) for f in args.merge]).to_dict("records")
+        print_table(rows)
+        print(f"written: {write_csv(rows, Path(args.out))}")
+        return {}
     data = Path(args.data)
     if not data.is_dir():
         raise SystemExit(f"ERROR: {data}: data folder not found; pass DATA=<folder of image + mask pairs>")
