@@ -384,44 +384,44 @@ def scores(cm: np.ndarray) -> dict[str, np.ndarray]:
         return {"iou": tp / (pred + true - tp), "precision": tp / pred, "recall": tp / true, "truth_px": true}
 
 
-def score_image(workdir: Path, stem: str, n: int) -> tuple[np.ndarray, dict]:
-    """Confusion of the held-out part, and the share of bright in-tissue pixels (lumen, fat) per prediction."""
-    from helpers.labels import glass_mask
+def score_image(workdir: Path, stem: str, n: int) -> np.ndarray:
+    """Confusion matrix of the held-out part (right half) of one image: truth rows, prediction columns."""
     from helpers.rasters import read_raster
 
     truth = np.asarray(read_raster(workdir / "truth" / f"{stem}.tiff", downsample=1.0))
-    pred = np.asarray(read_raster(workdir / "predictions" / stem / "labels.tiff", downsample=1.0))
-    pred = pred[: truth.shape[0], : truth.shape[1]]
+    h, w = truth.shape
+    # the prediction raster is coarser (model um/px); read it onto the truth's pixel grid
+    pred = np.asarray(read_raster(workdir / "predictions" / stem / "labels.tiff", downsample=1.0, region=(0, 0, w, h)))
     held = ~train_part(truth.shape)
     t = np.where(held, truth, 0)
-    cm = confusion(t, pred, n)
-    from helpers.slides import open_slide
-
-    with open_slide(workdir / "slides" / f"{stem}.tiff") as s:
-        w, h = s.dimensions
-        image = s.read(0, 0, w, h, 1.0)
-    bright = glass_mask(image, min_area=1)
-    return cm, {"bright_in_tissue": (held & bright & (truth > 1)), "pred": pred, "truth": truth}
+    return confusion(t, pred, n)
 
 
 def run_source(source: Source, workdir: Path, params_base: Path, seed: int, class_map,
-               overrides: dict[str, dict] | None = None, prepare_only: bool = False) -> list[dict]:
+               overrides: dict[str, dict] | None = None, prepare_only: bool = False,
+               score_only: bool = False) -> list[dict]:
     """Prepare, run 01-07, score one source; rows of the results table."""
     from helpers.pipeline import run_chain
 
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
     t0 = time.perf_counter()
-    ann = prepare(source, workdir, class_map, seed)
-    params = write_params(params_base, workdir / "params", overrides)
-    (workdir / "bench_real.json").write_text(json.dumps({"source": source.name, "seed": seed, "annotator": ann,
-                                                         "split": "left half trains, right half held out"}, indent=1))
-    if prepare_only:
-        return []
-    load0 = os.getloadavg()[0]
-    timings = run_chain(workdir, params, only=CHAIN, overwrite=True)
-    chain_s = time.perf_counter() - t0
+    if score_only:  # re-score a finished run
+        info = json.loads((workdir / "bench_real.json").read_text())
+        ann, chain_s, load0, timings = info["annotator"], info["chain_seconds"], info["load_average_start"], info["timings"]
+    else:
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
+        ann = prepare(source, workdir, class_map, seed)
+        params = write_params(params_base, workdir / "params", overrides)
+        info = {"source": source.name, "seed": seed, "annotator": ann, "split": "left half trains, right half held out"}
+        (workdir / "bench_real.json").write_text(json.dumps(info, indent=1))
+        if prepare_only:
+            return []
+        load0 = os.getloadavg()[0]
+        timings = dict(run_chain(workdir, params, only=CHAIN, overwrite=True))
+        chain_s = time.perf_counter() - t0
+        info.update({"chain_seconds": chain_s, "load_average_start": load0, "timings": timings})
+        (workdir / "bench_real.json").write_text(json.dumps(info, indent=1))
     import yaml
 
     tp = yaml.safe_load((workdir / "model" / "training_params.yaml").read_text())
@@ -429,11 +429,9 @@ def run_source(source: Source, workdir: Path, params_base: Path, seed: int, clas
     n = class_map.n_classes
     rows: list[dict] = []
     pooled = np.zeros((n, n), np.int64)
-    bright_hist = np.zeros(n + 1, np.int64)
     for stem in sorted(ann):
-        cm, extra = score_image(workdir, stem, n)
+        cm = score_image(workdir, stem, n)
         pooled += cm
-        bright_hist += np.bincount(extra["pred"][extra["bright_in_tissue"]].ravel(), minlength=n + 1)[: n + 1]
         rows += _rows(source, stem, cm, class_map, ann[stem]["fraction"], train_s, chain_s, load0)
     frac = float(np.sum([a["annotated_px"] for a in ann.values()]) / max(1, np.sum([a["tissue_px"] for a in ann.values()])))
     rows += _rows(source, "ALL", pooled, class_map, frac, train_s, chain_s, load0)
@@ -441,9 +439,7 @@ def run_source(source: Source, workdir: Path, params_base: Path, seed: int, clas
     diag = {"source": source.name, "n_train_tiles": split["n_train"], "n_val_tiles": split["n_val"],
             "n_excluded_tiles": split["n_excluded"], "class_weights": tp.get("class_weights"),
             "best_epoch": tp.get("best_epoch"),
-            "bright_in_tissue_predicted_as": {("none" if i == 0 else class_map.by_label(i).name): int(v)
-                                              for i, v in enumerate(bright_hist) if v},
-            "timings": dict(timings), "load_average_start": load0, "load_average_end": os.getloadavg()[0]}
+            "timings": timings, "load_average_start": load0, "load_average_end": os.getloadavg()[0]}
     (workdir / "bench_diagnosis.json").write_text(json.dumps(diag, indent=1))
     print(json.dumps(diag, indent=1), flush=True)
     return rows
@@ -508,6 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="annotator seed")
     ap.add_argument("--out", default=str(RESULTS), help="results CSV")
     ap.add_argument("--prepare-only", action="store_true", help="write slides, truth and annotations; do not run the chain")
+    ap.add_argument("--score-only", action="store_true", help="only score the finished runs in --workdir")
     ap.add_argument("--merge", nargs="*", default=None, metavar="CSV",
                     help="no run: merge result CSVs of separate runs (e.g. one per source) into --out and print the table")
     args = ap.parse_args([] if argv is None and __name__ != "__main__" else argv)
@@ -529,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict:
             src = load_source(data, name)
             print(f"\n==== {name}: {len(src.pairs())} images from {src.folder} ({src.yaml_path})", flush=True)
             rows += run_source(src, Path(args.workdir) / name, Path(args.params), args.seed, cmap,
-                               prepare_only=args.prepare_only)
+                               prepare_only=args.prepare_only, score_only=args.score_only)
             if rows:
                 write_csv(rows, Path(args.out))
     except HistoUNetError as exc:
