@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: demo test lab bench batch install clean-demo
+.PHONY: demo test lab bench bench-real batch install clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# make bench-real [DATA=folder]: issue 11's real-data benchmark (chain 01-07 per source, held-out IoU);
+# DATA holds one sub-folder of image + mask pairs per source, each described by a YAML
+# (<source>/bench_real.yaml or benchmarks/real/<source>.yaml). Table -> benchmarks/results/real.csv
+DATA ?= ../shared/data/real
+bench-real: $(STAMP)
+	$(PY) -m benchmarks.bench_real --data $(DATA)
 
 # make batch SLIDES=path/to/slides [MPP=0.5] [WORKDIR=runs/demo]: 07_infer_slide on every slide
 batch: $(STAMP)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "benchmarks.md"
+#: Benchmarks with their own make target, too long for ``make bench`` (``--only real`` still runs it).
+SEPARATE = {"bench_real"}
 
 
 def machine() -> dict[str, object]:
@@ -61,7 +63,7 @@ def print_machine() -> dict[str, object]:
 
 def discover() -> list[str]:
     """Names of the benchmark modules (``bench_<name>``), sorted."""
-    return sorted(p.stem for p in HERE.glob("bench_*.py"))
+    return sorted(p.stem for p in HERE.glob("bench_*.py") if p.stem not in SEPARATE)
 
 
 def _fmt(value: object) -> str:

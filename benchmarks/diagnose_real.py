@@ -1,0 +1,192 @@
+"""Diagnose a finished ``bench_real`` run (issue 11): split losses, label refinement, Background collapse.
+
+Usage::
+
+    python -m benchmarks.diagnose_real [--workdir runs/bench_real] [--sources ocdc_oral ...] [--bn]
+
+Reads each source's work folder (``model/split.csv``, ``model/history.csv``,
+``labels/manifest.csv``, ``truth/``) and prints, per source:
+
+* **split**: tiles and labelled pixels per side (train / val / excluded);
+* **labels vs truth** (03's rules measured against the dense mask): share of labelled pixels
+  whose label is wrong before (01's rasterized strokes) and after refinement (03), Background
+  labels put on tissue (truth not Background: lumen, fat, vacuoles), and bright unsaturated
+  pixels (:func:`helpers.labels.glass_mask`, any size) that keep a tissue label;
+* **validation Background**: labelled Background pixels in validation and their IoU per epoch;
+* **white areas**: on the held-out half, glass-like areas touching the image border (open
+  glass) and enclosed by tissue (lumen, fat, vacuoles): their truth and what the raw argmax
+  and the post-processed labels say;
+* with ``--bn``: validation IoU of ``best.keras`` in inference mode (batch-norm moving
+  statistics) vs training mode (the batch's own statistics): a large gap means the moving
+  statistics, not the weights, are what fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def split_summary(wd: Path, names: list[str]) -> pd.DataFrame:
+    """Tiles and labelled pixels per split side."""
+    df = pd.read_csv(wd / "model" / "split.csv")
+    px = [f"px_{n}" for n in names]
+    g = df.groupby("split")
+    out = g.size().to_frame("tiles")
+    out["labelled_px"] = g[px].sum().sum(axis=1)
+    for n in names:
+        out[n] = g[f"px_{n}"].sum()
+    return out
+
+
+def label_vs_truth(wd: Path, cmap) -> dict:
+    """03's refinement measured against the dense truth (labelled pixels only)."""
+    from helpers.io import read_image
+    from helpers.labels import glass_mask, truth_tile
+    from helpers.tiles import read_label_tile
+
+    man = pd.read_csv(wd / "labels" / "manifest.csv")
+    bg = cmap.background.label
+    acc = {"before_labelled": 0, "before_wrong": 0, "after_labelled": 0, "after_wrong": 0,
+           "bg_label_on_tissue": 0, "bg_label": 0, "bright_tissue_labelled": 0, "bright_tissue_labelled_headline": 0}
+    img_col = "image_raw" if "image_raw" in man.columns else "image"
+    for r in man.to_dict("records"):
+        raw, ref = read_label_tile(wd / r["label_raw"]), read_label_tile(wd / r["label"])
+        t = truth_tile(wd, r, raw.shape)
+        image = read_image(wd / r[img_col])
+        for key, lab in (("before", raw), ("after", ref)):
+            m = (lab > 0) & (t > 0)
+            acc[f"{key}_labelled"] += int(m.sum())
+            acc[f"{key}_wrong"] += int((lab[m] != t[m]).sum())
+        acc["bg_label"] += int((ref == bg).sum())
+        acc["bg_label_on_tissue"] += int(((ref == bg) & (t > 0) & (t != bg)).sum())
+        bright = glass_mask(image, min_area=1)
+        acc["bright_tissue_labelled"] += int((bright & (ref > 0) & (ref != bg)).sum())
+        acc["bright_tissue_labelled_headline"] += int((bright & (ref == cmap.headline.label)).sum())
+    acc["wrong_before"] = acc["before_wrong"] / max(1, acc["before_labelled"])
+    acc["wrong_after"] = acc["after_wrong"] / max(1, acc["after_labelled"])
+    return acc
+
+
+def bn_check(wd: Path, cmap) -> dict:
+    """Validation IoU of best.keras with moving statistics (inference) vs batch statistics."""
+    from helpers.model import load_trained, preprocess
+    from helpers.train import _fit_multiple, _read_image, _read_label, confusion_matrix, iou_from_confusion
+
+    split = pd.read_csv(wd / "model" / "split.csv")
+    val = split[split["split"] == "val"]
+    model, _ = load_trained(wd / "model")  # best.keras, as 07 uses it
+    out = {}
+    for mode in (False, True):
+        cm = 0
+        for r in val.to_dict("records"):
+            img = _fit_multiple(_read_image(str(wd / r["image"])))
+            lab = _fit_multiple(_read_label(str(wd / r["label"])))
+            p = np.argmax(model(preprocess(img[None]), training=mode).numpy()[0], -1) + 1
+            cm = cm + confusion_matrix(lab, p, cmap.n_classes)
+        iou = iou_from_confusion(cm)
+        out["training_mode" if mode else "inference_mode"] = {n: round(float(v), 3) for n, v in zip(cmap.names, iou)}
+        out[("training_mode" if mode else "inference_mode") + "_pred_share"] = {
+            n: round(float(v), 3) for n, v in zip(cmap.names, cm.sum(0) / max(1, cm.sum()))}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from helpers.config import load_class_map
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=str(ROOT / "runs" / "bench_real"))
+    ap.add_argument("--sources", nargs="*", default=None)
+    ap.add_argument("--bn", action="store_true", help="also compare batch-norm inference vs training mode")
+    args = ap.parse_args(argv)
+    cmap = load_class_map()
+    base = Path(args.workdir)
+    result = {}
+    for wd in sorted(p for p in base.iterdir() if p.is_dir() and (not args.sources or p.name in args.sources)):
+        if not (wd / "model" / "split.csv").is_file():
+            continue
+        print(f"\n===== {wd.name}")
+        s = split_summary(wd, cmap.names)
+        print(s.to_string())
+        lv = label_vs_truth(wd, cmap)
+        print("labels vs truth:", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in lv.items()}))
+        h = pd.read_csv(wd / "model" / "history.csv")
+        cols = ["epoch", "loss"] + [c for c in h.columns if c.startswith("val_iou_")] + ["val_mean_iou"]
+        print(h[cols].round(3).to_string(index=False))
+        tp = wd / "model" / "training_params.yaml"
+        if tp.is_file():
+            import yaml
+
+            p = yaml.safe_load(tp.read_text())
+            print("class weights:", p.get("class_weights"), " best epoch:", p.get("best_epoch"))
+        white = white_predictions(wd, cmap)
+        print("held-out glass-like areas (open glass vs white enclosed by tissue), share predicted per class:")
+        print(white.to_string())
+        res = {"split": s.to_dict(), "labels": lv, "white": white.reset_index().to_dict("records")}
+        if args.bn:
+            res["bn"] = bn_check(wd, cmap)
+            print("batch norm:", json.dumps(res["bn"]))
+        result[wd.name] = res
+    return result
+
+
+
+def white_predictions(wd: Path, cmap, min_area_um2: float = 100.0) -> pd.DataFrame:
+    """What the model says on glass-like (bright, unsaturated) areas of the held-out half.
+
+    Glass-like regions (:func:`helpers.labels.glass_mask`) of at least ``min_area_um2`` are
+    split into *open* glass (touching the image border) and *enclosed* white (holes inside
+    tissue: lumen, fat, vacuoles), with the truth under them. Rows: kind x (raw argmax of
+    ``probabilities.tiff`` | post-processed ``labels.tiff``) -> share of pixels per class.
+    """
+    import cv2
+
+    from benchmarks.bench_real import train_part
+    from helpers.labels import glass_mask
+    from helpers.rasters import raster_info, read_raster
+
+    rows = []
+    for truth_path in sorted((wd / "truth").glob("*.tiff")):
+        stem = truth_path.stem
+        truth = np.asarray(read_raster(truth_path, downsample=1.0))
+        h, w = truth.shape
+        image = np.asarray(read_raster(wd / "slides" / f"{stem}.tiff", downsample=1.0))[:h, :w]
+        mpp = raster_info(truth_path)["mpp"]
+        pd_dir = wd / "predictions" / stem
+        post = np.asarray(read_raster(pd_dir / "labels.tiff", downsample=1.0, region=(0, 0, w, h)))
+        prob = np.asarray(read_raster(pd_dir / "probabilities.tiff", downsample=1.0, region=(0, 0, w, h)))
+        raw = np.argmax(prob, -1).astype(np.uint8) + 1
+        glass = glass_mask(image).astype(np.uint8)
+        n, comp, stats, _ = cv2.connectedComponentsWithStats(glass, connectivity=8)
+        held = ~train_part(truth.shape)
+        for i in range(1, n):
+            x, y, bw, bh, area = stats[i]
+            if area * mpp * mpp < min_area_um2:
+                continue
+            kind = "open" if x == 0 or y == 0 or x + bw == w or y + bh == h else "enclosed"
+            m = (comp == i) & held
+            if not m.any():
+                continue
+            for src, lab in (("raw", raw), ("post", post)):
+                cnt = np.bincount(lab[m], minlength=cmap.n_classes + 1)
+                rows.append({"image": stem, "kind": kind, "pred": src, "px": int(m.sum()),
+                             **{f"truth_{c}": int((truth[m] == cmap.label_of(c)).sum()) for c in cmap.names},
+                             **{c: int(cnt[cmap.label_of(c)]) for c in cmap.names}})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    g = df.groupby(["kind", "pred"])[["px", *[f"truth_{c}" for c in cmap.names], *cmap.names]].sum()
+    for c in cmap.names:
+        g[c] = (g[c] / g["px"]).round(3)
+        g[f"truth_{c}"] = (g[f"truth_{c}"] / g["px"]).round(3)
+    return g
+
+
+if __name__ == "__main__":
+    main()

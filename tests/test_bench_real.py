@@ -1,0 +1,112 @@
+"""benchmarks/bench_real.py: the annotator model, the slide/truth wrapping and the scoring.
+
+Uses one real OCDC tile of ``../shared/data/real``; skips on a fresh clone without it,
+fails under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import bench_real as br
+
+REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="module")
+def ocdc(class_map):
+    if not (REAL / "ocdc_oral").is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{REAL}/ocdc_oral not found: CI needs the real data beside the checkout")
+        pytest.skip(f"{REAL}/ocdc_oral not found (real data sits beside the checkout in ../shared)")
+    src = br.load_source(REAL, "ocdc_oral")
+    stem, img_path, mask_path = src.pairs()[1]  # 1009009_r31c1: glass, tumour and stroma
+    image, mask = br.read_rgb(img_path), br.read_mask(mask_path)
+    truth = br.dense_truth(image, mask, src, class_map)
+    return src, stem, image, mask, truth
+
+
+def test_truth_maps_mask_values_and_glass(ocdc, class_map):
+    src, _, image, mask, truth = ocdc
+    assert np.all(truth[mask == 255] == class_map.label_of("Tumor"))
+    bg = truth == class_map.background.label
+    assert bg.sum() > 0.05 * truth.size  # this tile shows a large patch of glass
+    assert np.all(mask[bg] == 0)  # glass only where the mask says non-tumour
+    assert set(np.unique(truth)) <= {class_map.label_of(n) for n in ("Background", "Tumor", "Stroma")}
+
+
+def test_annotator_deterministic_sparse_and_on_training_part(ocdc, class_map):
+    src, stem, _, _, truth = ocdc
+    a1, s1 = br.simulate_annotations(truth, class_map, src.mpp, src.annotator, seed=0, name=stem)
+    a2, _ = br.simulate_annotations(truth, class_map, src.mpp, src.annotator, seed=0, name=stem)
+    a3, _ = br.simulate_annotations(truth, class_map, src.mpp, src.annotator, seed=1, name=stem)
+    assert np.array_equal(a1, a2)
+    assert not np.array_equal(a1, a3)
+    tissue = br.train_part(truth.shape) & (truth > 0) & (truth != class_map.background.label)
+    assert 0.02 < (a1 > 0).sum() / tissue.sum() <= br.MAX_FRACTION
+    assert s1["fraction"] == pytest.approx((a1 > 0).sum() / tissue.sum(), rel=0.05)
+    assert not a1[~br.train_part(truth.shape)].any()  # nothing on the held-out half
+    assert len(set(np.unique(a1)) - {0}) >= 2  # several classes annotated
+    assert (a1[a1 > 0] == truth[a1 > 0]).mean() > 0.9  # mostly right, imperfect at borders
+    big = br.Annotator(fraction=0.15, radius_um=60.0, erode_um=2.0)  # greedy annotator: still capped
+    a4, _ = br.simulate_annotations(truth, class_map, src.mpp, big, seed=0, name=stem)
+    assert (a4 > 0).sum() <= br.MAX_FRACTION * tissue.sum()
+
+
+def test_imperfect_strokes_cross_borders(class_map):
+    truth = np.full((200, 400), class_map.label_of("Stroma"), np.uint8)
+    truth[:, 100:] = class_map.label_of("Tumor")  # a vertical border inside the training half
+    ann = br.Annotator(fraction=0.15, radius_um=10.0, erode_um=3.0, spill_um=6.0, imperfect_prob=1.0, margin_um=0)
+    lab, stats = br.simulate_annotations(truth, class_map, 1.0, ann, seed=3, name="x")
+    assert stats["imperfect"] == sum(stats["patches"].values()) > 0
+    assert stats["wrong_fraction"] > 0  # dilated strokes run over the border
+    perfect = br.Annotator(fraction=0.15, radius_um=10.0, erode_um=3.0, imperfect_prob=0.0, margin_um=0)
+    lab, stats = br.simulate_annotations(truth, class_map, 1.0, perfect, seed=3, name="x")
+    assert stats["wrong_fraction"] == 0 and stats["annotated_px"] > 0
+
+
+def test_geojson_reads_back_with_class_map(ocdc, class_map, tmp_path):
+    from helpers.annotations import annotations_to_label_image, read_annotations
+    from helpers.qupath import write_feature_collection
+
+    src, stem, _, _, truth = ocdc
+    lab, _ = br.simulate_annotations(truth, class_map, src.mpp, src.annotator, seed=0, name=stem)
+    path = write_feature_collection(br.annotation_features(lab, class_map), tmp_path / f"{stem}.geojson")
+    anns = read_annotations(path, class_map, slide_size=(truth.shape[1], truth.shape[0]))
+    assert {a.class_name for a in anns} == {class_map.by_label(int(v)).name for v in np.unique(lab) if v}
+    back = annotations_to_label_image(anns, class_map, (truth.shape[1], truth.shape[0]), 1.0)
+    assert back.shape == lab.shape
+    assert (back == lab).mean() > 0.995  # outlines trace the patches to the pixel
+
+
+def test_slide_tiff_opens_with_openslide_at_its_mpp(ocdc, class_map, tmp_path):
+    import openslide
+
+    from helpers.rasters import raster_info, read_raster
+
+    src, stem, image, _, truth = ocdc
+    slide = br.write_slide(tmp_path / "slides" / f"{stem}.tiff", image, src.mpp)
+    with openslide.OpenSlide(str(slide)) as s:
+        assert s.dimensions == (image.shape[1], image.shape[0])
+        assert float(s.properties["openslide.mpp-x"]) == pytest.approx(src.mpp, rel=1e-3)
+        region = np.asarray(s.read_region((0, 0), 0, (64, 64)).convert("RGB"), np.int16)
+    assert np.abs(region - image[:64, :64]).mean() < 6  # JPEG q95
+    t = br.write_truth(tmp_path / "truth" / f"{stem}.tiff", truth, src.mpp, class_map)
+    assert raster_info(t)["kind"] == "labels"
+    assert np.array_equal(np.asarray(read_raster(t, downsample=1.0)), truth)
+
+
+def test_scores_from_confusion():
+    truth = np.array([[1, 2, 2, 0], [3, 3, 2, 2]])
+    pred = np.array([[1, 2, 3, 3], [3, 2, 2, 2]])
+    cm = br.confusion(truth, pred, 3)
+    assert cm.sum() == 7  # the unlabelled truth pixel is not scored
+    s = br.scores(cm)
+    # class 2: TP 3, truth 4, predicted 4 -> IoU 3/5, precision 3/4, recall 3/4
+    assert s["iou"][1] == pytest.approx(0.6)
+    assert s["precision"][1] == pytest.approx(0.75) and s["recall"][1] == pytest.approx(0.75)
+    assert s["iou"][0] == pytest.approx(1.0)
