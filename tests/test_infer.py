@@ -40,6 +40,7 @@ def make_colour_model(model_dir: Path, class_map, mpp: float = 1.0, tile_size: i
     model.save(model_dir / "best.keras")
     write_yaml({"mpp": mpp, "tile_size": tile_size, "classes": class_map.to_dict(), "normalizer": normalizer},
                model_dir / "training_params.yaml", overwrite=True)
+    (model_dir / "training_state.json").write_text('{"encoder_weights_start": {"source": "none", "text": "none (random)"}}')
     return model_dir
 
 
@@ -181,6 +182,7 @@ def test_export_outputs_and_tumour_iou(setup, class_map_):
     s = json.loads((out / "summary.json").read_text())
     assert s["areas_mm2"]["Tumor"] > 0 and 0 < s["tumour_fraction"] < 1
     assert s["tiles"] > 0 and s["predict_seconds"] > 0
+    assert s["encoder_weights_start"]["text"] == "none (random)"  # copied from the model's training_state.json
 
 
 def test_existing_results_refused_unless_overwrite(setup):
