@@ -177,7 +177,7 @@ def resolve_encoder_weights(encoder_weights: str | None, backbone: str = "effici
 
     Returns:
         ``(weights file or None, record)``; the record (``source``, ``file``, ``path``,
-        ``sha256``, ...) is completed by :func:`transfer_encoder_weights`.
+        ``sha256``, ...) is completed by :func:`apply_encoder_weights`.
 
     Raises:
         PretrainedWeightsError: ImageNet unavailable without fallback, or a path that is not a file.
