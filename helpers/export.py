@@ -57,6 +57,7 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
         The summary dict (also ``summary.json``; the folder's ``manifest.csv`` is written last).
     """
     from helpers import postprocess as pp
+    from helpers.pretrained import read_start_record
     from helpers.qupath import iter_label_features, write_features_stream
     from helpers.slides import open_slide
     from helpers.views.predict import overlay_figure
@@ -130,6 +131,7 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
                        "opening_px": opening_px, "closing_px": closing_px, "fill_holes_um2": fill_holes_um2,
                        "min_area_um2": min_area_um2, "object_type": object_type},
         "outputs": {k: str(v.name) for k, v in outputs.items()},
+        "encoder_weights_start": read_start_record(Path(info.get("model_file") or "?").parent),
     })
     with disk_full_guard(outputs["summary"]):
         write_json(summary, outputs["summary"], overwrite=True)

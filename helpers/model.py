@@ -5,19 +5,16 @@ head of ``n_classes`` channels; channel ``i`` is label ``i + 1`` of the class ma
 (label 0, unlabelled, has no channel). Training (:mod:`helpers.train`) and inference
 both feed it through :func:`preprocess`, the single input transform.
 
-ImageNet encoder weights are downloaded by ``segmentation_models`` on first use. On a
-machine without internet :func:`build_model` notices quickly (cached file or a short
-socket probe), logs a WARNING and falls back to random initialisation; the weights
-actually used are reported by :func:`resolve_encoder_weights`.
+Pre-trained encoder weights (ImageNet, from Keras' own EfficientNet files, or a local
+copy) are fetched and transferred by :mod:`helpers.pretrained`; :func:`build_model`
+records where the encoder started from on the model (``encoder_weights_start``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -25,7 +22,8 @@ from helpers.errors import ModelError, ParameterError
 
 log = logging.getLogger(__name__)
 
-#: ImageNet mean / std of the EfficientNet encoders in ``segmentation_models`` ("torch" mode).
+#: ImageNet mean / std: :func:`preprocess` gives the encoder ``(x / 255 - mean) / std``, the input
+#: Keras' EfficientNet computes inside its own model (see :mod:`helpers.pretrained`).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -34,8 +32,6 @@ SIZE_MULTIPLE = 32
 
 #: Encoders known to work; any ``segmentation_models`` backbone name is accepted.
 BACKBONES = ("efficientnetb0", "efficientnetb1", "efficientnetb2", "efficientnetb3")
-
-_WEIGHTS_HOST = ("github.com", 443)
 
 
 def _import_sm():
@@ -48,69 +44,29 @@ def _import_sm():
     return sm
 
 
-def _imagenet_cache_file(backbone: str) -> Path:
-    """Where keras caches the ImageNet weights of an EfficientNet encoder (no top)."""
-    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
-    name = backbone.replace("efficientnet", "efficientnet-")
-    return keras_home / "models" / f"{name}_weights_tf_dim_ordering_tf_kernels_autoaugment_notop.h5"
-
-
-def _online(host: tuple[str, int] = _WEIGHTS_HOST, timeout: float = 2.0) -> bool:
-    """True if a TCP connection to the weights host opens within ``timeout`` seconds."""
-    try:
-        with socket.create_connection(host, timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def resolve_encoder_weights(encoder_weights: str | None, backbone: str = "efficientnetb0") -> str | None:
-    """Decide which encoder weights can actually be used, quickly.
-
-    Args:
-        encoder_weights: ``"imagenet"``, ``None`` (random) or a path to a weights file.
-        backbone: The encoder name.
-
-    Returns:
-        ``"imagenet"`` if cached or the download host answers, the path if it exists,
-        or ``None`` (random initialisation, with a WARNING) when ImageNet is unreachable.
-
-    Raises:
-        ModelError: a weights path that does not exist.
-    """
-    if encoder_weights is None or str(encoder_weights).lower() in ("none", "null", ""):
-        return None
-    if encoder_weights == "imagenet":
-        if _imagenet_cache_file(backbone).is_file() or _online():
-            return "imagenet"
-        log.warning("ImageNet weights for %s are not cached and %s is unreachable: "
-                    "the encoder starts from RANDOM weights (encoder_weights_used: null). "
-                    "Pass encoder_weights=<path to the .h5 file> to use a local copy.", backbone, _WEIGHTS_HOST[0])
-        return None
-    path = Path(encoder_weights)
-    if not path.is_file():
-        raise ModelError(f"encoder_weights={encoder_weights!r}: file not found; pass 'imagenet', None or a weights file path")
-    return str(path)
-
-
 def build_model(n_classes: int, encoder_weights: str | None = "imagenet", backbone: str = "efficientnetb0",
                 decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16),
-                input_shape: tuple[int | None, int | None, int] = (None, None, 3)):
+                input_shape: tuple[int | None, int | None, int] = (None, None, 3),
+                encoder_weights_fallback: str | None = "error"):
     """Build the U-Net (softmax over ``n_classes`` channels; channel i = label i+1).
 
     Args:
         n_classes: Number of classes of the class map (unlabelled excluded).
-        encoder_weights: ``"imagenet"`` (downloads once), ``None`` (random) or a path to
-            an encoder weights file (``.h5``, no top). If ImageNet is unreachable the
-            encoder is randomly initialised and a WARNING is logged; the choice made is
-            stored on the model as ``model.encoder_weights_used``.
-        backbone: A ``segmentation_models`` encoder name.
+        encoder_weights: ``"imagenet"`` (Keras' file, downloaded once into Keras' cache),
+            ``None``/``"none"`` (random) or the path of a copy of that file
+            (see :mod:`helpers.pretrained`).
+        backbone: A ``segmentation_models`` encoder name (ImageNet: efficientnetb0..b7).
         decoder_filters: Filters of the five decoder stages.
         input_shape: ``(H, W, 3)``; ``None`` sides accept any multiple of 32.
+        encoder_weights_fallback: ``"error"`` (an unavailable ImageNet file stops with a
+            one-line error) or ``"none"`` (WARNING, random encoder).
 
     Returns:
-        An uncompiled ``keras.Model``.
+        An uncompiled ``keras.Model`` with ``encoder_weights_used`` (``"imagenet"``, the
+        path, or ``None``) and ``encoder_weights_start`` (the record: file, sha256, counts).
     """
+    from helpers import pretrained
+
     if int(n_classes) < 1:
         raise ParameterError(f"n_classes={n_classes}: need at least one class; check the class map")
     if len(tuple(decoder_filters)) != 5:
@@ -119,22 +75,17 @@ def build_model(n_classes: int, encoder_weights: str | None = "imagenet", backbo
         if side is not None and side % SIZE_MULTIPLE:
             raise ParameterError(f"input_shape={input_shape}: sides must be multiples of {SIZE_MULTIPLE}")
     sm = _import_sm()
-    used = resolve_encoder_weights(encoder_weights, backbone)
-    kwargs: dict[str, Any] = dict(classes=int(n_classes), activation="softmax", input_shape=tuple(input_shape),
-                                  decoder_filters=tuple(int(f) for f in decoder_filters))
+    path, record = pretrained.resolve_encoder_weights(encoder_weights, backbone, encoder_weights_fallback)
     try:
-        model = sm.Unet(backbone, encoder_weights=used, **kwargs)
+        model = sm.Unet(backbone, encoder_weights=None, classes=int(n_classes), activation="softmax",
+                        input_shape=tuple(input_shape), decoder_filters=tuple(int(f) for f in decoder_filters))
     except ValueError as exc:
         if "backbone" in str(exc).lower() or "not" in str(exc).lower():
             raise ParameterError(f"backbone={backbone!r}: {exc}") from None
         raise
-    except Exception as exc:  # noqa: BLE001 - a failed download is not the user's bug
-        if used != "imagenet":
-            raise ModelError(f"encoder_weights={encoder_weights!r}: cannot load ({exc}); pass None or another file") from None
-        log.warning("ImageNet weights download failed (%s): the encoder starts from RANDOM weights.", exc)
-        used = None
-        model = sm.Unet(backbone, encoder_weights=None, **kwargs)
-    model.encoder_weights_used = used
+    record = pretrained.apply_encoder_weights(model, path, record, backbone)
+    model.encoder_weights_start = record
+    model.encoder_weights_used = pretrained.weights_used(record)
     return model
 
 

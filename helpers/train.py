@@ -59,6 +59,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     focal_gamma: float = 0.0
     encoder_weights: str | None = "imagenet"
+    encoder_weights_fallback: str = "error"
     backbone: str = "efficientnetb0"
     decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
     bn_momentum: float = 0.9
@@ -148,6 +149,7 @@ class Trainer:
         self.epoch_seconds: list[float] = []
         self.epoch_cpu_seconds: list[float] = []
         self.val_seconds: list[float] = []
+        self.encoder_weights_start: dict | None = None
 
     # ---- data
     def prepare_data(self) -> pd.DataFrame:
@@ -245,7 +247,7 @@ class Trainer:
         with atomic_path(self.out / "history.csv", overwrite=True) as tmp:
             hist.to_csv(tmp, index=False)
         write_json({"epochs_done": epoch + 1, "best_iou": self.best_iou, "best_epoch": self.best_epoch,
-                    "epoch_seconds": self.epoch_seconds,
+                    "epoch_seconds": self.epoch_seconds, "encoder_weights_start": self.encoder_weights_start,
                     "epoch_cpu_seconds": self.epoch_cpu_seconds, "val_seconds": self.val_seconds},
                    self.out / "training_state.json", overwrite=True)
         if self.frame_callback is not None:
@@ -331,10 +333,15 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     if done:
         log.info("resuming from %s after epoch %d", out / "last.keras", done)
         trainer.model = keras.models.load_model(out / "last.keras", compile=True)
-        encoder_used = json.loads(state_file.read_text()).get("encoder_weights_used")
+        from helpers.pretrained import weights_used
+
+        trainer.encoder_weights_start = json.loads(state_file.read_text()).get("encoder_weights_start")
+        encoder_used = weights_used(trainer.encoder_weights_start)
     else:
-        trainer.model = build_model(cmap.n_classes, cfg.encoder_weights, cfg.backbone, tuple(cfg.decoder_filters))
+        trainer.model = build_model(cmap.n_classes, cfg.encoder_weights, cfg.backbone, tuple(cfg.decoder_filters),
+                                    encoder_weights_fallback=cfg.encoder_weights_fallback)
         encoder_used = trainer.model.encoder_weights_used
+        trainer.encoder_weights_start = trainer.model.encoder_weights_start
         set_batchnorm_momentum(trainer.model, cfg.bn_momentum)
     warmup = cfg.warmup_epochs
     if warmup and encoder_used is None:
@@ -343,7 +350,8 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     from helpers.io import write_json
 
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    state.update({"encoder_weights_used": encoder_used, "epochs_done": done, "best_iou": trainer.best_iou,
+    state.update({"encoder_weights_used": encoder_used, "encoder_weights_start": trainer.encoder_weights_start,
+                  "epochs_done": done, "best_iou": trainer.best_iou,
                   "best_epoch": trainer.best_epoch})
     write_json(state, state_file, overwrite=True)
 
@@ -401,6 +409,7 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
         "preprocess": "helpers.model.preprocess (x/255, ImageNet mean/std)",
         "encoder_weights": cfg.encoder_weights,
         "encoder_weights_used": encoder_used,
+        "encoder_weights_start": trainer.encoder_weights_start,
         "epochs": cfg.epochs,
         "warmup_epochs_run": warmup,
         "seed": cfg.seed,

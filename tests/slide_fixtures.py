@@ -42,6 +42,7 @@ def make_colour_model(model_dir: Path, class_map, mpp: float = 1.0, tile_size: i
     model.save(model_dir / "best.keras")
     write_yaml({"mpp": mpp, "tile_size": tile_size, "classes": class_map.to_dict(), "normalizer": normalizer},
                model_dir / "training_params.yaml", overwrite=True)
+    (model_dir / "training_state.json").write_text('{"encoder_weights_start": {"source": "none", "text": "none (random)"}}')
     return model_dir
 
 

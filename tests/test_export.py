@@ -52,6 +52,7 @@ def test_export_outputs_and_tumour_iou(setup, class_map_):
     s = json.loads((out / "summary.json").read_text())
     assert s["areas_mm2"]["Tumor"] > 0 and 0 < s["tumour_fraction"] < 1
     assert s["tiles"] > 0 and s["predict_seconds"] > 0
+    assert s["encoder_weights_start"]["text"] == "none (random)"  # copied from the model's training_state.json
 
 
 def test_existing_results_refused_unless_overwrite(setup):
