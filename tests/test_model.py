@@ -59,5 +59,5 @@ def test_build_freeze_save_and_load(tmp_path):
     assert np.allclose(loaded.predict(x, verbose=0), y, atol=1e-5)
     assert {layer.momentum for layer in loaded.layers if layer.__class__.__name__ == "BatchNormalization"} == {0.9}
     (tmp_path / "m" / "best.keras").write_bytes(b"not a model")
-    with pytest.raises(M.ModelError, match="cannot load"):
+    with pytest.raises(M.ModelError, match="not a complete .keras file"):
         M.load_trained(tmp_path / "m")
