@@ -198,8 +198,14 @@ def run_cohort(slides: str | Path, workdir: str | Path, *, step: str = "07", wor
         values["slide_mpp"] = float(mpp)
     ann = Path(annotations).resolve() if annotations else step_dir(workdir, "annotations")
     (workdir / "notebooks" / "batch").mkdir(parents=True, exist_ok=True)
-    visible = [workdir, *(p.resolve() for p in paths), NOTEBOOKS[step]]
-    visible.append(ann if step == "01" else Path(values.get("model_dir") or step_dir(workdir, "model")).resolve())
+    if step == "07" and values.get("model_dir"):
+        values["model_dir"] = str(Path(values["model_dir"]).resolve())  # the notebook runs in notebooks/
+    needed = ann if step == "01" else Path(values.get("model_dir") or step_dir(workdir, "model"))
+    if not needed.exists():
+        fix = "put <slide>.geojson files there or pass --annotations" if step == "01" else \
+            "run notebook 05_train_model first or set model_dir"
+        raise ParameterError(f"{needed}: not found; {fix}")
+    visible = [workdir, *(p.resolve() for p in paths), NOTEBOOKS[step], needed]
     with contextlib.ExitStack() as stack:
         if cluster is None:
             cluster = stack.enter_context(open_cluster(workers, scheduler, tf_threads))

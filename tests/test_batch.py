@@ -137,19 +137,37 @@ def test_a_worker_killed_mid_slide_is_replaced_and_the_slide_finishes(cohort, cl
     assert killed not in cluster.client.scheduler_info()["workers"]
 
 
+def _first_worker(cluster) -> str:
+    return sorted(cluster.client.scheduler_info()["workers"])[0]
+
+
+def _hide_from_this_worker(path: str | None) -> None:
+    """On a worker: pretend ``path`` is not mounted there (None: undo); the check calls ``helpers.cohort._missing``."""
+    import helpers.cohort as c
+
+    real = c.__dict__.setdefault("_real_missing", c._missing)
+    c._missing = real if path is None else (lambda paths, writable: [p for p in paths if p == path] + real(paths, writable))
+
+
 @pytest.mark.slow
 def test_every_worker_must_see_the_folders(cohort, cluster, tmp_path):
     from helpers.batch import run_cohort
     from helpers.cohort import check_shared
-    from helpers.errors import ClusterError
+    from helpers.errors import ClusterError, ParameterError
 
     missing = tmp_path / "not_mounted"
     with pytest.raises(ClusterError, match=rf"^{missing}: not visible on 2 of 2 Dask worker\(s\)"):
         check_shared(cluster, [cohort / "wd", missing])
     wd = tmp_path / "wd"
-    with pytest.raises(ClusterError, match=rf"^{wd / 'elsewhere'}: not visible"):
+    with pytest.raises(ParameterError, match=rf"^{wd / 'elsewhere'}: not found; run notebook 05_train_model first"):
         run_cohort(cohort / "incoming", wd, params={"model_dir": str(wd / "elsewhere")}, cluster=cluster, progress=False)
     assert not (wd / "predictions").exists()  # checked before any slide ran
+    cluster.client.run(_hide_from_this_worker, str(cohort / "wd" / "model"), workers=[_first_worker(cluster)])
+    try:
+        with pytest.raises(ClusterError, match=rf"^{cohort / 'wd' / 'model'}: not visible on 1 of 2 Dask worker"):
+            run_cohort(cohort / "incoming", cohort / "wd", params=PARAMS, cluster=cluster, progress=False)
+    finally:
+        cluster.client.run(_hide_from_this_worker, None)
     check_shared(cluster, [cohort / "wd"], writable=[cohort / "wd"])  # a visible folder passes
 
 
