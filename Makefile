@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: demo test lab bench bench-real batch install clean-demo
+.PHONY: demo test lab bench bench-real batch batch-tiles install clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,9 +41,17 @@ DATA ?= ../shared/data/real
 bench-real: $(STAMP)
 	$(PY) -m benchmarks.bench_real --data $(DATA)
 
-# make batch SLIDES=path/to/slides [MPP=0.5] [WORKDIR=runs/demo]: 07_infer_slide on every slide
+# make batch SLIDES=path/to/slides [WORKERS=n] [SCHEDULER=tcp://host:8786] [MPP=0.5] [PARAMS=p.yaml] [WORKDIR=runs/demo]
+#   07_infer_slide on every slide, one Dask task per slide (LocalCluster by default; WORKERS=0: no Dask)
+COHORT_OPTS = $(if $(WORKERS),--workers $(WORKERS),) $(if $(SCHEDULER),--scheduler $(SCHEDULER),) \
+	$(if $(MPP),--mpp $(MPP),) $(if $(PARAMS),--params $(PARAMS),)
 batch: $(STAMP)
-	$(PY) -m helpers.batch --slides $(SLIDES) --workdir $(WORKDIR) $(if $(MPP),--mpp $(MPP),)
+	$(PY) -m helpers.batch --slides $(SLIDES) --workdir $(WORKDIR) $(COHORT_OPTS)
+
+# make batch-tiles SLIDES=dir [ANNOTATIONS=dir] [WORKERS=n] [SCHEDULER=...]: 01_export_tiles per slide, gathered into tiles/
+batch-tiles: $(STAMP)
+	$(PY) -m helpers.batch --step 01 --slides $(SLIDES) --workdir $(WORKDIR) $(COHORT_OPTS) \
+		$(if $(ANNOTATIONS),--annotations $(ANNOTATIONS),)
 
 clean-demo:
 	rm -rf $(WORKDIR)

@@ -51,3 +51,7 @@ class WriteError(HistoUNetError):
 
 class DiskFullError(WriteError):
     """The disk filled up while writing an output (nothing was left under the final name)."""
+
+
+class ClusterError(HistoUNetError):
+    """A Dask cluster cannot run the cohort: no scheduler, no workers, or a folder the workers cannot see."""
