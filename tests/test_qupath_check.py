@@ -243,3 +243,33 @@ def test_check_rejects_what_qupath_rejects(tmp_path, version):
         assert bow["polygon_parts"] == 2 and any("polygon part" in f for f in bow["failures"])
     else:  # the whole file rejected
         assert "exception" in bow
+
+
+def test_missing_tools_or_java_skip_on_a_fresh_clone_and_fail_under_ci(monkeypatch, tmp_path):
+    """No ../shared or no Java: a one-line skip reason; with CI=true the same is a failure."""
+    import qupath_tools
+
+    def outcome() -> tuple[type, str]:
+        qupath_tools.unavailable.cache_clear()
+        try:
+            qupath_tools.require("0.7")
+        except BaseException as exc:  # noqa: BLE001 - pytest's Skipped/Failed are BaseExceptions
+            return type(exc), str(exc)
+        finally:
+            qupath_tools.unavailable.cache_clear()
+        return type(None), ""
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(qupath_tools, "TOOLS", tmp_path / "nowhere")
+    kind, msg = outcome()
+    assert kind is pytest.skip.Exception and "nowhere not found" in msg and "\n" not in msg
+    monkeypatch.setenv("CI", "true")
+    kind, msg = outcome()
+    assert kind is pytest.fail.Exception and msg.startswith("CI=true but ")
+    monkeypatch.undo()
+    qupath_tools.unavailable.cache_clear()
+    if qupath_tools.unavailable("0.7") is None:  # tools present: a Java that does not run is reported too
+        monkeypatch.delenv("CI", raising=False)
+        monkeypatch.setenv("JAVA", str(tmp_path / "no-java"))
+        kind, msg = outcome()
+        assert kind is pytest.skip.Exception and "needs Java >= 21" in msg and "\n" not in msg

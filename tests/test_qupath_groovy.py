@@ -194,8 +194,11 @@ def test_import_script_replaces_earlier_predictions(slide, class_map, version, t
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_scripts_throw_on_errors(slide, version, tmp_path):
-    """A failure exits non-zero with the script's message (never 'println ERROR; return')."""
-    # export: an image without a pixel size
+    """A failure exits non-zero with the script's message (never 'println ERROR; return').
+
+    Each version runs the export script on an image without a pixel size, and the import
+    script on one of two bad inputs (0.5: no prediction file, 0.7: a truncated one).
+    """
     levels = tmp_path / "levels_no_mpp"
     shutil.copytree(slide["levels"], levels)
     info = json.loads((levels / "levels.json").read_text())
@@ -205,14 +208,14 @@ def test_scripts_throw_on_errors(slide, version, tmp_path):
     assert proc.returncode != 0
     assert "export_tiles.groovy: glassy.tiff has no pixel size in um; set it in Image > Pixel size" in proc.stderr
     assert not (tmp_path / "p1" / "tiles").exists() or not any((tmp_path / "p1" / "tiles").iterdir())
-    # import: no prediction for the image
+
+    geojson = tmp_path / "p2" / "predictions" / "glassy" / "glassy.geojson"
+    if version == VERSIONS[0]:
+        expected = f"import_predictions.groovy: {geojson} not found for image glassy.tiff; run 07_infer_slide"
+    else:
+        geojson.parent.mkdir(parents=True)
+        geojson.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Pol')
+        expected = f"import_predictions.groovy: {geojson} is not a GeoJSON QuPath can read"
     proc = run_script(version, IMPORT, slide["levels"], slide["geojson"], tmp_path / "p2")
     assert proc.returncode != 0
-    missing = tmp_path / "p2" / "predictions" / "glassy" / "glassy.geojson"
-    assert f"import_predictions.groovy: {missing} not found for image glassy.tiff; run 07_infer_slide" in proc.stderr
-    # import: a prediction QuPath cannot read (truncated)
-    missing.parent.mkdir(parents=True)
-    missing.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Pol')
-    proc = run_script(version, IMPORT, slide["levels"], slide["geojson"], tmp_path / "p2")
-    assert proc.returncode != 0
-    assert f"import_predictions.groovy: {missing} is not a GeoJSON QuPath can read" in proc.stderr
+    assert expected in proc.stderr
