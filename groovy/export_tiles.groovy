@@ -29,6 +29,11 @@
  *   <workdir>/tiles, or give it to notebook 01 as qupath_tiles=...;
  *   helpers.tiles.read_tile_folder rebuilds the manifest from the names.
  *
+ * Settings
+ *   USER SETTINGS below: resolution, tile size, overlap, minimum labelled fraction, glass
+ *   rule, class labels and drawing order. Their defaults are the Python route's defaults
+ *   (tests/test_groovy.py checks it); change both routes together.
+ *
  * How to run
  *   In QuPath: Automate > Script editor > open this file > Run (or Run > Run for project).
  *   Headless:  QuPath script -p project.qpproj groovy/export_tiles.groovy
@@ -36,7 +41,8 @@
  *              add -s: that is --save, which rewrites every image's data file.)
  *   Errors throw (they never just print): the message names the image and the fix. With
  *   -p, QuPath logs "Error running script for image: <name>" and goes on with the next
- *   image; add -i "<image name>" to run one image, then an error exits non-zero.
+ *   image; with -i "<image name>" as well it runs that image only and rethrows the error,
+ *   for a non-zero exit (QuPath's command-line code; the tests run qupath-script instead).
  *
  * Overlaps: LabeledImageServer paints class by class in the order the labels are added,
  * so where annotations of different classes overlap the class added last wins. DRAW_ORDER

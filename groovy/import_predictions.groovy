@@ -26,6 +26,10 @@
  *   regions added (holes kept), their classes coloured as in the GeoJSON (data/classes.yaml);
  *   in a project, the image data saved.
  *
+ * Settings
+ *   USER SETTINGS below: the predictions folder, the classes whose earlier objects are
+ *   replaced, and whether earlier detections of them are replaced too.
+ *
  * How to run
  *   In QuPath: Automate > Script editor > open this file > Run (current image) or
  *   Run > Run for project (every image).
@@ -34,8 +38,9 @@
  *              saves each image's data itself, so -s/--save is not needed).
  *   Errors throw (they never just print): a missing or unreadable GeoJSON stops the
  *   script for that image with a message naming the file. With -p, QuPath logs
- *   "Error running script for image: <name>" and goes on with the next image; add
- *   -i "<image name>" to run one image, then an error exits non-zero.
+ *   "Error running script for image: <name>" and goes on with the next image; with
+ *   -i "<image name>" as well it runs that image only and rethrows the error, for a
+ *   non-zero exit (QuPath's command-line code; the tests run qupath-script instead).
  */
 
 import com.google.gson.JsonParser
