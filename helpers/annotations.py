@@ -2,9 +2,17 @@
 
 Coordinates are level-0 (full-resolution) pixels, as QuPath exports them. A label
 image covers a region ``(x, y)`` of ``width x height`` output pixels at ``downsample``
-(level-0 pixels per output pixel); a pixel is labelled when its centre lies inside a
-polygon (``rasterio.features.rasterize``, ``all_touched=False``). Holes and
-MultiPolygons are honoured.
+(level-0 pixels per output pixel). Holes and MultiPolygons are honoured.
+
+Pixel rule: QuPath's. QuPath's ``LabeledImageServer`` (Java2D) labels an output pixel
+when its *top-left corner* lies inside a polygon, not its centre; :func:`rasterize`
+does the same (``rasterio.features.rasterize`` with the grid shifted by half a pixel,
+less :data:`CORNER_OFFSET` so that a corner lying on a polygon's left or top edge counts
+as inside, as in Java2D). So label tiles of the Python route and of
+``groovy/export_tiles.groovy`` agree except for a few pixels whose corner lies within
+about 0.01 px of an annotation's edge (``tests/test_qupath_groovy.py`` measures it), and
+outlines traced along pixel edges (:func:`helpers.qupath.labels_to_features`)
+rasterize back to exactly their pixels.
 
 Rules (documented decisions):
 
@@ -41,6 +49,12 @@ from helpers.config import ClassMap
 from helpers.errors import AnnotationError, ClassMapError, ParameterError
 
 log = logging.getLogger(__name__)
+
+#: Where :func:`rasterize` samples an output pixel: this many *level-0* pixels right of
+#: and below its top-left corner (QuPath's rule). Twice the 0.005 px by which QuPath 0.7
+#: (and :func:`helpers.qupath.make_feature`) round coordinates to their 0.01 px grid, so
+#: outlines traced along pixel edges still rasterize back to exactly their pixels.
+CORNER_OFFSET = 0.01
 
 
 @dataclass
@@ -233,7 +247,8 @@ def rasterize(items: Iterable[Any], *, x: float, y: float, width: int, height: i
         fill: Value of pixels no annotation covers (0 = unlabelled).
 
     Returns:
-        ``(height, width)`` uint8; overlaps: the smaller annotation wins.
+        ``(height, width)`` uint8; overlaps: the smaller annotation wins. A pixel is
+        labelled when its top-left corner is inside (QuPath's rule, see the module docstring).
     """
     from rasterio.features import rasterize as rio_rasterize
     from rasterio.transform import Affine
@@ -245,7 +260,10 @@ def rasterize(items: Iterable[Any], *, x: float, y: float, width: int, height: i
     shapes = [(g, v) for g, v in _shapes(items) if g.intersects(region)]
     if not shapes:
         return np.full((height, width), fill, np.uint8)
-    transform = Affine(downsample, 0.0, x, 0.0, downsample, y)
+    # rasterio samples pixel centres: shift the grid so that it samples QuPath's point,
+    # the top-left corner (+ CORNER_OFFSET level-0 px), see the module docstring
+    shift = 0.5 * downsample - CORNER_OFFSET
+    transform = Affine(downsample, 0.0, x - shift, 0.0, downsample, y - shift)
     return rio_rasterize(shapes, out_shape=(height, width), transform=transform, fill=fill,
                          all_touched=False, dtype="uint8")
 

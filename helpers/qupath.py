@@ -16,11 +16,21 @@ from typing import Any
 
 from helpers.io import atomic_path, write_json
 
+#: QuPath 0.6+ rounds the coordinates it imports to 1/100 px (measured with QuPath 0.7.0's
+#: reader; 0.5 keeps float32): :func:`make_feature` writes them on this grid.
+COORDINATE_GRID = 0.01
+
 
 def make_feature(geometry: Any, class_name: str | None, color: tuple[int, int, int] | list[int] | None,
                  object_type: str = "annotation", name: str | None = None,
                  measurements: dict[str, float] | None = None, feature_id: str | None = None) -> dict:
     """One QuPath GeoJSON feature.
+
+    An invalid polygon (e.g. self-intersecting) is repaired with ``shapely.make_valid``
+    (its polygonal parts kept): QuPath 0.5 silently splits such a polygon and QuPath 0.6+
+    rejects the *whole file* for one of them. Coordinates are then put on QuPath's grid
+    of :data:`COORDINATE_GRID` px (``shapely.set_precision``, which keeps the geometry
+    valid): QuPath 0.7 rounds imported coordinates to it, so it reads what is written.
 
     Args:
         geometry: a shapely geometry (Polygon/MultiPolygon) or a GeoJSON geometry dict,
@@ -32,9 +42,12 @@ def make_feature(geometry: Any, class_name: str | None, color: tuple[int, int, i
         measurements: optional ``{name: value}`` shown in QuPath's measurement table.
         feature_id: UUID string; a random one when None.
     """
-    from shapely.geometry import mapping
+    from shapely.geometry import mapping, shape
 
-    geom = geometry if isinstance(geometry, dict) else mapping(geometry)
+    geom = shape(geometry) if isinstance(geometry, dict) else geometry
+    if not geom.is_valid:
+        geom = _repair(geom)
+    geom = mapping(_on_grid(geom))
     props: dict[str, Any] = {"objectType": object_type}
     if name:
         props["name"] = name
@@ -43,6 +56,31 @@ def make_feature(geometry: Any, class_name: str | None, color: tuple[int, int, i
     if measurements:
         props["measurements"] = {k: float(v) for k, v in measurements.items()}
     return {"type": "Feature", "id": feature_id or str(uuid.uuid4()), "geometry": _plain(geom), "properties": props}
+
+
+def _on_grid(geom: Any) -> Any:
+    """``geom`` with coordinates on QuPath's :data:`COORDINATE_GRID` (valid; ValueError if nothing is left)."""
+    from shapely import set_precision
+
+    out = set_precision(geom, COORDINATE_GRID)
+    if out.is_empty and not geom.is_empty:
+        raise ValueError(f"{geom.geom_type} smaller than QuPath's {COORDINATE_GRID} px coordinate grid; "
+                         "QuPath cannot import it")
+    return out
+
+
+def _repair(geom: Any) -> Any:
+    """The polygonal part of ``shapely.make_valid(geom)``; ValueError when it has none."""
+    from shapely.geometry import MultiPolygon, Polygon
+    from shapely.validation import make_valid
+
+    fixed = make_valid(geom)
+    polys = [p for g in getattr(fixed, "geoms", [fixed]) if isinstance(g, (Polygon, MultiPolygon))
+             for p in getattr(g, "geoms", [g]) if not p.is_empty]
+    if not polys:
+        raise ValueError(f"invalid geometry without area after repair ({geom.geom_type}, {fixed.geom_type}); "
+                         "QuPath cannot import it as a region")
+    return polys[0] if len(polys) == 1 else MultiPolygon(polys)
 
 
 def _plain(obj: Any) -> Any:
@@ -99,7 +137,7 @@ def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, pro
     Region outlines are traced by ``rasterio.features.shapes`` along pixel edges (pixel
     ``(col, row)`` covers ``[col, col + 1] x [row, row + 1]``, QuPath's convention), then
     scaled by ``downsample`` into full-resolution slide pixels, so rasterizing a feature
-    back at ``downsample`` (pixel centres) gives the same pixels.
+    back at ``downsample`` (:func:`helpers.annotations.rasterize`, QuPath's pixel rule) gives the same pixels.
 
     With ``band_rows`` the image is traced ``band_rows`` rows at a time (memory bounded by
     a band, not the image): regions are labelled per band, pieces that meet across a band

@@ -66,7 +66,9 @@ def test_not_geojson(tmp_path, class_map):
 
 def test_self_intersecting_polygon_is_repaired_with_warning(tmp_path, class_map, caplog):
     bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]}
-    path = _write(tmp_path, [make_feature(bowtie, "Tumor", (200, 0, 0))])
+    feature = {"type": "Feature", "geometry": bowtie,  # written by hand: make_feature would repair it
+               "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}}
+    path = _write(tmp_path, [feature])
     with caplog.at_level(logging.WARNING):
         anns = read_annotations(path, class_map)
     assert "make_valid" in caplog.text and str(path) in caplog.text

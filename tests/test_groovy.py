@@ -24,10 +24,14 @@ def groovy_jar() -> Path:
 
 def _settings(text: str) -> dict:
     block = text.split("USER SETTINGS", 1)[1].split("END USER SETTINGS", 1)[0]
-    num = lambda name: float(re.search(rf"\b{name}\s*=\s*([0-9.]+)", block).group(1))  # noqa: E731
+    num = lambda name, b=block: float(re.search(rf"\b{name}\s*=\s*([0-9.]+)", b).group(1))  # noqa: E731
     classes = {m.group(1): int(m.group(2)) for m in re.finditer(r"'([^']+)'\s*:\s*(\d+)", block)}
+    rest = text.split("END USER SETTINGS", 1)[1]
     return {"pixel_size": num("requestedPixelSize"), "tile_size": int(num("tileSize")), "overlap": int(num("overlap")),
-            "classes": classes}
+            "min_labelled_fraction": num("minLabelledFraction"), "max_glass_fraction": num("maxGlassFraction"),
+            "glass_class": re.search(r"glassClass\s*=\s*'([^']*)'", block).group(1), "classes": classes,
+            "glass_saturation": num("GLASS_MAX_SATURATION", rest), "glass_brightness": num("GLASS_MIN_BRIGHTNESS", rest),
+            "glass_min_area": int(num("GLASS_MIN_AREA", rest))}
 
 
 def test_export_script_parses(groovy_jar):
@@ -37,11 +41,13 @@ def test_export_script_parses(groovy_jar):
 def test_broken_copy_fails_to_parse(groovy_jar, tmp_path):
     broken = tmp_path / "broken.groovy"
     text = SCRIPT.read_text()
-    # drop the closing brace of the first `if (...) {` block
-    broken.write_text(text.replace("    return\n}", "    return\n", 1))
+    # drop the closing brace of the `try {` block
+    assert text.count("} finally {") == 1
+    broken.write_text(text.replace("} finally {", "finally {", 1))
     missing_paren = tmp_path / "paren.groovy"
     shutil.copy(SCRIPT, missing_paren)
-    missing_paren.write_text(text.replace(".writeTiles(pathOutput)", ".writeTiles(pathOutput"))
+    assert text.count(".writeTiles(tmpDir.getPath())") == 1
+    missing_paren.write_text(text.replace(".writeTiles(tmpDir.getPath())", ".writeTiles(tmpDir.getPath()"))
     errors = parse_groovy(broken, SCRIPT, missing_paren)  # one JVM for the three files
     assert any(str(broken) in e for e in errors) and any(str(missing_paren) in e for e in errors)
     assert not any(str(SCRIPT.resolve()) + ":" in e for e in errors)
@@ -60,12 +66,23 @@ def test_settings_match_class_map_and_python_route(class_map):
     assert s["pixel_size"] == defaults["mpp"]
     assert s["tile_size"] == defaults["tile_size"]
     assert s["overlap"] == defaults["tile_size"] - defaults["stride"]
+    assert s["min_labelled_fraction"] == defaults["min_labelled_fraction"]
+    assert s["max_glass_fraction"] == defaults["max_glass_fraction"]
+    assert s["glass_class"] == defaults["background_class"]
+    from helpers.labels import glass_mask
+
+    glass = {k: p.default for k, p in inspect.signature(glass_mask).parameters.items()}
+    assert (s["glass_saturation"], s["glass_brightness"], s["glass_min_area"]) == \
+        (glass["saturation_threshold"], glass["min_brightness"], glass["min_area"])
     nb = pm.inspect_notebook(str(ROOT / "notebooks" / "01_export_tiles.ipynb"))
     assert float(nb["mpp"]["default"]) == s["pixel_size"]
     assert int(nb["tile_size"]["default"]) == s["tile_size"]
     assert int(nb["tile_size"]["default"]) - int(nb["stride"]["default"]) == s["overlap"]
+    assert float(nb["min_labelled_fraction"]["default"]) == s["min_labelled_fraction"]
+    assert float(nb["max_glass_fraction"]["default"]) == s["max_glass_fraction"]
     text = SCRIPT.read_text()
     for call in ["backgroundLabel(0", "multichannelOutput(false)", "annotatedTilesOnly(true)", "imageExtension('.png')",
                  "labeledImageExtension('.png')", "labeledServer(labelServer)", "PROJECT_BASE_DIR"]:
         assert call in text, call
-    assert "QuPath script -p project.qpproj -s groovy/export_tiles.groovy" in text
+    assert "QuPath script -p project.qpproj groovy/export_tiles.groovy" in text
+    assert "project.qpproj -s" not in text  # -s is --save: it would rewrite every image's data file

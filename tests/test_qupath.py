@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.qupath import labels_to_features, write_feature_collection
+from helpers.qupath import labels_to_features, make_feature, write_feature_collection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,7 +138,7 @@ def test_import_script_parses_and_has_header():
     path = ROOT / "groovy" / "import_predictions.groovy"
     text = path.read_text()
     for word in ("Purpose", "Requirements", "Inputs", "Outputs", "QuPath 0.5", "USER SETTINGS",
-                 "QuPath script -p project.qpproj -s groovy/import_predictions.groovy", "PathIO.readObjects"):
+                 "QuPath script -p project.qpproj groovy/import_predictions.groovy", "PathIO.readObjects"):
         assert word in text, word
     ensure_groovy()
     assert parse_groovy(path) == []
@@ -211,3 +211,20 @@ def test_glass_left_out_by_role_not_by_name(tmp_path):
     write_feature_collection(streamed, tmp_path / "l.geojson")
     assert n == 1
     assert json.loads((tmp_path / "s.geojson").read_text()) == json.loads((tmp_path / "l.geojson").read_text())
+
+
+def test_make_feature_repairs_invalid_polygons_and_uses_qupaths_grid():
+    """QuPath 0.6+ rejects a whole file for one self-intersecting polygon and rounds coordinates to 0.01 px."""
+    from shapely.geometry import Polygon, shape
+
+    bowtie = Polygon([(0, 0), (10, 10), (10, 0), (0, 10)])
+    assert not bowtie.is_valid
+    for geometry in (bowtie, {"type": "Polygon", "coordinates": [list(bowtie.exterior.coords)]}):
+        geom = shape(make_feature(geometry, "Tumor", (200, 0, 0))["geometry"])
+        assert geom.is_valid and geom.geom_type == "MultiPolygon" and geom.area == pytest.approx(50)
+    fine = Polygon([(0.123456, 0), (10.987654, 0.004), (5, 7.777777)])
+    coords = make_feature(fine, "Tumor", (200, 0, 0))["geometry"]["coordinates"][0]
+    assert all(round(v, 2) == v for xy in coords for v in xy)
+    assert shape({"type": "Polygon", "coordinates": [coords]}).area == pytest.approx(fine.area, abs=0.1)
+    with pytest.raises(ValueError, match="grid"):
+        make_feature(Polygon([(0, 0), (1, 0), (1, 0.001)]), "Tumor", (200, 0, 0))

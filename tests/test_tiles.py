@@ -201,7 +201,14 @@ def test_qupath_palette_label_tiles(tmp_path, class_map):
 
 
 def test_demo_slide_tiles_agree_with_geojson(tmp_path, class_map):
-    """On H1's demo slide: rasterized pixels per class == shapely area at the tile's scale (1%)."""
+    """On H1's demo slide: rasterized pixels per class == shapely area at the tile's scale (1%).
+
+    Label pixels are sampled at their top-left corner (QuPath's rule), so the pixels of a
+    tile measure the annotations shifted by half a pixel (less CORNER_OFFSET) within it.
+    """
+    from shapely import affinity
+
+    from helpers.annotations import CORNER_OFFSET, Annotation
     from helpers.demo import make_demo
 
     wd = tmp_path / "wd"
@@ -209,6 +216,8 @@ def test_demo_slide_tiles_agree_with_geojson(tmp_path, class_map):
     m = export_tiles(wd, class_map, mpp=1.0, tile_size=128, stride=64, min_labelled_fraction=0.01)
     anns = read_annotations(wd / "annotations" / "demo.geojson", class_map, slide_size=(1024, 1024))
     assert {a.class_name for a in anns} == set(class_map.names)
+    shift = 0.5 * m["downsample"].iloc[0] - CORNER_OFFSET
+    anns = [Annotation(affinity.translate(a.geometry, shift, shift), a.class_name, a.label) for a in anns]
     checked = 0
     for name in class_map.names:
         expected = sum(class_areas(anns, class_map, box(r.x, r.y, r.x + r.w, r.y + r.h))[name] for r in m.itertuples()) / 4
