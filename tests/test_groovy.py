@@ -68,8 +68,9 @@ def test_settings_match_class_map_and_python_route(class_map):
     assert s["overlap"] == defaults["tile_size"] - defaults["stride"]
     assert s["min_labelled_fraction"] == defaults["min_labelled_fraction"]
     assert s["max_glass_fraction"] == defaults["max_glass_fraction"]
-    assert s["glass_class"] == defaults["background_class"]
-    from helpers.labels import glass_mask
+    assert defaults["background_class"] is None  # None: the class map's background role
+    assert s["glass_class"] == class_map.background.name
+    from helpers.tissue import glass_mask
 
     glass = {k: p.default for k, p in inspect.signature(glass_mask).parameters.items()}
     assert (s["glass_saturation"], s["glass_brightness"], s["glass_min_area"]) == \
