@@ -191,7 +191,13 @@ def record_fingerprint(folder: str | Path, fingerprint: dict, record: str = PARA
 def _changed(old: dict | None, new: dict) -> str:
     if old is None:
         return f"made without a {PARAMS} record"
-    params_old, params_new = old.get("params", {}), new.get("params", {})
+    def flat(d: dict) -> dict:  # one level of nesting (e.g. training's config) named as its keys
+        out: dict = {}
+        for k, v in d.items():
+            out.update({kk: vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
+        return out
+
+    params_old, params_new = flat(old.get("params", {})), flat(new.get("params", {}))
     keys = sorted(k for k in set(params_old) | set(params_new) if params_old.get(k) != params_new.get(k))
     if old.get("inputs") != new.get("inputs"):
         keys.append("its inputs")

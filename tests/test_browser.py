@@ -58,7 +58,9 @@ def finished_workdir() -> Path:
 
     wd = SHOTS / "work"
     t0 = time.perf_counter()
-    run_chain(wd, ROOT / "tests" / "params", only=["00", "01", "02", "03", "04", "05", "06", "07"])
+    if not (wd / "predictions" / "demo" / "manifest.csv").is_file():  # 00 (demo data) has no reuse rule
+        run_chain(wd, ROOT / "tests" / "params", only=["00", "01", "02", "03", "04", "05", "06", "07"],
+                  overwrite=(wd / "slides").is_dir())
     print(f"\nwork folder {wd} ready in {time.perf_counter() - t0:.0f} s (reused steps are instant)")
     return wd
 
@@ -67,8 +69,6 @@ def finished_workdir() -> Path:
 def lab(finished_workdir: Path, tmp_path_factory):
     """JupyterLab on 127.0.0.1 with a token, serving copies of the notebooks parameterised for the work folder."""
     import nbformat
-    from papermill.parameterize import parameterize_notebook
-
     from helpers.pipeline import notebook_parameters
 
     root = tmp_path_factory.mktemp("lab")
@@ -76,7 +76,10 @@ def lab(finished_workdir: Path, tmp_path_factory):
         src = ROOT / "notebooks" / f"{name}.ipynb"
         params = notebook_parameters(src, finished_workdir, ROOT / "tests" / "params", overwrite=False)
         params["class_map"] = str(ROOT / "data" / "classes.yaml")
-        nb = parameterize_notebook(nbformat.read(src, 4), params)
+        nb = nbformat.read(src, 4)
+        at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+        injected = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+        nb.cells.insert(at + 1, nbformat.v4.new_code_cell(f"# injected by the browser test\n{injected}"))
         nbformat.write(nb, root / src.name)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,7 +90,8 @@ def lab(finished_workdir: Path, tmp_path_factory):
     log = open(root / "lab.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
                              f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
-                             "--LabApp.news_url=", "--LabServerApp.extensions_manager=", "--ServerApp.disable_check_xsrf=False"],
+                             "--allow-root", "--LabApp.news_url=", "--LabApp.extension_manager=readonly",
+                             "--ServerApp.terminals_enabled=False"],
                             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -127,9 +131,14 @@ def _image_key(page, selector: str) -> str:
 
 
 def _run_all(page, url: str, token: str, name: str) -> None:
-    page.goto(f"{url}/lab/tree/{name}.ipynb?token={token}", wait_until="domcontentloaded")
+    # a workspace of its own (reset): only this notebook open, whatever earlier tests opened
+    page.goto(f"{url}/lab/workspaces/{name[:2]}/tree/{name}.ipynb?reset&token={token}", wait_until="domcontentloaded")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+    try:  # JupyterLab asks to confirm the notebook's kernel (Histo-UNet (.venv), preselected)
+        page.click(".jp-Dialog button.jp-mod-accept", timeout=10_000)
+    except Exception:  # noqa: BLE001 - no dialog: the kernel started by itself
+        pass
+    page.wait_for_selector(".jp-StatusBar-TextItem:has-text('| Idle')", timeout=60_000)
     page.click(".lm-MenuBar-itemLabel:text-is('Run')")
     page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
 
@@ -146,7 +155,7 @@ def _check(browser, lab, name: str, control, picture: str) -> None:
         _run_all(page, url, token, name)
         page.wait_for_selector(".jp-OutputArea .jupyter-widgets .widget-slider", timeout=120_000)
         page.wait_for_function(f"() => !!document.querySelector(\"{picture}\")", timeout=60_000)
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+        page.wait_for_selector(".jp-StatusBar-TextItem:has-text('| Idle')", timeout=120_000)
         text = page.inner_text(".jp-Notebook")
         assert "VBox(children" not in text and "HBox(children" not in text, "a widget rendered as text"
         assert "re-run this cell to use the viewer" in text  # the hint kept for a reopened notebook
@@ -163,6 +172,11 @@ def _check(browser, lab, name: str, control, picture: str) -> None:
         page.locator(".jp-OutputArea-output:has(.jupyter-widgets)").last.screenshot(path=str(shot2))
         print(f"\n{name}: {VIEWERS[name]} changed the picture; screenshots {shot1} {shot2}; "
               f"{time.perf_counter() - t0:.1f} s")
+    except Exception:
+        page.screenshot(path=str(SHOTS / f"{name}_failure.png"), full_page=True)
+        tail = page.inner_text(".jp-Notebook")[-1500:] if page.locator(".jp-Notebook").count() else ""
+        print(f"\n{name}: failed; screenshot {SHOTS / f'{name}_failure.png'}; console errors {errors[:3]}\n{tail}")
+        raise
     finally:
         page.close()
     assert not errors, f"{name}: browser console errors: {errors[:3]}"

@@ -89,7 +89,7 @@ def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMa
     ranking: dict[str, list[int]] = {"order": []}
     swatch = "display:inline-block;width:12px;height:12px;margin:0 4px 0 10px;border:1px solid #333;background:rgb{}"
     legend = widgets.HTML("<b>legend</b>" + "".join(f'<span style="{swatch.format(tuple(c.color))}"></span>{c.name}'
-                                                    for c in class_map.classes) + " (unlabelled: no colour)")
+                                                    for c in class_map.classes) + " &nbsp;·&nbsp; unlabelled pixels: no colour")
     view = widgets.ToggleButtons(options=views, description="labels")
     alpha = widgets.FloatSlider(value=0.45, min=0, max=1, step=0.05, description="opacity")
     toggles = {c.label: widgets.Checkbox(value=True, description=c.name, indent=False) for c in class_map.classes}
