@@ -10,6 +10,7 @@ export SM_FRAMEWORK := tf.keras
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 export NO_ALBUMENTATIONS_UPDATE := 1
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: demo test lab bench bench-real batch batch-tiles install clean-demo
 
@@ -28,8 +29,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# make lab: JupyterLab on the notebooks (kernel "Histo-UNet (.venv)"); after make demo, open 03_refine_labels
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	@echo "Open 03_refine_labels.ipynb and Run All: it reuses $(WORKDIR) and shows the label browser."
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --LabApp.default_url=/lab/tree/03_refine_labels.ipynb
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -155,12 +155,21 @@ def _format(path: Path) -> str:
     raise ParameterError(f"{path}: augmentation files end in .yaml or .json")
 
 
-def save_augmentation(aug: A.BaseCompose, path: str | Path, overwrite: bool = False) -> Path:
-    """Write the pipeline with albumentations' serialization (YAML or JSON by suffix), atomically."""
+def save_augmentation(aug: A.BaseCompose, path: str | Path, overwrite: bool = False,
+                      fingerprint: dict | None = None) -> Path:
+    """Write the pipeline with albumentations' serialization (YAML or JSON by suffix), atomically.
+
+    With ``fingerprint`` (step 04's strengths, :func:`helpers.steps.fingerprint_of`), a
+    finished folder made with the same one is reused and the file left untouched.
+    """
     from helpers.io import atomic_path
+    from helpers.steps import reuse_or_guard
 
     path = Path(path)
     fmt = _format(path)
+    if fingerprint is not None and reuse_or_guard(path.parent, fingerprint, overwrite, "augmentation",
+                                                  in_place=True, guard=False):
+        return path
     with atomic_path(path, overwrite) as tmp:
         A.save(aug, str(tmp), data_format=fmt)
     return path

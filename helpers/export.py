@@ -24,11 +24,11 @@ import numpy as np
 
 from helpers.config import ClassMap
 from helpers.errors import HistoUNetError
-from helpers.io import write_json
+from helpers.io import read_json, write_json
 from helpers.model import background_index, check_class_map, class_map_from_params, headline_index
 from helpers.predict import probabilities_path, read_prediction_info
 from helpers.rowstore import RasterRows, RowStore, disk_full_guard, write_raster
-from helpers.steps import DONE, guard_output, mark_done
+from helpers.steps import DONE, fingerprint_of, guard_output, mark_done, reuse_or_guard
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,13 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
     slide_name = info["slide"]
     outputs = {"labels": pred_dir / "labels.tiff", "geojson": pred_dir / f"{slide_name}.geojson",
                "overlay": pred_dir / "overlay.png", "summary": pred_dir / "summary.json"}
+    fingerprint = fingerprint_of(dict(classes=cmap.names, smoothing=smoothing, smoothing_size=smoothing_size,
+                                      opening_px=opening_px, closing_px=closing_px, fill_holes_um2=fill_holes_um2,
+                                      min_area_um2=min_area_um2, object_type=object_type, exclude_classes=exclude_classes,
+                                      thumbnail_size=thumbnail_size), [probabilities_path(pred_dir)])
+    if reuse_or_guard(pred_dir, fingerprint, overwrite, "export", record=".export_params.json", in_place=True,
+                      guard=False):  # exported the same way before: reuse it
+        return read_json(outputs["summary"])
     for p in outputs.values():
         guard_output(p, overwrite)
     if overwrite:  # the done markers go first: a failed export must not look finished

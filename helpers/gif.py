@@ -153,9 +153,14 @@ def assemble_gif(frames_dir: str | Path, out_path: str | Path, fps: float = 2.0,
 
     from helpers.io import atomic_path
 
+    from helpers.steps import fingerprint_of, reuse_or_guard
+
     if fps <= 0:
         raise ParameterError(f"fps={fps}: must be > 0")
     frames = list_frames(frames_dir)
+    fingerprint = fingerprint_of(dict(fps=fps, hold_last=hold_last, every=every, gif=Path(out_path).name), frames)
+    if reuse_or_guard(Path(out_path).parent, fingerprint, overwrite, "training GIF", in_place=True, guard=False):
+        return Path(out_path)
     keep = frames[::max(1, int(every))]
     if keep[-1] != frames[-1]:
         keep.append(frames[-1])

@@ -26,7 +26,8 @@ import pandas as pd
 
 from helpers.config import ClassMap
 from helpers.errors import HistoUNetError, ParameterError
-from helpers.steps import STEP_NOTEBOOKS, latest_tile_manifest, step_dir, step_manifest
+from helpers.steps import (DONE, STEP_NOTEBOOKS, fingerprint_of, latest_tile_manifest, record_fingerprint, reuse_or_guard,
+                           step_dir, step_manifest)
 from helpers.tiles import label_counts, read_label_tile
 from helpers.tissue import MIN_BRIGHTNESS, SATURATION_THRESHOLD, drop_small_objects, fill_small_holes, glass_mask
 
@@ -124,12 +125,22 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
 
     workdir = Path(workdir)
     manifest, source = _input_manifest(workdir, input_step)
+    out_dir = step_dir(workdir, "labels")
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(refine_label).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}  # the rules as applied, defaults included
+    fingerprint = fingerprint_of(dict(classes=class_map.names, input_step=source, **{**defaults, **rules}),
+                                 [step_dir(workdir, source) / DONE])
+    if reuse_or_guard(out_dir, fingerprint, overwrite, "label refinement", guard=False):
+        return pd.read_csv(out_dir / DONE)
     if manifest.empty:
         raise HistoUNetError(f"{workdir}/{source}/manifest.csv lists no tiles; re-run notebook 01 with a lower min_labelled_fraction")
     image_col = "image_raw" if "image_raw" in manifest.columns else "image"
     before = manifest.copy()
     rows = []
-    with atomic_dir(step_dir(workdir, "labels"), overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        record_fingerprint(tmp, fingerprint)
         for r in tqdm(manifest.to_dict("records"), desc="refine labels", unit="tile"):
             image = read_image(workdir / r[image_col])
             raw = read_label_tile(workdir / r["label"])

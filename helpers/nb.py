@@ -126,3 +126,28 @@ def renamed_parameter(value: Any, old_value: Any, old: str, new: str) -> Any:
     logging.getLogger("histo-unet").warning("parameter %s= is deprecated and will be removed in the next release; "
                                             "use %s= instead", old, new)
     return old_value
+
+
+#: Shown above every viewer: widgets live only while the kernel runs (their state is not saved).
+RERUN_HINT = "re-run this cell to use the viewer"
+
+
+def show_viewer(widget: Any, what: str = "viewer") -> None:
+    """Display an ipywidgets viewer with a line that still makes sense when the notebook is reopened.
+
+    A saved notebook keeps no widget state: reopened without a kernel, a viewer is an empty
+    box or the text ``VBox(children=...)``. The hint line (HTML, saved with the output)
+    and the widget's plain-text form both say what to do.
+    """
+    from IPython.display import HTML, display
+
+    text = f"{what}: {RERUN_HINT} (widgets are live only while the notebook's kernel runs)"
+    display(HTML(f'<div class="histo-viewer-hint" style="color:#666;font-size:90%">{text}</div>'))
+    bundle = widget._repr_mimebundle_()
+    if isinstance(bundle, tuple):
+        bundle = bundle[0]
+    if bundle:
+        bundle = {**bundle, "text/plain": text}
+        display(bundle, raw=True)
+    else:  # no front end (terminal IPython): the text only
+        print(text)

@@ -19,7 +19,7 @@ import pandas as pd
 from helpers.errors import HistoUNetError, ParameterError
 from helpers.stain import MIN_TISSUE_PIXELS, MODES, StainNormalizer, lab_stats
 from helpers.tissue import as_rgb_uint8, pen_mask, stain_tissue_mask, tissue_fraction
-from helpers.steps import guard_output
+from helpers.steps import guard_output, reuse_or_guard
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def reference_from(manifest_path: str | Path, reference_tile: str | None = None,
 
 def normalize_tiles(manifest_path: str | Path, out_dir: str | Path, normalizer: StainNormalizer, mode: str = "slide",
                     workdir: str | Path | None = None, samples_per_slide: int = 32, overwrite: bool = False,
-                    seed: int = 0) -> pd.DataFrame:
+                    seed: int = 0, fingerprint: dict | None = None) -> pd.DataFrame:
     """Normalize every tile of a tile manifest; write ``tiles/<tile_id>.png`` and ``manifest.csv``.
 
     Args:
@@ -154,6 +154,8 @@ def normalize_tiles(manifest_path: str | Path, out_dir: str | Path, normalizer: 
         workdir: Root of the manifest's relative paths (default: the manifest's parent's parent).
         samples_per_slide: Tiles per slide (the most tissue-rich of a random draw) used to estimate its stains.
         overwrite: Replace an earlier result.
+        fingerprint: The step's parameters and inputs (:func:`helpers.steps.fingerprint_of`): a
+            finished ``out_dir`` made the same way is reused (:func:`helpers.steps.reuse_or_guard`).
 
     Returns:
         The new manifest: input rows with ``image`` = normalized tile, ``image_raw`` = input
@@ -169,6 +171,9 @@ def normalize_tiles(manifest_path: str | Path, out_dir: str | Path, normalizer: 
     manifest_path, out_dir = Path(manifest_path), Path(out_dir)
     root = Path(workdir) if workdir is not None else manifest_path.resolve().parent.parent
     out_manifest = out_dir / "manifest.csv"
+    if fingerprint is not None and reuse_or_guard(out_dir, fingerprint, overwrite, "stain normalization",
+                                                  in_place=True, guard=False):
+        return pd.read_csv(out_manifest)
     guard_output(out_manifest, overwrite, "stain normalization")
     df = read_manifest(manifest_path, "01_make_tiles.ipynb")
     for col in ("tile_id", "slide", "image"):

@@ -37,7 +37,7 @@ from helpers.errors import HistoUNetError, ParameterError, SlideError
 from helpers.io import atomic_path, make_dir, read_json, resumable_or_nothing, write_json
 from helpers.model import SIZE_MULTIPLE, background_index, check_class_map, load_model_and_classes, preprocess
 from helpers.rowstore import RowStore, disk_full_guard, write_raster
-from helpers.steps import DONE, guard_output
+from helpers.steps import DONE, fingerprint_of, guard_output, reuse_or_guard
 from helpers.tissue import slide_tissue_mask
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,12 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
     weights = blend_weights(8, blend)  # validates blend early
     if batch_size < 1:
         raise ParameterError(f"batch_size must be >= 1; got {batch_size}")
+    fingerprint = fingerprint_of(dict(mpp=mpp, normalizer=normalizer, overlap=overlap, blend=blend, tile_size=tile_size,
+                                      min_tissue=min_tissue, classes=getattr(class_map, "names", class_map)),
+                                 [slide_path, *sorted(model_dir.glob("*.keras")), model_dir / "training_params.yaml"])
+    if reuse_or_guard(out_dir, fingerprint, overwrite, "prediction", done="prediction.json", record=".predict_params.json",
+                      in_place=True, guard=False):  # a finished slide with the same settings: reuse it
+        return PredictionResult(**read_prediction_info(out_dir))
     _check_out_dir(out_dir, overwrite)
 
     model, params, model_classes = load_model_and_classes(model_dir)

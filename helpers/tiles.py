@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from helpers.config import ClassMap
-from helpers.steps import step_dir
+from helpers.steps import DONE, fingerprint_of, record_fingerprint, reuse_or_guard, step_dir
 from helpers.errors import AnnotationError, HistoUNetError, ParameterError
 
 log = logging.getLogger(__name__)
@@ -206,8 +206,16 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
     ann_path = Path(annotations) if annotations else step_dir(workdir, "annotations")
     pairs = _check_slides(find_slides(slides_path), ann_path)
     out_dir = step_dir(workdir, "tiles")
+    fingerprint = fingerprint_of(dict(classes=class_map.names, mpp=mpp, slide_mpp=slide_mpp, tile_size=tile_size,
+                                      stride=stride, min_labelled_fraction=min_labelled_fraction,
+                                      max_glass_fraction=max_glass_fraction, unclassified=unclassified,
+                                      max_tiles_per_slide=max_tiles_per_slide, background_class=background_class),
+                                 [p for pair in pairs for p in pair])
+    if reuse_or_guard(out_dir, fingerprint, overwrite, "tile export", guard=False):
+        return pd.read_csv(out_dir / DONE)
     rows: list[dict] = []
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        record_fingerprint(tmp, fingerprint)
         for slide_path, geojson in pairs:
             with open_slide(slide_path, mpp=slide_mpp) as slide:
                 ds = slide.downsample_for(mpp)
@@ -316,7 +324,12 @@ def import_tile_folder(folder: str | Path, workdir: str | Path, class_map: Class
 
     folder, workdir = Path(folder), Path(workdir)
     out_dir = step_dir(workdir, "tiles")
+    fingerprint = fingerprint_of(dict(classes=class_map.names, slide_mpp=slide_mpp),
+                                 sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else [])
+    if reuse_or_guard(out_dir, fingerprint, overwrite, "tile import", guard=False):
+        return pd.read_csv(out_dir / DONE)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        record_fingerprint(tmp, fingerprint)
         for p in Path(folder).iterdir():
             if p.is_file() and _NAME_RE.match(p.stem.removesuffix("-labelled")):
                 if p.name.endswith(LABEL_SUFFIX):

@@ -30,7 +30,8 @@ from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
 from helpers.losses import class_weights_from_counts, make_loss
 from helpers.metrics import confusion_matrix, headline_name, iou_scores
 from helpers.split import SPLIT_COLUMN, split_tiles
-from helpers.steps import DONE, guard_output, mark_done, step_dir
+from helpers.steps import (DONE, fingerprint_of, guard_output, latest_tile_manifest, mark_done, record_fingerprint,
+                           reuse_or_guard, step_dir)
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +307,13 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     state_file = out / "training_state.json"
     t_start, c_start = time.perf_counter(), time.process_time()
     earlier = [p for p in (out.iterdir() if out.is_dir() else []) if p.name != "split.png"]
+    inputs = [latest_tile_manifest(workdir)[0]] + ([step_dir(workdir, "augment") / "augment.yaml"] if cfg.augment else [])
+    fingerprint = fingerprint_of(dict(config=asdict(cfg), classes=cmap.names), inputs)  # re-run: reuse if the same
+    finished = state_file.is_file() and json.loads(state_file.read_text()).get("epochs_done", 0) >= cfg.epochs
+    if finished and params_file.is_file() and reuse_or_guard(out, fingerprint, overwrite, "an earlier training run"):
+        import yaml
+
+        return yaml.safe_load(params_file.read_text())
     if earlier:
         if overwrite:
             import shutil
@@ -322,6 +330,7 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
             guard_output(out, overwrite, what="an earlier training run")
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE).unlink(missing_ok=True)  # a resumed run is unfinished until it ends
+    record_fingerprint(out, fingerprint)  # read back by a re-run (reuse_or_guard) once the done marker is written
     set_seeds(cfg.seed)
     trainer = Trainer(workdir, cfg, cmap, overwrite, resume)
     split_df = trainer.prepare_data()

@@ -62,12 +62,18 @@ def test_existing_results_refused_unless_overwrite(setup):
 
     d, _, _ = setup
     out = d / "again"
-    predict_slide(d / "slide.tiff", d / "model", out, overlap=1, progress=False)
-    with pytest.raises(OutputExistsError, match="again"):
-        predict_slide(d / "slide.tiff", d / "model", out, overlap=1, progress=False)
-    export_prediction(out)
-    with pytest.raises(OutputExistsError, match="labels.tiff"):
-        export_prediction(out)
+    first = predict_slide(d / "slide.tiff", d / "model", out, overlap=1, progress=False)
+    probs = (out / "probabilities.tiff").stat().st_mtime_ns
+    # the same settings: the finished slide is reused, untouched; other settings are refused
+    assert predict_slide(d / "slide.tiff", d / "model", out, overlap=1, progress=False).seconds == first.seconds
+    assert (out / "probabilities.tiff").stat().st_mtime_ns == probs
+    with pytest.raises(OutputExistsError, match="again.*overlap"):
+        predict_slide(d / "slide.tiff", d / "model", out, overlap=4, progress=False)
+    summary = export_prediction(out)
+    labels = (out / "labels.tiff").stat().st_mtime_ns
+    assert export_prediction(out) == summary and (out / "labels.tiff").stat().st_mtime_ns == labels
+    with pytest.raises(OutputExistsError, match="min_area_um2"):
+        export_prediction(out, min_area_um2=50.0)
     predict_slide(d / "slide.tiff", d / "model", out, overlap=1, progress=False, overwrite=True)
     assert not (out / "summary.json").exists()  # stale 'done' markers removed
     assert not (out / "manifest.csv").exists()

@@ -125,8 +125,8 @@ def test_refine_tiles_reduces_wrong_labels(tmp_path, class_map):
     assert len(plot_before_after(wd, refined, class_map, n=2).axes) >= 8
     viewer = label_viewer(wd, refined, class_map)
     assert viewer.children and callable(viewer.redraw)
-    with pytest.raises(OutputExistsError):
-        refine_tiles(wd, class_map)
+    with pytest.raises(OutputExistsError, match="min_region"):
+        refine_tiles(wd, class_map, min_region=3)
     # rules switched off: labels identical to the input
     same = refine_tiles(wd, class_map, overwrite=True, min_region=0, border_band=0, glass_in_annotations=False, free_glass=False)
     for r in same.head(3).itertuples():

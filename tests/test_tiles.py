@@ -95,8 +95,9 @@ def test_export_tiles_python_route(tmp_path, class_map):
     assert np.abs(read_image(wd / r.image).astype(int) - ref.astype(int)).max() <= 1
     # glass-only tiles are never exported; a tile of all glass would be skipped
     assert (m["px_Tumor"] > 0).any()
-    # refuses to overwrite
-    with pytest.raises(OutputExistsError):
+    # the same parameters reuse the folder; other ones are refused
+    assert export_tiles(wd, class_map, mpp=1.0, tile_size=128, stride=128).equals(pd.read_csv(wd / "tiles" / "manifest.csv"))
+    with pytest.raises(OutputExistsError, match="stride"):
         export_tiles(wd, class_map, mpp=1.0, tile_size=128)
     # rebuilt from file names alone (QuPath route), the manifest is the same
     qp = tmp_path / "qupath_tiles"

@@ -191,9 +191,12 @@ def test_two_step_training_then_resume(tmp_path):
     assert params["headline_class"] == "Tumor"  # the class map's headline role
     done = pd.read_csv(out / "manifest.csv")
     assert {"best.keras", "history.csv", "training_params.yaml"} <= set(done["file"])
-    # finished run: refuse without overwrite; resume by raising epochs keeps the optimizer step count
-    with pytest.raises(OutputExistsError):
-        T.train_model(wd, cfg)
+    # finished run: the same parameters reuse it, other ones are refused; raising epochs resumes
+    mtime = (out / "best.keras").stat().st_mtime_ns
+    assert T.train_model(wd, cfg)["best_epoch"] == params["best_epoch"]
+    assert (out / "best.keras").stat().st_mtime_ns == mtime
+    with pytest.raises(OutputExistsError, match="learning_rate"):
+        T.train_model(wd, T.TrainConfig(**{**cfg.__dict__, "learning_rate": cfg.learning_rate * 2}))
     import keras
 
     steps_before = int(keras.models.load_model(out / "last.keras").optimizer.iterations.numpy())

@@ -62,14 +62,24 @@ def augmentation_widget(images: Sequence[np.ndarray], masks: Sequence[np.ndarray
     sliders = {k: widgets.FloatSlider(value=float(defaults[k]), min=lo, max=hi, step=st, description=k,
                                       continuous_update=False) for k, (lo, hi, st) in ranges.items()}
     button = widgets.Button(description="re-roll")
+    status = widgets.HTML("")
     out = widgets.Output()
     state = {"seed": 0}
 
     def redraw(*_: Any) -> None:
-        vals = {k: s.value for k, s in sliders.items()}
-        fig = plot_preview(default_augmentation(**vals), images, masks, class_map, seed=state["seed"])
-        show_figure(out, fig, "parameters: " + ", ".join(f"{k}={v:g}" for k, v in vals.items()))  # issue 18
-        plt.close(fig)
+        controls = [*sliders.values(), button]
+        status.value = "<i>drawing…</i>"
+        for c in controls:
+            c.disabled = True
+        try:
+            vals = {k: s.value for k, s in sliders.items()}
+            fig = plot_preview(default_augmentation(**vals), images, masks, class_map, seed=state["seed"])
+            show_figure(out, fig, "parameters: " + ", ".join(f"{k}={v:g}" for k, v in vals.items()))  # issue 18
+            plt.close(fig)
+        finally:
+            for c in controls:
+                c.disabled = False
+            status.value = ""
 
     def reroll(*_: Any) -> None:
         state["seed"] += 1
@@ -80,4 +90,5 @@ def augmentation_widget(images: Sequence[np.ndarray], masks: Sequence[np.ndarray
     button.on_click(reroll)
     redraw()
     return widgets.VBox([widgets.HBox([widgets.VBox(list(sliders.values())[:6]), widgets.VBox(list(sliders.values())[6:])]),
-                         button, out])
+                         widgets.HBox([button, status]),
+                         widgets.Box([out], layout=widgets.Layout(max_height="640px", overflow="auto"))])

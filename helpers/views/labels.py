@@ -80,7 +80,16 @@ def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMa
     views = ["after", "before"] if "label_raw" in manifest.columns else ["labels"]
     if (step_dir(workdir, "truth")).is_dir():
         views.append("truth")
-    tile = widgets.IntSlider(0, 0, max(0, len(manifest) - 1), description="tile")
+    px_cols = {c.name: f"px_{c.name}" for c in class_map.classes if f"px_{c.name}" in manifest.columns}
+    labelled = manifest[list(px_cols.values())].sum(axis=1) if px_cols else pd.Series(0, index=manifest.index)
+    start = int(np.argmax(labelled.to_numpy())) if len(manifest) else 0  # not tile 0 (often mostly glass)
+    tile = widgets.IntSlider(start, 0, max(0, len(manifest) - 1), description="tile")
+    jump = widgets.Dropdown(options=["(choose)"] + [f"tiles with most {n}" for n in px_cols], description="jump to")
+    nxt = widgets.Button(description="next of these", tooltip="the next tile in this ranking")
+    ranking: dict[str, list[int]] = {"order": []}
+    swatch = "display:inline-block;width:12px;height:12px;margin:0 4px 0 10px;border:1px solid #333;background:rgb{}"
+    legend = widgets.HTML("<b>legend</b>" + "".join(f'<span style="{swatch.format(tuple(c.color))}"></span>{c.name}'
+                                                    for c in class_map.classes) + " &nbsp;·&nbsp; unlabelled pixels: no colour")
     view = widgets.ToggleButtons(options=views, description="labels")
     alpha = widgets.FloatSlider(value=0.45, min=0, max=1, step=0.05, description="opacity")
     toggles = {c.label: widgets.Checkbox(value=True, description=c.name, indent=False) for c in class_map.classes}
@@ -98,13 +107,29 @@ def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMa
         hidden = [k for k, w in toggles.items() if not w.value]
         fig, ax = plt.subplots(figsize=(6, 6))
         ax.imshow(overlay(img, lab, class_map, alpha.value, hidden=hidden))
-        ax.set_title(str(r["tile_id"]), fontsize=8)
+        ax.set_title(f"tile {tile.value}: {r['slide']} x={r['x']} y={r['y']}", fontsize=9)
         ax.axis("off")
         show_figure(out, fig)  # not `with out:` (it can hang nbclient, issue 18)
         plt.close(fig)
 
+    def ranked(change) -> None:
+        name = str(change["new"]).removeprefix("tiles with most ")
+        if name not in px_cols:
+            return
+        ranking["order"] = list(np.argsort(-manifest[px_cols[name]].to_numpy(), kind="stable"))
+        tile.value = int(ranking["order"][0])
+
+    def next_tile(*_) -> None:
+        order = ranking["order"]
+        if order:
+            i = order.index(tile.value) if tile.value in order else -1
+            tile.value = int(order[(i + 1) % len(order)])
+
+    jump.observe(ranked, names="value")
+    nxt.on_click(next_tile)
     for w in [tile, view, alpha, *toggles.values()]:
         w.observe(draw, names="value")
-    box = widgets.VBox([widgets.HBox([tile, alpha]), view, widgets.HBox(list(toggles.values())), out])
+    box = widgets.VBox([widgets.HBox([tile, alpha]), widgets.HBox([jump, nxt]), view,
+                        widgets.HBox(list(toggles.values())), legend, out])
     box.redraw = draw  # type: ignore[attr-defined]
     return box

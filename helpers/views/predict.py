@@ -138,7 +138,11 @@ def prediction_viewer(pred_dir: str | Path, class_map: ClassMap | str | Path | N
     toggles = [w.Checkbox(value=i != bg, description=c.name, indent=False) for i, c in enumerate(cmap.classes)]
     zx = w.FloatSlider(value=0.5, min=0, max=1, step=0.01, description="zoom x")
     zy = w.FloatSlider(value=0.5, min=0, max=1, step=0.01, description="zoom y")
-    left, right = w.Image(format="png"), w.Image(format="png")
+    # the overview shrinks with the window; the zoom keeps its size and aspect, beside it or wrapped below
+    left = w.Image(format="png", layout=w.Layout(flex="1 1 420px", max_width=f"{thumb.shape[1]}px", width="100%",
+                                                  height="auto", object_fit="contain"))
+    right = w.Image(format="png", layout=w.Layout(flex="0 0 auto", width=f"{min(zoom_size, info['width'])}px",
+                                                   height="auto", object_fit="contain"))
     label = w.HTML()
 
     def render(*_: Any) -> None:
@@ -173,7 +177,8 @@ def prediction_viewer(pred_dir: str | Path, class_map: ClassMap | str | Path | N
     for wid in [mode, opacity, zx, zy, *toggles]:
         wid.observe(render, names="value")
     render()
-    return w.VBox([w.HBox([mode, opacity]), w.HBox(toggles), w.HBox([zx, zy]), label, w.HBox([left, right])])
+    pics = w.HBox([left, right], layout=w.Layout(flex_flow="row wrap", align_items="flex-start", width="100%"))
+    return w.VBox([w.HBox([mode, opacity]), w.HBox(toggles), w.HBox([zx, zy]), label, pics])
 
 
 # --------------------------------------------------------------------------- figures
