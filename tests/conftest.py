@@ -38,3 +38,17 @@ def _close_figures():
 
     if "matplotlib.pyplot" in sys.modules:
         sys.modules["matplotlib.pyplot"].close("all")
+
+
+@pytest.fixture(scope="session")
+def chain_workdir(tmp_path_factory) -> tuple[Path, dict[str, float]]:
+    """Every numbered notebook run once, in order, on tiny parameters (``tests/params``).
+
+    Shared by the chain test and the browser tests (which only read it: re-running a
+    step with the same parameters reuses its results).
+    """
+    from helpers.pipeline import run_chain
+
+    workdir = tmp_path_factory.mktemp("chain") / "wd"
+    timings = run_chain(workdir, ROOT / "tests" / "params")
+    return workdir, dict(timings)

@@ -51,18 +51,10 @@ def _need_browser() -> None:
 
 
 @pytest.fixture(scope="session")
-def finished_workdir() -> Path:
-    """A small finished work folder (00-07 on tests/params), built once and kept in runs/browser/work."""
+def finished_workdir(chain_workdir) -> Path:
+    """The chain test's finished work folder (every notebook on tests/params); only read here."""
     _need_browser()
-    from helpers.pipeline import run_chain
-
-    wd = SHOTS / "work"
-    t0 = time.perf_counter()
-    if not (wd / "predictions" / "demo" / "manifest.csv").is_file():  # 00 (demo data) has no reuse rule
-        run_chain(wd, ROOT / "tests" / "params", only=["00", "01", "02", "03", "04", "05", "06", "07"],
-                  overwrite=(wd / "slides").is_dir())
-    print(f"\nwork folder {wd} ready in {time.perf_counter() - t0:.0f} s (reused steps are instant)")
-    return wd
+    return chain_workdir[0]
 
 
 @pytest.fixture(scope="session")

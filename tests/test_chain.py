@@ -33,10 +33,8 @@ PROMISES = {
 
 
 @pytest.fixture(scope="module")
-def chain_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("chain") / "wd"
-    timings = run_chain(workdir, PARAMS)
-    return workdir, dict(timings)
+def chain_run(chain_workdir):
+    return chain_workdir
 
 
 def test_every_notebook_has_tiny_params():
@@ -101,8 +99,22 @@ def test_prediction_geojson_is_a_qupath_feature_collection(chain_run, class_map)
         assert f["properties"]["classification"]["name"] in class_map.names
 
 
-def test_rerun_without_overwrite_is_refused(chain_run):
+def test_rerun_reuses_with_same_parameters_and_refuses_changed_ones(chain_run, tmp_path):
     workdir, _ = chain_run
-    nb = [n for n in chain() if n.stem != "00_make_demo_data"][:1] or chain()[:1]
+    nb = [n for n in chain() if n.stem == "03_refine_labels"]
+    labels = workdir / "labels"
+    before = {p: p.stat().st_mtime_ns for p in labels.rglob("*") if p.is_file()}
+    run_chain(workdir, PARAMS, only=[nb[0].stem])  # same parameters: the step's results are reused
+    assert {p: p.stat().st_mtime_ns for p in labels.rglob("*") if p.is_file()} == before
+    changed = tmp_path / "params"
+    changed.mkdir()
+    for f in PARAMS.glob("*.yaml"):
+        (changed / f.name).write_text(f.read_text())
+    import yaml
+
+    p = yaml.safe_load((PARAMS / f"{nb[0].stem}.yaml").read_text()) or {}
+    p["min_region"] = int(p.get("min_region", 16)) + 7
+    (changed / f"{nb[0].stem}.yaml").write_text(yaml.safe_dump(p))
     with pytest.raises(HistoUNetError, match="overwrite"):
-        run_chain(workdir, PARAMS, only=[nb[0].stem])
+        run_chain(workdir, changed, only=[nb[0].stem])
+    assert {p: p.stat().st_mtime_ns for p in labels.rglob("*") if p.is_file()} == before
