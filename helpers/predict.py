@@ -37,7 +37,7 @@ from helpers.errors import HistoUNetError, ParameterError, SlideError
 from helpers.io import atomic_path, make_dir, read_json, resumable_or_nothing, write_json
 from helpers.model import SIZE_MULTIPLE, background_index, check_class_map, load_model_and_classes, preprocess
 from helpers.rowstore import RowStore, disk_full_guard, write_raster
-from helpers.steps import DONE, fingerprint_of, guard_output, reuse_or_guard
+from helpers.steps import DONE, fingerprint_of, guard_output, reuse_or_guard, start_in_place
 from helpers.tissue import slide_tissue_mask
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                                       min_tissue=min_tissue, classes=getattr(class_map, "names", class_map)),
                                  [slide_path, *sorted(model_dir.glob("*.keras")), model_dir / "training_params.yaml"])
     if reuse_or_guard(out_dir, fingerprint, overwrite, "prediction", done="prediction.json", record=".predict_params.json",
-                      in_place=True, guard=False):  # a finished slide with the same settings: reuse it
+                      guard=False):  # a finished slide with the same settings: reuse it
         return PredictionResult(**read_prediction_info(out_dir))
     _check_out_dir(out_dir, overwrite)
 
@@ -257,7 +257,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                           batch=batch_size, n_cls=n_cls, mpp=slide_mpp, min_tissue=min_tissue)
         part = out_dir / PARTIAL_DIR
         state = _load_state(part, fp)
-        make_dir(out_dir)
+        start_in_place(out_dir, fingerprint, done="prediction.json", record=".predict_params.json")  # inputs are good
         with resumable_or_nothing(part, covers=("acc.npy", "wsum.npy")):  # a full disk keeps a resumable state or nothing
             if state is None:
                 shutil.rmtree(part, ignore_errors=True)

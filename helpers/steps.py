@@ -247,10 +247,20 @@ def reuse_or_guard(folder: str | Path, fingerprint: dict, overwrite: bool = Fals
     if not finished and guard and not overwrite:
         guard_output(folder, overwrite, what)
     if in_place:
-        from helpers.io import make_dir
-
-        make_dir(folder)
-        (folder / done).unlink(missing_ok=True)
-        if record:
-            record_fingerprint(folder, fingerprint, record)
+        start_in_place(folder, fingerprint, done, record)
     return False
+
+
+def start_in_place(folder: str | Path, fingerprint: dict, done: str = DONE, record: str | None = PARAMS) -> None:
+    """Before a step (re)writes ``folder`` in place: drop its stale done marker, record the new fingerprint.
+
+    Steps that validate their inputs after :func:`reuse_or_guard` call this (with
+    ``in_place=False`` there) once the inputs are known good, so bad input leaves nothing behind.
+    """
+    from helpers.io import make_dir
+
+    folder = Path(folder)
+    make_dir(folder)
+    (folder / done).unlink(missing_ok=True)
+    if record:
+        record_fingerprint(folder, json.loads(json.dumps(fingerprint, sort_keys=True, default=str)), record)

@@ -292,8 +292,10 @@ def pred_setup(tmp_path_factory, class_map):
 def test_outputs_that_exist_07(pred_setup, tmp_path, class_map):
     _, slide, model = pred_setup
     out = tmp_path / "pred"
-    predict_slide(slide, model, out, class_map=class_map, overlap=1)
-    assert_refused(tmp_path, lambda: predict_slide(slide, model, out, class_map=class_map, overlap=1),
+    first = predict_slide(slide, model, out, class_map=class_map, overlap=1)
+    # the same settings reuse the finished slide (issue 16); other settings are refused
+    assert predict_slide(slide, model, out, class_map=class_map, overlap=1).seconds == first.seconds
+    assert_refused(tmp_path, lambda: predict_slide(slide, model, out, class_map=class_map, overlap=4),
                    OutputExistsError, out, "overwrite=True")
 
 
