@@ -157,7 +157,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                   normalizer: str | Path | None = "auto", overlap: int = 16, blend: str = "gaussian",
                   tile_size: int | None = None, batch_size: int = 8, class_map: ClassMap | str | Path | None = None,
                   overwrite: bool = False, progress: bool = True, prefetch: int = 2,
-                  checkpoint_seconds: float = 30.0, min_tissue: float = 0.0) -> PredictionResult:
+                  checkpoint_seconds: float = 30.0, min_tissue: float = 0.0, runtime: str = "auto") -> PredictionResult:
     """Predict class probabilities over a whole slide; write ``probabilities.tiff``.
 
     Args:
@@ -177,6 +177,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         checkpoint_seconds: Minimum time between band checkpoints (0 = after every band).
         min_tissue: Fraction of a tile's footprint that must be tissue to predict it
             (0 = any tissue pixel).
+        runtime: ``"auto"`` (ONNX Runtime when installed and proven equivalent, else Keras),
+            ``"onnxruntime"`` or ``"keras"`` (:mod:`helpers.runtime`).
 
     Returns:
         A :class:`PredictionResult` (also written to ``out_dir/prediction.json``).
@@ -212,6 +214,10 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
     weights = blend_weights(tile, blend)
     model_mpp = float(params["mpp"])
     norm_path = resolve_normalizer(normalizer, model_dir, params)
+    from helpers.runtime import make_predictor
+
+    predict_fn = make_predictor(model, model_dir, params["model_file"], runtime=runtime, batch_size=batch_size,
+                                tile=tile, n_cls=n_cls)
 
     slide = open_slide(slide_path, mpp=mpp)
     probs_mm: RowStore | None = None
@@ -248,7 +254,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         # ---- resumable state
         fp = _fingerprint(slide=_file_id(slide_path), model=_file_id(Path(params["model_file"])), ds=ds, tile=tile,
                           stride=stride, blend=blend, normalizer=str(norm_path) if norm_path else None,
-                          batch=batch_size, n_cls=n_cls, mpp=slide_mpp, min_tissue=min_tissue)
+                          batch=batch_size, n_cls=n_cls, mpp=slide_mpp, min_tissue=min_tissue,
+                          runtime=predict_fn.runtime)
         part = out_dir / PARTIAL_DIR
         state = _load_state(part, fp)
         make_dir(out_dir)
@@ -267,7 +274,6 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                 start_band, tiles_done, seconds_before = state["next_band"], state["tiles_done"], state["seconds"]
                 log.info("%s: resuming at band %d of %d (%d tiles done)", slide.name, start_band, len(ys), tiles_done)
 
-            predict_fn = _make_predict_fn(model, batch_size, tile, n_cls)
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n_tissue, initial=tiles_done, unit="tile", desc=f"predict {slide.name}",
@@ -326,7 +332,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             classes=cmap.to_dict()["classes"], tiles_grid=n_grid, tiles_tissue=n_tissue, seconds=round(seconds, 2),
             tiles_per_second=round(tiles_now / loop_seconds, 2) if loop_seconds > 0 and tiles_now else 0.0,
             resumed_from_band=start_band, model_file=str(params["model_file"]),
-            extra={"slide_mpp_source": slide.mpp_source, "batch_size": batch_size},
+            extra={"slide_mpp_source": slide.mpp_source, "batch_size": batch_size, "runtime": predict_fn.runtime,
+                   "runtime_reason": predict_fn.reason},
         )
         with disk_full_guard(out_dir / "prediction.json"):
             write_json(asdict(result), out_dir / "prediction.json", overwrite=True)
@@ -481,28 +488,6 @@ def _prefetch(it: Iterator, depth: int) -> Iterator:
             while True:
                 q.get_nowait()
         th.join(timeout=5)
-
-
-def _make_predict_fn(model, batch_size: int, tile: int, n_cls: int) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 tiles -> float32 probabilities, in fixed-size (padded) batches: one trace, same results."""
-    import tensorflow as tf
-
-    @tf.function(input_signature=[tf.TensorSpec((batch_size, tile, tile, 3), tf.uint8)], reduce_retracing=True)
-    def run(x):
-        return model(preprocess(x), training=False)
-
-    def predict(tiles: np.ndarray) -> np.ndarray:
-        out = np.empty((len(tiles), tile, tile, n_cls), np.float32)
-        for i in range(0, len(tiles), batch_size):
-            chunk = tiles[i:i + batch_size]
-            n = len(chunk)
-            if n < batch_size:
-                chunk = np.concatenate([chunk, np.full((batch_size - n, tile, tile, 3), 255, np.uint8)])
-            out[i:i + n] = run(tf.constant(chunk)).numpy()[:n]
-        return out
-
-    return predict
-
 
 
 # --------------------------------------------------------------------------- reading results

@@ -1,0 +1,139 @@
+"""The inference runtime (helpers.runtime): ONNX export of the U-Net, its equivalence with Keras, the fallback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slide_fixtures import class_map_, setup  # noqa: F401 - fixtures
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install the project's pins)")
+pytest.importorskip("tf2onnx", reason="tf2onnx not installed (pip install the project's pins)")
+
+MAX_DIFF = 1e-3
+MIN_AGREE = 0.999
+
+
+@pytest.fixture(scope="module")
+def unet_dir(tmp_path_factory, class_map_):
+    """The project's U-Net (efficientnetb0, random encoder) saved as a model folder like 05 writes."""
+    import keras
+
+    from helpers.io import write_yaml
+    from helpers.model import build_model
+
+    d = tmp_path_factory.mktemp("unet") / "model"
+    d.mkdir()
+    keras.utils.set_random_seed(1)
+    model = build_model(class_map_.n_classes, encoder_weights=None)
+    model.save(d / "best.keras")
+    write_yaml({"mpp": 1.0, "tile_size": 64, "classes": class_map_.to_dict()}, d / "training_params.yaml")
+    return d
+
+
+def _tiles(n: int, side: int, seed: int) -> np.ndarray:
+    from helpers.runtime import check_tiles
+
+    rng = np.random.default_rng(seed)
+    x = check_tiles(side, n, seed=seed).astype(np.int16)
+    return np.clip(x + rng.integers(-40, 41, x.shape), 0, 255).astype(np.uint8)
+
+
+def test_unet_onnx_export_is_equivalent_to_keras(unet_dir):
+    from helpers.model import load_trained
+    from helpers.runtime import ONNX_FILE, ONNX_INFO, keras_predict_fn, make_predictor, sha256_file
+
+    model, params = load_trained(unet_dir)
+    pred = make_predictor(model, unet_dir, params["model_file"], runtime="auto", batch_size=4, tile=64)
+    assert pred.runtime == "onnxruntime", pred.reason
+    record = json.loads((unet_dir / ONNX_INFO).read_text())
+    assert record["onnx_sha256"] == sha256_file(unet_dir / ONNX_FILE) == pred.onnx_sha256
+    assert record["source_sha256"] == sha256_file(unet_dir / "best.keras")
+    assert record["equivalent"] and record["check"]["max_abs_diff"] <= MAX_DIFF
+    # fresh inputs the export check never saw, two tile sizes, a batch that is not a multiple of 4
+    for side, n in ((64, 6), (128, 3)):
+        x = _tiles(n, side, seed=side)
+        ref = keras_predict_fn(model, 4, side, 4)(x)
+        got = make_predictor(model, unet_dir, params["model_file"], batch_size=4, tile=side)(x)
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert np.abs(got - ref).max() <= MAX_DIFF
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= MIN_AGREE
+        assert np.allclose(got.sum(-1), 1.0, atol=1e-4)
+
+
+def test_export_is_reused_and_redone_when_the_model_changes(unet_dir, tmp_path, caplog):
+    import shutil
+
+    import keras
+
+    from helpers.model import build_model, load_trained
+    from helpers.runtime import ONNX_FILE, ONNX_INFO, current_export, make_predictor
+
+    d = tmp_path / "model"
+    shutil.copytree(unet_dir, d)
+    model, params = load_trained(d)
+    assert current_export(d, params["model_file"]) is not None  # copied with its current export
+    before = (d / ONNX_INFO).read_text()
+    make_predictor(model, d, params["model_file"], tile=64)
+    assert (d / ONNX_INFO).read_text() == before  # not exported again
+    keras.utils.set_random_seed(7)
+    build_model(4, encoder_weights=None).save(d / "best.keras")  # retrained: the export is stale
+    assert current_export(d, d / "best.keras") is None
+    model, params = load_trained(d)
+    with caplog.at_level(logging.INFO, logger="helpers.runtime"):
+        pred = make_predictor(model, d, params["model_file"], tile=64)
+    assert pred.runtime == "onnxruntime"
+    assert json.loads((d / ONNX_INFO).read_text())["onnx_sha256"] != json.loads(before)["onnx_sha256"]
+    assert any("inference runtime: onnxruntime" in r.message for r in caplog.records)
+    assert (d / ONNX_FILE).is_file()
+
+
+def test_falls_back_to_keras_when_the_runtime_is_missing(unet_dir, monkeypatch, caplog):
+    import helpers.runtime as rt
+    from helpers.errors import ParameterError
+    from helpers.model import load_trained
+
+    model, params = load_trained(unet_dir)
+    monkeypatch.setattr(rt, "onnxruntime_available", lambda: False)
+    with caplog.at_level(logging.INFO, logger="helpers.runtime"):
+        pred = rt.make_predictor(model, unet_dir, params["model_file"], tile=64)
+    assert pred.runtime == "keras" and "onnxruntime is not installed" in pred.reason
+    assert any("inference runtime: keras (fallback" in r.message for r in caplog.records)
+    with pytest.raises(ParameterError, match="runtime='onnxruntime' cannot be used"):
+        rt.make_predictor(model, unet_dir, params["model_file"], runtime="onnxruntime", tile=64)
+    with pytest.raises(ParameterError, match="runtime must be one of"):
+        rt.make_predictor(model, unet_dir, params["model_file"], runtime="tflite", tile=64)
+
+
+def test_a_non_equivalent_export_is_refused(unet_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import helpers.runtime as rt
+    from helpers.model import load_trained
+
+    d = tmp_path / "model"
+    shutil.copytree(unet_dir, d)
+    (d / rt.ONNX_INFO).unlink()
+    monkeypatch.setattr(rt, "compare", lambda a, b: {"max_abs_diff": 0.3, "argmax_agreement": 0.9})
+    model, params = load_trained(d)
+    pred = rt.make_predictor(model, d, params["model_file"], tile=64)
+    assert pred.runtime == "keras" and "differs from Keras" in pred.reason
+
+
+def test_predict_slide_labels_are_the_same_through_both_runtimes(setup, unet_dir, tmp_path):
+    """The whole 07 step 1 on the U-Net: ONNX Runtime and Keras give the same probabilities and labels."""
+    from helpers.predict import predict_slide, read_probabilities
+
+    d, _, _ = setup
+    kw = dict(overlap=4, blend="gaussian", batch_size=4, progress=False, normalizer=None)
+    a = predict_slide(d / "slide.tiff", unet_dir, tmp_path / "keras", runtime="keras", **kw)
+    b = predict_slide(d / "slide.tiff", unet_dir, tmp_path / "ort", runtime="auto", **kw)
+    assert (a.extra["runtime"], b.extra["runtime"]) == ("keras", "onnxruntime")
+    pa, pb = read_probabilities(tmp_path / "keras"), read_probabilities(tmp_path / "ort")
+    assert pa.shape == pb.shape
+    assert np.abs(pa - pb).max() <= 1.5 / 255  # uint8 storage: at most one step of rounding apart
+    assert (pa.argmax(-1) == pb.argmax(-1)).mean() >= MIN_AGREE
