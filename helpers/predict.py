@@ -79,7 +79,6 @@ class PredictionResult:
     extra: dict = field(default_factory=dict)
 
 
-
 # --------------------------------------------------------------------------- grid, blending, resume state
 
 
@@ -279,28 +278,38 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             bar = tqdm(total=n_tissue, initial=tiles_done, unit="tile", desc=f"predict {slide.name}",
                        disable=not progress, smoothing=0.1)
             t_loop = time.perf_counter()
+            tm = dict.fromkeys(("read", "normalize", "wait", "model", "blend", "write", "checkpoint"), 0.0)
             last_ckpt = time.perf_counter()
             tiles_now = 0
             pend_x: list[int] = []
             pend_t: list[np.ndarray] = []
             try:
+                t_mark = time.perf_counter()
                 for b, y, row_x, batch, band_end in _prefetch(_read_bands(slide, ys, tissue, tile, ds, norm_fn,
-                                                                          start_band), prefetch):
+                                                                          start_band, timings=tm), prefetch):
+                    tm["wait"] += time.perf_counter() - t_mark
                     # full model batches across runs of the band; the float32 outputs held are one batch
                     pend_x.extend(row_x)
                     pend_t.extend(batch)
                     while len(pend_x) >= batch_size or (band_end and pend_x):
                         xs_b, tiles_b = pend_x[:batch_size], np.stack(pend_t[:batch_size])
                         del pend_x[:batch_size], pend_t[:batch_size]
+                        t0 = time.perf_counter()
                         probs = predict_fn(tiles_b)
+                        t1 = time.perf_counter()
                         for x, p in zip(xs_b, probs):
-                            acc[:, x:x + tile] += p * weights[..., None]
+                            p *= weights[..., None]
+                            acc[:, x:x + tile] += p
                             wsum[:, x:x + tile] += weights
+                        tm["model"] += t1 - t0
+                        tm["blend"] += time.perf_counter() - t1
                         del probs, tiles_b
                         tiles_now += len(xs_b)
                         bar.update(len(xs_b))
                     if not band_end:
+                        t_mark = time.perf_counter()
                         continue
+                    t0 = time.perf_counter()
                     # rows above the next band's top are final
                     y_next = ys[b + 1] if b + 1 < len(ys) else H
                     done = y_next - y
@@ -308,23 +317,29 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                         probs_mm.write(y, _finalize(acc[:done], wsum[:done], bg))
                     _shift_rows(acc, done)
                     _shift_rows(wsum, done)
+                    t1 = time.perf_counter()
+                    tm["write"] += t1 - t0
                     last = b + 1 == len(ys)
                     if last or time.perf_counter() - last_ckpt >= checkpoint_seconds:
                         elapsed = seconds_before + time.perf_counter() - t_loop
                         _save_state(part, fp, probs_mm, acc, wsum, b + 1, tiles_done + tiles_now, elapsed)
                         last_ckpt = time.perf_counter()
+                    tm["checkpoint"] += time.perf_counter() - t1
                     _band_done(b)
+                    t_mark = time.perf_counter()
             finally:
                 bar.close()
         loop_seconds = time.perf_counter() - t_loop
         probs_mm.flush()
         del acc, wsum  # the pyramid writer's buffers take their place, not add to them
+        t_pyr = time.perf_counter()
 
         meta = {"slide": slide.name, "classes": cmap.names, "overlap": overlap, "blend": blend, "tile_size": tile}
         prob_path = out_dir / "probabilities.tiff"
         write_raster(prob_path, probs_mm, kind="probabilities", mpp=model_mpp, downsample=ds, meta=meta,
                      overwrite=True)
         seconds = time.perf_counter() - t_start + seconds_before
+        tm = {"setup": t_loop - t_start, **tm, "loop": loop_seconds, "pyramid": time.perf_counter() - t_pyr}
         result = PredictionResult(
             slide=slide.name, slide_path=str(slide_path), out_dir=str(out_dir), probabilities=str(prob_path),
             width=W, height=H, downsample=ds, mpp=model_mpp, slide_mpp=slide_mpp, tile_size=tile, stride=stride,
@@ -333,7 +348,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             tiles_per_second=round(tiles_now / loop_seconds, 2) if loop_seconds > 0 and tiles_now else 0.0,
             resumed_from_band=start_band, model_file=str(params["model_file"]),
             extra={"slide_mpp_source": slide.mpp_source, "batch_size": batch_size, "runtime": predict_fn.runtime,
-                   "runtime_reason": predict_fn.reason},
+                   "runtime_reason": predict_fn.reason, "seconds_by_part": {k: round(v, 3) for k, v in tm.items()}},
         )
         with disk_full_guard(out_dir / "prediction.json"):
             write_json(asdict(result), out_dir / "prediction.json", overwrite=True)
@@ -418,14 +433,16 @@ def _slide_normalizer(norm_path: Path | None, slide, tissue: list[list[int]], ys
 
 
 def _read_bands(slide, ys: list[int], tissue: list[list[int]], tile: int, ds: float,
-                norm_fn: Callable[[np.ndarray], np.ndarray] | None, start: int,
-                max_span: int = 4096) -> Iterator[tuple[int, int, list[int], np.ndarray, bool]]:
+                norm_fn: Callable[[np.ndarray], np.ndarray] | None, start: int, max_span: int = 4096,
+                timings: dict[str, float] | None = None) -> Iterator[tuple[int, int, list[int], np.ndarray, bool]]:
     """Yield ``(band, y, tile x positions, uint8 tiles, last of band)`` reading runs of tiles as one region.
 
     Each item is one run (at most ``max_span`` px wide), not a whole band, so what the
     prefetch queue holds does not grow with the slide's width; a band without tissue
-    yields one empty item so the consumer still finishes its rows.
+    yields one empty item so the consumer still finishes its rows. Seconds spent reading and
+    normalizing are added to ``timings["read"]`` and ``timings["normalize"]``.
     """
+    tm = timings if timings is not None else {"read": 0.0, "normalize": 0.0}
     for b in range(start, len(ys)):
         y, row = ys[b], tissue[b]
         if not row:
@@ -437,9 +454,13 @@ def _read_bands(slide, ys: list[int], tissue: list[list[int]], tile: int, ds: fl
             while j + 1 < len(row) and row[j + 1] + tile - row[i] <= max_span:
                 j += 1
             x0, span = row[i], row[j] + tile - row[i]
+            t0 = time.perf_counter()
             region = slide.read(round(x0 * ds), round(y * ds), span, tile, ds)
+            t1 = time.perf_counter()
+            tm["read"] += t1 - t0
             if norm_fn is not None:
                 region = np.asarray(norm_fn(np.array(region)), np.uint8)
+                tm["normalize"] += time.perf_counter() - t1
             tiles = np.empty((j + 1 - i, tile, tile, 3), np.uint8)
             for k in range(i, j + 1):
                 tiles[k - i] = region[:, row[k] - x0:row[k] - x0 + tile]

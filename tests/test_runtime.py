@@ -43,22 +43,28 @@ def _tiles(n: int, side: int, seed: int) -> np.ndarray:
     return np.clip(x + rng.integers(-40, 41, x.shape), 0, 255).astype(np.uint8)
 
 
-def test_unet_onnx_export_is_equivalent_to_keras(unet_dir):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_unet_onnx_export_is_equivalent_to_keras(unet_dir, runtime):
     from helpers.model import load_trained
-    from helpers.runtime import ONNX_FILE, ONNX_INFO, keras_predict_fn, make_predictor, sha256_file
+    from helpers.runtime import ONNX_FILE, ONNX_INFO, installed, keras_predict_fn, make_predictor, sha256_file
 
+    if not installed(runtime):
+        pytest.skip(f"{runtime} not installed (pip install the project's pins)")
     model, params = load_trained(unet_dir)
-    pred = make_predictor(model, unet_dir, params["model_file"], runtime="auto", batch_size=4, tile=64)
-    assert pred.runtime == "onnxruntime", pred.reason
+    auto = make_predictor(model, unet_dir, params["model_file"], runtime="auto", batch_size=4, tile=64)
+    assert auto.runtime == "onnxruntime", auto.reason
     record = json.loads((unet_dir / ONNX_INFO).read_text())
-    assert record["onnx_sha256"] == sha256_file(unet_dir / ONNX_FILE) == pred.onnx_sha256
+    assert record["onnx_sha256"] == sha256_file(unet_dir / ONNX_FILE) == auto.onnx_sha256
     assert record["source_sha256"] == sha256_file(unet_dir / "best.keras")
-    assert record["equivalent"] and record["check"]["max_abs_diff"] <= MAX_DIFF
+    check = record["checks"][runtime]
+    assert check["equivalent"] and check["max_abs_diff"] <= MAX_DIFF and check["argmax_agreement"] >= MIN_AGREE
     # fresh inputs the export check never saw, two tile sizes, a batch that is not a multiple of 4
     for side, n in ((64, 6), (128, 3)):
         x = _tiles(n, side, seed=side)
         ref = keras_predict_fn(model, 4, side, 4)(x)
-        got = make_predictor(model, unet_dir, params["model_file"], batch_size=4, tile=side)(x)
+        pred = make_predictor(model, unet_dir, params["model_file"], runtime=runtime, batch_size=4, tile=side)
+        assert pred.runtime == runtime
+        got = pred(x)
         assert got.shape == ref.shape and got.dtype == np.float32
         assert np.abs(got - ref).max() <= MAX_DIFF
         assert (got.argmax(-1) == ref.argmax(-1)).mean() >= MIN_AGREE
@@ -88,7 +94,7 @@ def test_export_is_reused_and_redone_when_the_model_changes(unet_dir, tmp_path, 
         pred = make_predictor(model, d, params["model_file"], tile=64)
     assert pred.runtime == "onnxruntime"
     assert json.loads((d / ONNX_INFO).read_text())["onnx_sha256"] != json.loads(before)["onnx_sha256"]
-    assert any("inference runtime: onnxruntime" in r.message for r in caplog.records)
+    assert any(f"inference runtime: {pred.runtime} (" in r.message for r in caplog.records)
     assert (d / ONNX_FILE).is_file()
 
 
@@ -98,10 +104,10 @@ def test_falls_back_to_keras_when_the_runtime_is_missing(unet_dir, monkeypatch, 
     from helpers.model import load_trained
 
     model, params = load_trained(unet_dir)
-    monkeypatch.setattr(rt, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(rt, "installed", lambda runtime: runtime == "keras")
     with caplog.at_level(logging.INFO, logger="helpers.runtime"):
         pred = rt.make_predictor(model, unet_dir, params["model_file"], tile=64)
-    assert pred.runtime == "keras" and "onnxruntime is not installed" in pred.reason
+    assert pred.runtime == "keras" and "onnxruntime and openvino not installed" in pred.reason
     assert any("inference runtime: keras (fallback" in r.message for r in caplog.records)
     with pytest.raises(ParameterError, match="runtime='onnxruntime' cannot be used"):
         rt.make_predictor(model, unet_dir, params["model_file"], runtime="onnxruntime", tile=64)
@@ -132,7 +138,7 @@ def test_predict_slide_labels_are_the_same_through_both_runtimes(setup, unet_dir
     kw = dict(overlap=4, blend="gaussian", batch_size=4, progress=False, normalizer=None)
     a = predict_slide(d / "slide.tiff", unet_dir, tmp_path / "keras", runtime="keras", **kw)
     b = predict_slide(d / "slide.tiff", unet_dir, tmp_path / "ort", runtime="auto", **kw)
-    assert (a.extra["runtime"], b.extra["runtime"]) == ("keras", "onnxruntime")
+    assert a.extra["runtime"] == "keras" and b.extra["runtime"] == "onnxruntime"
     pa, pb = read_probabilities(tmp_path / "keras"), read_probabilities(tmp_path / "ort")
     assert pa.shape == pb.shape
     assert np.abs(pa - pb).max() <= 1.5 / 255  # uint8 storage: at most one step of rounding apart
