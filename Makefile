@@ -31,8 +31,9 @@ test: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
+# make bench: every benchmark, then the targets (P1, P3, P7, variants) met / not met -> benchmarks/results/bench.csv
 bench: $(STAMP)
-	$(PY) -m benchmarks.run_all
+	WORKDIR=$(WORKDIR) $(PY) -m benchmarks.run_all
 
 # make batch SLIDES=path/to/slides [MPP=0.5] [WORKDIR=runs/demo]: 07_infer_slide on every slide
 batch: $(STAMP)
