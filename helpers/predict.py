@@ -38,6 +38,7 @@ from helpers.io import atomic_path, make_dir, read_json, resumable_or_nothing, w
 from helpers.model import SIZE_MULTIPLE, background_index, check_class_map, load_model_and_classes, preprocess
 from helpers.rowstore import RowStore, disk_full_guard, write_raster
 from helpers.steps import DONE, guard_output
+from helpers.strips import read_bands
 from helpers.tissue import slide_tissue_mask
 
 log = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             pend_t: list[np.ndarray] = []
             try:
                 t_mark = time.perf_counter()
-                for b, y, row_x, batch, band_end in _prefetch(_read_bands(slide, ys, tissue, tile, ds, norm_fn,
+                for b, y, row_x, batch, band_end in _prefetch(read_bands(slide, ys, tissue, tile, ds, norm_fn,
                                                                           start_band, timings=tm), prefetch):
                     tm["wait"] += time.perf_counter() - t_mark
                     # full model batches across runs of the band; the float32 outputs held are one batch
@@ -430,43 +431,6 @@ def _slide_normalizer(norm_path: Path | None, slide, tissue: list[list[int]], ys
     pick = np.linspace(0, len(cells) - 1, num=min(8, len(cells))).round().astype(int)
     samples = [np.array(slide.read(round(cells[i][1] * ds), round(cells[i][0] * ds), tile, tile, ds)) for i in pick]
     return load_normalizer(norm_path).for_slide(samples)
-
-
-def _read_bands(slide, ys: list[int], tissue: list[list[int]], tile: int, ds: float,
-                norm_fn: Callable[[np.ndarray], np.ndarray] | None, start: int, max_span: int = 4096,
-                timings: dict[str, float] | None = None) -> Iterator[tuple[int, int, list[int], np.ndarray, bool]]:
-    """Yield ``(band, y, tile x positions, uint8 tiles, last of band)`` reading runs of tiles as one region.
-
-    Each item is one run (at most ``max_span`` px wide), not a whole band, so what the
-    prefetch queue holds does not grow with the slide's width; a band without tissue
-    yields one empty item so the consumer still finishes its rows. Seconds spent reading and
-    normalizing are added to ``timings["read"]`` and ``timings["normalize"]``.
-    """
-    tm = timings if timings is not None else {"read": 0.0, "normalize": 0.0}
-    for b in range(start, len(ys)):
-        y, row = ys[b], tissue[b]
-        if not row:
-            yield b, y, [], np.empty((0, tile, tile, 3), np.uint8), True
-            continue
-        i = 0
-        while i < len(row):
-            j = i
-            while j + 1 < len(row) and row[j + 1] + tile - row[i] <= max_span:
-                j += 1
-            x0, span = row[i], row[j] + tile - row[i]
-            t0 = time.perf_counter()
-            region = slide.read(round(x0 * ds), round(y * ds), span, tile, ds)
-            t1 = time.perf_counter()
-            tm["read"] += t1 - t0
-            if norm_fn is not None:
-                region = np.asarray(norm_fn(np.array(region)), np.uint8)
-                tm["normalize"] += time.perf_counter() - t1
-            tiles = np.empty((j + 1 - i, tile, tile, 3), np.uint8)
-            for k in range(i, j + 1):
-                tiles[k - i] = region[:, row[k] - x0:row[k] - x0 + tile]
-            del region
-            yield b, y, row[i:j + 1], tiles, j + 1 == len(row)
-            i = j + 1
 
 
 def _prefetch(it: Iterator, depth: int) -> Iterator:
