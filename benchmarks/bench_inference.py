@@ -1,11 +1,13 @@
-"""Slide inference end to end versus the model's forward pass alone, on the same tiles.
+"""Slide inference end to end versus the model's forward pass alone, per overlap, and the CPU runtimes compared.
 
-Target: end-to-end throughput (reading, stain normalization, blending, post-processing
-and export included) at least 85% of model-only throughput.
+Targets (issue 17): P1 end-to-end throughput (reading, stain normalization, blending,
+post-processing and export included) at least 85% of model-only throughput at overlap 1,
+4 and 16; P7 model-only tiles/s of the runtime in use within 10% of the fastest runtime
+measured in the same run.
 
 Usage::
 
-    python -m benchmarks.bench_inference [--size 4096] [--overlap 16] [--tile 256] [--batch 8]
+    python -m benchmarks.bench_inference [--sizes 4096 16384] [--overlaps 1 4 16] [--runtime auto]
 
 Set-up (documented choices):
 
@@ -17,15 +19,19 @@ Set-up (documented choices):
   depend on the weights), trained resolution 1 um/px, tile 256, saved as a model folder
   with ``training_params.yaml`` like 05 writes, and a Macenko normalizer fitted to a
   real tile, so inference normalizes every tile as in the real pipeline.
-* **End to end** = :func:`helpers.predict.predict_slide` + :func:`helpers.export.export_prediction`
-  (labels TIFF, QuPath GeoJSON, overlay, summary), model loading included.
-  **Model only** = the same number of tiles, already in memory, through
-  ``model(preprocess(x))`` in batches of the same size (one warm-up batch excluded).
-* Throughput is measured in wall-clock seconds (the target, as stated) and in process
-  CPU seconds (all threads). Wall clock is only trustworthy on a quiet machine: when the
-  load average exceeds the cores, ``wall_reliable`` is False and the CPU-time ratio
-  (a stricter measure: the reading thread's work counts even when it overlaps the
-  model) is the better guide.
+* **Runtimes** (P7): Keras, ONNX Runtime, OpenVINO float32 and OpenVINO bfloat16 (its CPU
+  default on bf16-capable CPUs; reported, not equivalent) on the same batch of 8 tiles,
+  in interleaved rounds (median), so each gets the same share of a shared machine.
+* **End to end** (P1) = :func:`helpers.predict.predict_slide` + :func:`helpers.export.export_prediction`
+  (labels TIFF, QuPath GeoJSON, overlay, summary), model loading included, with the
+  runtime ``auto`` picks. **Model only** = the same number of tiles, already in memory,
+  through the same runtime in batches of the same size (one warm-up batch excluded).
+  ``seconds_by_part`` is predict_slide's breakdown (setup = model load, runtime, tissue
+  mask, normalizer; read and normalize run in the reading thread, overlapped with the
+  model; wait = the model loop waiting for tiles; blend; write = finished rows to disk;
+  pyramid = probabilities.tiff) plus the export.
+* Wall clock is only trustworthy on a quiet machine: when the load average exceeds the
+  cores, ``wall_reliable`` is False; ``ratio_cpu`` (tiles per process-CPU second) is given too.
 """
 
 from __future__ import annotations
