@@ -194,6 +194,10 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
     if overlap not in OVERLAP_STRIDE:
         raise ParameterError(f"overlap must be 1, 4 or 16; got {overlap}")
     weights = blend_weights(8, blend)  # validates blend early
+    from helpers.runtime import RUNTIMES
+
+    if runtime not in RUNTIMES:
+        raise ParameterError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
     if batch_size < 1:
         raise ParameterError(f"batch_size must be >= 1; got {batch_size}")
     _check_out_dir(out_dir, overwrite)
@@ -214,10 +218,6 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
     weights = blend_weights(tile, blend)
     model_mpp = float(params["mpp"])
     norm_path = resolve_normalizer(normalizer, model_dir, params)
-    from helpers.runtime import make_predictor
-
-    predict_fn = make_predictor(model, model_dir, params["model_file"], runtime=runtime, batch_size=batch_size,
-                                tile=tile, n_cls=n_cls)
 
     slide = open_slide(slide_path, mpp=mpp)
     probs_mm: RowStore | None = None
@@ -250,6 +250,10 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                  slide.name, W, H, model_mpp, ds, n_tissue, n_grid, tile, stride)
 
         norm_fn = _slide_normalizer(norm_path, slide, tissue, ys, tile, ds)
+        from helpers.runtime import make_predictor  # after the input checks: a refused run writes nothing
+
+        predict_fn = make_predictor(model, model_dir, params["model_file"], runtime=runtime, batch_size=batch_size,
+                                    tile=tile, n_cls=n_cls)
 
         # ---- resumable state
         fp = _fingerprint(slide=_file_id(slide_path), model=_file_id(Path(params["model_file"])), ds=ds, tile=tile,
