@@ -71,23 +71,23 @@ def test_unet_onnx_export_is_equivalent_to_keras(unet_dir, runtime):
         assert np.allclose(got.sum(-1), 1.0, atol=1e-4)
 
 
-def test_export_is_reused_and_redone_when_the_model_changes(unet_dir, tmp_path, caplog):
-    import shutil
+def test_export_is_reused_and_redone_when_the_model_changes(class_map_, tmp_path, caplog):
+    from slide_fixtures import make_colour_model
 
-    import keras
-
-    from helpers.model import build_model, load_trained
+    from helpers.model import load_trained
     from helpers.runtime import ONNX_FILE, ONNX_INFO, current_export, make_predictor
 
-    d = tmp_path / "model"
-    shutil.copytree(unet_dir, d)
+    d = make_colour_model(tmp_path / "model", class_map_)  # a small model: two exports stay cheap
     model, params = load_trained(d)
-    assert current_export(d, params["model_file"]) is not None  # copied with its current export
+    assert current_export(d, params["model_file"]) is None
+    make_predictor(model, d, params["model_file"], tile=64)
+    assert current_export(d, params["model_file"]) is not None
     before = (d / ONNX_INFO).read_text()
     make_predictor(model, d, params["model_file"], tile=64)
     assert (d / ONNX_INFO).read_text() == before  # not exported again
-    keras.utils.set_random_seed(7)
-    build_model(4, encoder_weights=None).save(d / "best.keras")  # retrained: the export is stale
+    w, b = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([w * 0.5, b])
+    model.save(d / "best.keras")  # retrained: the export is stale
     assert current_export(d, d / "best.keras") is None
     model, params = load_trained(d)
     with caplog.at_level(logging.INFO, logger="helpers.runtime"):
@@ -115,15 +115,13 @@ def test_falls_back_to_keras_when_the_runtime_is_missing(unet_dir, monkeypatch, 
         rt.make_predictor(model, unet_dir, params["model_file"], runtime="tflite", tile=64)
 
 
-def test_a_non_equivalent_export_is_refused(unet_dir, tmp_path, monkeypatch):
-    import shutil
+def test_a_non_equivalent_export_is_refused(class_map_, tmp_path, monkeypatch):
+    from slide_fixtures import make_colour_model
 
     import helpers.runtime as rt
     from helpers.model import load_trained
 
-    d = tmp_path / "model"
-    shutil.copytree(unet_dir, d)
-    (d / rt.ONNX_INFO).unlink()
+    d = make_colour_model(tmp_path / "model", class_map_)
     monkeypatch.setattr(rt, "compare", lambda a, b: {"max_abs_diff": 0.3, "argmax_agreement": 0.9})
     model, params = load_trained(d)
     pred = rt.make_predictor(model, d, params["model_file"], tile=64)
