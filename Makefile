@@ -34,8 +34,9 @@ lab: $(STAMP)
 	@echo "Open 03_refine_labels.ipynb and Run All: it reuses $(WORKDIR) and shows the label browser."
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --LabApp.default_url=/lab/tree/03_refine_labels.ipynb
 
+# make bench: every benchmark, then the targets (P1, P3, P7, variants) met / not met -> benchmarks/results/bench.csv
 bench: $(STAMP)
-	$(PY) -m benchmarks.run_all
+	WORKDIR=$(WORKDIR) $(PY) -m benchmarks.run_all
 
 # make bench-real [DATA=folder]: issue 11's real-data benchmark (chain 01-07 per source, held-out IoU);
 # DATA holds one sub-folder of image + mask pairs per source, each described by a YAML

@@ -1,11 +1,13 @@
-"""Slide inference end to end versus the model's forward pass alone, on the same tiles.
+"""Slide inference end to end versus the model's forward pass alone, per overlap, and the CPU runtimes compared.
 
-Target: end-to-end throughput (reading, stain normalization, blending, post-processing
-and export included) at least 85% of model-only throughput.
+Targets (issue 17): P1 end-to-end throughput (reading, stain normalization, blending,
+post-processing and export included) at least 85% of model-only throughput at overlap 1,
+4 and 16; P7 model-only tiles/s of the runtime in use within 10% of the fastest runtime
+measured in the same run.
 
 Usage::
 
-    python -m benchmarks.bench_inference [--size 4096] [--overlap 16] [--tile 256] [--batch 8]
+    python -m benchmarks.bench_inference [--sizes 4096 16384] [--overlaps 1 4 16] [--runtime auto]
 
 Set-up (documented choices):
 
@@ -17,15 +19,19 @@ Set-up (documented choices):
   depend on the weights), trained resolution 1 um/px, tile 256, saved as a model folder
   with ``training_params.yaml`` like 05 writes, and a Macenko normalizer fitted to a
   real tile, so inference normalizes every tile as in the real pipeline.
-* **End to end** = :func:`helpers.predict.predict_slide` + :func:`helpers.export.export_prediction`
-  (labels TIFF, QuPath GeoJSON, overlay, summary), model loading included.
-  **Model only** = the same number of tiles, already in memory, through
-  ``model(preprocess(x))`` in batches of the same size (one warm-up batch excluded).
-* Throughput is measured in wall-clock seconds (the target, as stated) and in process
-  CPU seconds (all threads). Wall clock is only trustworthy on a quiet machine: when the
-  load average exceeds the cores, ``wall_reliable`` is False and the CPU-time ratio
-  (a stricter measure: the reading thread's work counts even when it overlaps the
-  model) is the better guide.
+* **Runtimes** (P7): Keras, ONNX Runtime, OpenVINO float32 and OpenVINO bfloat16 (its CPU
+  default on bf16-capable CPUs; reported, not equivalent) on the same batch of 8 tiles,
+  in interleaved rounds (median), so each gets the same share of a shared machine.
+* **End to end** (P1) = :func:`helpers.predict.predict_slide` + :func:`helpers.export.export_prediction`
+  (labels TIFF, QuPath GeoJSON, overlay, summary), model loading included, with the
+  runtime ``auto`` picks. **Model only** = the same number of tiles, already in memory,
+  through the same runtime in batches of the same size (one warm-up batch excluded).
+  ``seconds_by_part`` is predict_slide's breakdown (setup = model load, runtime, tissue
+  mask, normalizer; read and normalize run in the reading thread, overlapped with the
+  model; wait = the model loop waiting for tiles; blend; write = finished rows to disk;
+  pyramid = probabilities.tiff) plus the export.
+* Wall clock is only trustworthy on a quiet machine: when the load average exceeds the
+  cores, ``wall_reliable`` is False; ``ratio_cpu`` (tiles per process-CPU second) is given too.
 """
 
 from __future__ import annotations
@@ -142,25 +148,67 @@ def make_model_dir(workdir: Path, kind: str = "unet", tile: int = 256, mpp: floa
 
 
 # ----------------------------------------------------------------------------- measurement
-def model_only(model_dir: Path, n_tiles: int, tile: int, batch: int, tiles: np.ndarray) -> tuple[float, float]:
-    """``(tiles per wall second, tiles per CPU second)`` of ``model(preprocess(x))`` alone on ``n_tiles`` in-memory tiles."""
-    import tensorflow as tf
+def runtime_predictors(model_dir: Path, tile: int, batch: int) -> dict:
+    """Every runtime this machine has for the model folder: ``{name: (predict, equivalent)}``.
 
-    from helpers.model import load_trained, preprocess
+    ``openvino-bf16`` (OpenVINO's own CPU default on bf16-capable CPUs) is measured for
+    reference only: it is not equivalent to Keras (see :mod:`helpers.runtime`).
+    """
+    from helpers.model import load_trained
+    from helpers.runtime import (ONNX_FILE, current_export, export_onnx, installed, keras_predict_fn,
+                                 openvino_predict_fn, ort_predict_fn)
 
-    model, _ = load_trained(model_dir)
+    model, params = load_trained(model_dir)
+    n_cls = int(model.output_shape[-1])
+    record = current_export(model_dir, params["model_file"]) or export_onnx(model, params["model_file"], model_dir,
+                                                                             tile=tile, overwrite=True)
+    checks = record.get("checks", {})
+    onnx = model_dir / ONNX_FILE
+    out = {"keras": (keras_predict_fn(model, batch, tile, n_cls), True)}
+    if installed("onnxruntime"):
+        out["onnxruntime"] = (ort_predict_fn(onnx, batch, tile, n_cls), bool(checks.get("onnxruntime", {}).get("equivalent")))
+    if installed("openvino"):
+        out["openvino"] = (openvino_predict_fn(onnx, batch, tile, n_cls), bool(checks.get("openvino", {}).get("equivalent")))
+        bf16 = openvino_predict_fn(onnx, batch, tile, n_cls, precision="bf16")
+        out["openvino-bf16"] = (bf16, False)
+    return out
 
-    @tf.function(input_signature=[tf.TensorSpec((batch, tile, tile, 3), tf.uint8)])
-    def run(x):
-        return model(preprocess(x), training=False)
 
-    pool = tf.constant(tiles[:batch])
-    run(pool).numpy()  # warm-up: tracing and first-call allocation, excluded as for a long slide run
+def compare_runtimes(model_dir: Path, tiles: np.ndarray, tile: int, batch: int, rounds: int = 5,
+                     calls: int = 2) -> dict[str, dict]:
+    """Model-only tiles/s of every runtime, measured in interleaved rounds (median), on the same batch.
+
+    Interleaving gives every runtime the same share of a shared machine's load.
+    """
+    preds = runtime_predictors(model_dir, tile, batch)
+    x = np.ascontiguousarray(np.resize(tiles, (batch,) + tiles.shape[1:]))
+    ref = preds["keras"][0](x)
+    rates: dict[str, list[float]] = {k: [] for k in preds}
+    for fn, _ in preds.values():
+        fn(x)  # warm-up
+    for _ in range(rounds):
+        for name, (fn, _) in preds.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(x)
+            rates[name].append(calls * batch / (time.perf_counter() - t0))
+    out = {}
+    for name, (fn, equivalent) in preds.items():
+        got = fn(x)
+        out[name] = {"tiles_per_s": round(float(np.median(rates[name])), 2), "equivalent": equivalent,
+                     "max_abs_diff": float(np.abs(got - ref).max()),
+                     "argmax_agreement": round(float((got.argmax(-1) == ref.argmax(-1)).mean()), 6)}
+    return out
+
+
+def model_only(predict, n_tiles: int, batch: int, tiles: np.ndarray) -> tuple[float, float]:
+    """``(tiles per wall second, tiles per CPU second)`` of the runtime alone on ``n_tiles`` in-memory tiles."""
+    x = np.ascontiguousarray(np.resize(tiles, (batch,) + tiles.shape[1:]))
+    predict(x)  # warm-up: first-call allocation, excluded as for a long slide run
     n_batches = max(1, int(np.ceil(n_tiles / batch)))
-    batches = [tf.constant(np.roll(tiles, i, axis=0)[:batch]) for i in range(min(n_batches, 4))]
     t0, c0 = time.perf_counter(), time.process_time()
-    for i in range(n_batches):
-        run(batches[i % len(batches)]).numpy()
+    for _ in range(n_batches):
+        predict(x)
     n = n_batches * batch
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
@@ -179,78 +227,111 @@ def sample_tiles(slide_path: Path, tile: int, ds: float, n: int = 16) -> np.ndar
     return np.stack(out)
 
 
-def run(size: int = 4096, overlap: int = 16, tile: int = 256, batch: int = 8, workdir: Path | None = None,
-        keep: bool = False, normalizer: bool = True) -> dict:
-    """Build the fixtures, run both measurements, print and return the figures."""
+def one_case(tmp: Path, size: int, overlap: int, tile: int, batch: int, normalizer: bool, runtime: str,
+             mach: dict) -> dict:
+    """predict_slide + export_prediction on one slide at one overlap, then model-only on as many tiles."""
     from helpers.export import export_prediction
+    from helpers.model import load_trained
     from helpers.predict import predict_slide
+    from helpers.runtime import make_predictor
 
+    slide = make_slide(tmp / "slides" / f"mosaic{size}.tiff", size)
+    model_dir = make_model_dir(tmp, "unet", tile=tile)
+    out_dir = tmp / "predictions" / f"{slide.stem}_o{overlap}"
+    load0 = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = predict_slide(slide, model_dir, out_dir, overlap=overlap, blend="gaussian", batch_size=batch,
+                        normalizer="auto" if normalizer else None, overwrite=True, progress=False, runtime=runtime)
+    t_pred = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    export_prediction(out_dir, overwrite=True)
+    t_export = time.perf_counter() - t0
+    e2e_s, e2e_cpu = t_pred + t_export, time.process_time() - c0
+    n = int(res.tiles_tissue)
+    model, params = load_trained(model_dir)
+    pred = make_predictor(model, model_dir, params["model_file"], runtime=runtime, batch_size=batch, tile=tile)
+    mo, mo_c = model_only(pred, n, batch, sample_tiles(slide, tile, res.downsample))
+    load1 = os.getloadavg()[0]
+    parts = dict(res.extra.get("seconds_by_part", {}))
+    parts["export"] = round(t_export, 3)
+    ratio = (n / e2e_s) / mo
+    fig = {"slide": size, "overlap": overlap, "runtime": res.extra.get("runtime"), "tiles": n,
+           "end_to_end_tiles_per_s": round(n / e2e_s, 2), "model_only_tiles_per_s": round(mo, 2),
+           "ratio_wall": round(ratio, 3), "ratio_cpu": round((n / e2e_cpu) / mo_c, 3),
+           "loop_ratio": round(float(res.tiles_per_second) / mo, 3), "seconds_by_part": parts,
+           "load": f"{load0:.1f}->{load1:.1f}", "wall_reliable": bool(max(load0, load1) <= mach["cores"] + 1)}
+    print(f"slide {size}^2 overlap {overlap:>2} [{fig['runtime']}]: {n} tiles, end-to-end {n / e2e_s:.2f} vs model-only "
+          f"{mo:.2f} tiles/s = {100 * ratio:.1f}% (CPU-time {100 * fig['ratio_cpu']:.1f}%), load {fig['load']}; "
+          f"seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+    return fig
+
+
+def run(sizes: tuple[int, ...] = (4096,), overlaps: tuple[int, ...] = (1, 4, 16), tile: int = 256, batch: int = 8,
+        workdir: Path | None = None, normalizer: bool = True, runtime: str = "auto") -> dict:
+    """Build the fixtures, compare the runtimes, run every (size, overlap); print and return figures and targets."""
     mach = machine()
     tmp = Path(workdir or tempfile.mkdtemp(prefix="bench_inference_"))
     try:
-        t0 = time.perf_counter()
-        slide = make_slide(tmp / "slides" / f"mosaic{size}.tiff", size)
         model_dir = make_model_dir(tmp, "unet", tile=tile)
-        setup_s = time.perf_counter() - t0
-        out_dir = tmp / "predictions" / slide.stem
+        slide = make_slide(tmp / "slides" / f"mosaic{min(sizes)}.tiff", min(sizes))
         load0 = os.getloadavg()[0]
-        t0, c0 = time.perf_counter(), time.process_time()
-        res = predict_slide(slide, model_dir, out_dir, overlap=overlap, blend="gaussian", batch_size=batch,
-                            normalizer="auto" if normalizer else None, overwrite=True, progress=False)
-        t_pred = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        export_prediction(out_dir, overwrite=True)
-        t_export = time.perf_counter() - t0
-        e2e_s = t_pred + t_export
-        e2e_cpu = time.process_time() - c0
-        n = int(res.tiles_tissue)
-        e2e, e2e_c = n / e2e_s, n / e2e_cpu
-        mo, mo_c = model_only(model_dir, n, tile, batch, sample_tiles(slide, tile, res.downsample))
+        rts = compare_runtimes(model_dir, sample_tiles(slide, tile, 2.0), tile, batch)
         load1 = os.getloadavg()[0]
-        ratio, ratio_cpu = e2e / mo, e2e_c / mo_c
-        figures = {
-            "slide_px": f"{size}x{size} @0.5um/px", "raster_px": f"{res.width}x{res.height}",
-            "overlap": overlap, "tile": tile, "batch": batch, "tiles": n, "stain_normalization": normalizer,
-            "end_to_end_tiles_per_s": round(e2e, 2), "model_only_tiles_per_s": round(mo, 2),
-            "ratio_wall": round(ratio, 3), "end_to_end_tiles_per_cpu_s": round(e2e_c, 2),
-            "model_only_tiles_per_cpu_s": round(mo_c, 2), "ratio_cpu": round(ratio_cpu, 3),
-            "target_ratio": TARGET_RATIO, "target_met": bool(ratio >= TARGET_RATIO),
-            "target_met_cpu": bool(ratio_cpu >= TARGET_RATIO),
-            "wall_reliable": bool(max(load0, load1) <= mach["cores"] + 1),
-            "load_avg_1min": f"{load0:.1f} -> {load1:.1f}",
-            "predict_s": round(t_pred, 1), "export_s": round(t_export, 1),
-            "predict_loop_tiles_per_s": float(res.tiles_per_second),
-            "predict_loop_ratio": round(float(res.tiles_per_second) / mo, 3), "setup_s": round(setup_s, 1),
-            "cores": mach["cores"], "cpu": mach["cpu"],
-        }
-        print(json.dumps(figures, indent=1))
-        print(f"tile loop alone (reading, normalization, blending; no model loading or export): "
-              f"{res.tiles_per_second:.2f} tiles/s = {100 * res.tiles_per_second / mo:.1f}% of model-only")
-        verdict = "MET" if ratio >= TARGET_RATIO else "NOT MET"
-        print(f"end-to-end {e2e:.2f} tiles/s vs model-only {mo:.2f} tiles/s (wall clock): {100 * ratio:.1f}% "
-              f"(target >= {100 * TARGET_RATIO:.0f}%: {verdict}; load {load0:.1f} -> {load1:.1f} on "
-              f"{mach['cores']} cores{'' if figures['wall_reliable'] else ': NOT reliable, other processes share the cores'})")
-        print(f"end-to-end {e2e_c:.2f} vs model-only {mo_c:.2f} tiles per CPU second: {100 * ratio_cpu:.1f}%")
-        return figures
+        for name, r in rts.items():
+            print(f"model only, {name:<14} {r['tiles_per_s']:6.2f} tiles/s  max |diff| vs keras {r['max_abs_diff']:.2g}"
+                  f"  argmax agreement {r['argmax_agreement']:.5f}{'' if r['equivalent'] else '  (NOT equivalent)'}")
+        from helpers.model import load_trained
+        from helpers.runtime import make_predictor
+
+        m, p = load_trained(model_dir)
+        in_use = make_predictor(m, model_dir, p["model_file"], runtime=runtime, batch_size=batch, tile=tile).runtime
+        eq = {k: v["tiles_per_s"] for k, v in rts.items() if v["equivalent"]}
+        fastest_eq = max(eq, key=eq.get)
+        fastest = max(rts, key=lambda k: rts[k]["tiles_per_s"])
+        p7 = rts[in_use]["tiles_per_s"] / rts[fastest_eq]["tiles_per_s"]
+        load = f"{load0:.1f}->{load1:.1f}"
+        targets = [{"target": "P7", "case": f"runtime in use ({in_use}) vs fastest equivalent ({fastest_eq})",
+                    "value": round(p7, 3), "threshold": ">= 0.90", "met": bool(p7 >= 0.9), "load": load},
+                   {"target": "P7", "case": f"runtime in use ({in_use}) vs fastest measured ({fastest})",
+                    "value": round(rts[in_use]["tiles_per_s"] / rts[fastest]["tiles_per_s"], 3), "threshold": ">= 0.90",
+                    "met": bool(rts[in_use]["tiles_per_s"] >= 0.9 * rts[fastest]["tiles_per_s"]), "load": load,
+                    "note": "" if rts[fastest]["equivalent"] else f"{fastest} is not equivalent to Keras"},
+                   {"target": "P7", "case": f"speed-up of {in_use} over keras",
+                    "value": round(rts[in_use]["tiles_per_s"] / rts["keras"]["tiles_per_s"], 2), "threshold": "info",
+                    "met": None, "load": load}]
+        cases = []
+        for size in sizes:
+            for overlap in overlaps:
+                f = one_case(tmp, size, overlap, tile, batch, normalizer, runtime, mach)
+                cases.append(f)
+                targets.append({"target": "P1", "case": f"{size}^2 overlap {overlap} ({f['runtime']})",
+                                "value": f["ratio_wall"], "threshold": f">= {TARGET_RATIO}",
+                                "met": bool(f["ratio_wall"] >= TARGET_RATIO), "load": f["load"],
+                                "note": f"CPU-time ratio {f['ratio_cpu']}" + ("" if f["wall_reliable"] else
+                                                                             "; wall clock unreliable (load > cores)")})
+        return {"runtimes": rts, "cases": cases, "targets": targets, "cores": mach["cores"], "cpu": mach["cpu"]}
     finally:
-        if not keep and workdir is None:
+        if workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point (``make bench`` calls it without arguments)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=4096, help="slide side in level-0 px (0.5 um/px)")
-    ap.add_argument("--overlap", type=int, default=16, choices=(1, 4, 16))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[4096], help="slide sides in level-0 px (0.5 um/px)")
+    ap.add_argument("--overlaps", type=int, nargs="+", default=[1, 4, 16], choices=(1, 4, 16))
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--runtime", default="auto", help="auto, onnxruntime, openvino or keras")
     ap.add_argument("--workdir", default=None, help="keep fixtures and outputs here (default: a temporary folder)")
     ap.add_argument("--no-normalizer", action="store_true", help="skip stain normalization (to see its share)")
     args = ap.parse_args(argv if argv is not None else ([] if __name__ != "__main__" else None))
     os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
     logging.basicConfig(level=logging.WARNING)
-    return run(args.size, args.overlap, args.tile, args.batch, Path(args.workdir) if args.workdir else None,
-               normalizer=not args.no_normalizer)
+    res = run(tuple(args.sizes), tuple(args.overlaps), args.tile, args.batch,
+              Path(args.workdir) if args.workdir else None, normalizer=not args.no_normalizer, runtime=args.runtime)
+    print(json.dumps(res["targets"], indent=1))
+    return res
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ Post-processing variants can be tried without predicting again.
 
 Memory: the probability TIFF is read in bands of rows (:class:`helpers.rasters.RasterRows`),
 labels go to row files on disk (:class:`helpers.rowstore.RowStore`) and GeoJSON regions are
-traced band by band, joined across seams. Exceptions: hole filling and small-object
-removal label connected components of the whole uint8 label image (1/C of the
-probabilities) in memory.
+traced band by band, joined across seams; hole filling and small-object removal find
+connected components band by band too (:mod:`helpers.components`). What still grows
+with the slide: the GeoJSON's largest region, held whole to be one QuPath feature.
 """
 
 from __future__ import annotations
@@ -94,16 +94,20 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
     H, W = probs.shape[:2]
     with disk_full_guard(pred_dir), tempfile.TemporaryDirectory(prefix=".export.", dir=pred_dir) as scratch_dir:
         out_store = RowStore(Path(scratch_dir) / "labels.npy", (H, W), np.uint8, create=True)
+        areas = bool(fill_holes_um2 or min_area_um2)  # area filters work band by band between row stores
         tmp_store = RowStore(Path(scratch_dir) / "smoothed.npy", (H, W), np.uint8, create=True) \
-            if (opening_px or closing_px) else None
+            if (opening_px or closing_px or areas) else None
+        extra_store = RowStore(Path(scratch_dir) / "areas.npy", (H, W), np.uint8, create=True) if areas else None
         try:
             labels, _ = pp.postprocess_labels(probs, mpp=info["mpp"], smoothing=smoothing,
                                               smoothing_size=smoothing_size, opening_px=opening_px,
                                               closing_px=closing_px, fill_holes_um2=fill_holes_um2,
                                               min_area_um2=min_area_um2, background_label=background_index(cmap) + 1,
-                                              band_rows=EXPORT_BAND_ROWS, out=out_store, scratch=tmp_store)
-            if tmp_store is not None:
-                tmp_store.close()
+                                              band_rows=EXPORT_BAND_ROWS, out=out_store, scratch=tmp_store,
+                                              extra=extra_store)
+            for st in (tmp_store, extra_store):
+                if st is not None:
+                    st.close()
             meta = {"slide": slide_name, "classes": cmap.names}
             write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta, overwrite=True)
             features = iter_label_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
@@ -114,8 +118,9 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
             summary = summarize(labels, cmap, mpp)
         finally:
             out_store.close()
-            if tmp_store is not None:
-                tmp_store.close()
+            for st in (tmp_store, extra_store):
+                if st is not None:
+                    st.close()
 
     from helpers.rasters import read_raster
 

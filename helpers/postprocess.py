@@ -100,7 +100,7 @@ def _disk(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
-def fill_from_nearest(labels: np.ndarray, fallback: int, band_rows: int = 512, halo: int = 128) -> np.ndarray:
+def fill_from_nearest(labels: np.ndarray, fallback: int, band_rows: int = 512, halo: int = 128, out=None) -> np.ndarray:
     """Give unassigned (0) pixels the label of the nearest assigned pixel.
 
     Works in bands of ``band_rows`` rows with ``halo`` rows of context either side, so its
@@ -108,14 +108,17 @@ def fill_from_nearest(labels: np.ndarray, fallback: int, band_rows: int = 512, h
     transform wherever the nearest assigned pixel is closer than ``halo`` rows (always on
     images up to ``band_rows`` rows; ties between equidistant pixels may resolve
     differently); a band whose window holds no assigned pixel gets ``fallback``.
+    ``out``: an optional row-sliceable destination other than ``labels`` (every row is written).
     """
     from scipy import ndimage
 
     h = labels.shape[0]
-    out = None
+    given = out is not None
     for y in range(0, h, band_rows):
         y1 = min(h, y + band_rows)
         if not (labels[y:y1] == 0).any():
+            if given:
+                out[y:y1] = np.asarray(labels[y:y1])
             continue
         if out is None:
             out = np.array(labels, copy=True)
@@ -123,8 +126,9 @@ def fill_from_nearest(labels: np.ndarray, fallback: int, band_rows: int = 512, h
         win = np.asarray(labels[w0:w1])
         free = win == 0
         if free.all():
-            band = out[y:y1]
+            band = np.array(labels[y:y1])
             band[band == 0] = fallback
+            out[y:y1] = band
             continue
         iy, ix = ndimage.distance_transform_edt(free, return_distances=False, return_indices=True)
         out[y:y1] = win[iy[y - w0:y1 - w0], ix[y - w0:y1 - w0]]
@@ -186,6 +190,62 @@ def remove_small_objects(labels: np.ndarray, min_px: int, background_label: int 
     return fill_from_nearest(out, background_label)
 
 
+def _classes(labels, background_label: int, band_rows: int) -> list[int]:
+    """Tissue labels present in a row-sliceable label image (read band by band)."""
+    found: set[int] = set()
+    for y in range(0, labels.shape[0], band_rows):
+        found.update(int(v) for v in np.unique(np.asarray(labels[y:y + band_rows])))
+    return sorted(found - {0, background_label})
+
+
+def _copy_rows(src, dst, band_rows: int) -> None:
+    for y in range(0, src.shape[0], band_rows):
+        dst[y:y + band_rows] = np.asarray(src[y:y + band_rows])
+
+
+def fill_small_holes_banded(src, dst, max_hole_px: int, background_label: int = 1, band_rows: int = 512) -> int:
+    """:func:`fill_small_holes` from ``src`` into ``dst`` (both row-sliceable), band by band; returns pixels filled.
+
+    A hole's area is global (:func:`helpers.components.band_components`); no whole-image array is made.
+    """
+    from helpers.components import band_components
+
+    _copy_rows(src, dst, band_rows)
+    n = 0
+    for c in _classes(src, background_label, band_rows):
+        for y0, mask, area, _ in band_components(src, lambda a, c=c: a != c, band_rows):
+            fill = mask & (area <= max_hole_px)
+            if fill.any():
+                band = np.array(dst[y0:y0 + len(mask)])
+                n += int((band[fill] != c).sum())
+                band[fill] = c
+                dst[y0:y0 + len(mask)] = band
+    return n
+
+
+def remove_small_objects_banded(src, dst, scratch, min_px: int, background_label: int = 1,
+                                band_rows: int = 512) -> int:
+    """:func:`remove_small_objects` from ``src`` into ``dst`` band by band (``scratch``: a third row store).
+
+    Small regions are cleared into ``scratch``, then refilled from their neighbours into
+    ``dst`` (:func:`fill_from_nearest`); returns the pixels cleared.
+    """
+    from helpers.components import band_components
+
+    _copy_rows(src, scratch, band_rows)
+    n = 0
+    for c in _classes(src, background_label, band_rows):
+        for y0, mask, area, _ in band_components(src, lambda a, c=c: a == c, band_rows):
+            small = mask & (area < min_px)
+            if small.any():
+                band = np.array(scratch[y0:y0 + len(mask)])
+                band[small] = 0
+                n += int(small.sum())
+                scratch[y0:y0 + len(mask)] = band
+    fill_from_nearest(scratch, background_label, out=dst)
+    return n
+
+
 def _skimage_new() -> bool:
     import inspect
 
@@ -240,7 +300,7 @@ def postprocess(probs: np.ndarray, mpp: float, *, smoothing: str | None = "gauss
 def postprocess_labels(probs, mpp: float, *, smoothing: str | None = "gaussian", smoothing_size: float = 2.0,
                        opening_px: int = 0, closing_px: int = 0, fill_holes_um2: float | None = None,
                        min_area_um2: float | None = None, background_label: int = 1,
-                       band_rows: int = 256, out=None, scratch=None) -> tuple[np.ndarray, dict[str, int]]:
+                       band_rows: int = 256, out=None, scratch=None, extra=None) -> tuple[np.ndarray, dict[str, int]]:
     """:func:`postprocess` with bounded memory: probabilities read ``band_rows`` rows at a time.
 
     ``probs`` may be any row-sliceable ``(H, W, C)`` array (an on-disk raster reader, a
@@ -250,14 +310,15 @@ def postprocess_labels(probs, mpp: float, *, smoothing: str | None = "gaussian",
     * Opening/closing: band by band with a halo of ``4 * (opening_px + closing_px) + 16``
       rows; identical except where opening frees a pixel whose nearest remaining pixel is
       farther than the halo (not seen in tests; agreement >= 99.9 % is tested).
-    * Hole filling and small-object removal: connected components of the whole uint8
-      label image, held in memory (a region's area is global); refilling freed pixels
-      works in bands.
+    * Hole filling and small-object removal: connected components band by band, joined
+      across seams (:mod:`helpers.components`), so a region's area is global but no
+      whole-image array is made when ``out``, ``scratch`` and ``extra`` are row stores;
+      refilling freed pixels works in bands. ``small_objects`` counts pixels cleared.
 
-    ``out`` and ``scratch``: optional ``(H, W)`` uint8 destinations assignable and
+    ``out``, ``scratch`` and ``extra``: optional ``(H, W)`` uint8 destinations assignable and
     readable by row slices (e.g. :class:`helpers.rowstore.RowStore` on disk): the labels go
-    to ``out`` (``scratch`` holds them before morphology), so without hole filling or
-    small-object removal no whole-image array is held in memory at all.
+    to ``out``; ``scratch`` holds them before morphology and, with ``extra``, between the
+    area filters; missing ones are arrays in memory.
 
     Returns:
         ``(labels, changed)``: uint8 labels ``1..C`` (``out`` when given and no
@@ -289,17 +350,23 @@ def postprocess_labels(probs, mpp: float, *, smoothing: str | None = "gaussian",
         changed["morphology"] = n
         labels = dest
     px_area = mpp * mpp
-    if fill_holes_um2 or min_area_um2:
-        labels = np.asarray(labels[0:h])  # components need the whole image
-    if fill_holes_um2:
-        prev = labels
-        labels = fill_small_holes(labels, int(round(fill_holes_um2 / px_area)), background_label)
-        changed["holes"] = int((labels != prev).sum())
-        del prev
-    if min_area_um2:
-        prev = labels
-        labels = remove_small_objects(labels, int(round(min_area_um2 / px_area)), background_label)
-        changed["small_objects"] = int((labels != prev).sum())
-        del prev
+    if fill_holes_um2 or min_area_um2:  # global areas, computed band by band into row stores
+        shape = probs.shape[:2]
+        stores = [labels] + [st for st in (scratch, extra) if st is not None and st is not labels]
+        while len(stores) < 3:
+            stores.append(np.empty(shape, np.uint8))
+        a, b, c = stores
+        if fill_holes_um2:
+            changed["holes"] = fill_small_holes_banded(a, b, int(round(fill_holes_um2 / px_area)), background_label,
+                                                       band_rows)
+            a, b = b, a
+        if min_area_um2:
+            changed["small_objects"] = remove_small_objects_banded(a, b, c, int(round(min_area_um2 / px_area)),
+                                                                   background_label, band_rows)
+            a, b = b, a
+        if out is not None and a is not out:
+            _copy_rows(a, out, band_rows)
+            a = out
+        labels = a
     log.info("post-processing changed pixels: %s", changed)
     return labels, changed

@@ -38,6 +38,7 @@ from helpers.io import atomic_path, make_dir, read_json, resumable_or_nothing, w
 from helpers.model import SIZE_MULTIPLE, background_index, check_class_map, load_model_and_classes, preprocess
 from helpers.rowstore import RowStore, disk_full_guard, write_raster
 from helpers.steps import DONE, fingerprint_of, guard_output, reuse_or_guard, start_in_place
+from helpers.strips import read_bands
 from helpers.tissue import slide_tissue_mask
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,6 @@ class PredictionResult:
     resumed_from_band: int = 0
     model_file: str = ""
     extra: dict = field(default_factory=dict)
-
 
 
 # --------------------------------------------------------------------------- grid, blending, resume state
@@ -157,7 +157,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                   normalizer: str | Path | None = "auto", overlap: int = 16, blend: str = "gaussian",
                   tile_size: int | None = None, batch_size: int = 8, class_map: ClassMap | str | Path | None = None,
                   overwrite: bool = False, progress: bool = True, prefetch: int = 2,
-                  checkpoint_seconds: float = 30.0, min_tissue: float = 0.0) -> PredictionResult:
+                  checkpoint_seconds: float = 30.0, min_tissue: float = 0.0, runtime: str = "keras") -> PredictionResult:
     """Predict class probabilities over a whole slide; write ``probabilities.tiff``.
 
     Args:
@@ -177,6 +177,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         checkpoint_seconds: Minimum time between band checkpoints (0 = after every band).
         min_tissue: Fraction of a tile's footprint that must be tissue to predict it
             (0 = any tissue pixel).
+        runtime: ``"auto"`` (ONNX Runtime when installed and proven equivalent, else Keras),
+            ``"onnxruntime"`` or ``"keras"`` (:mod:`helpers.runtime`).
 
     Returns:
         A :class:`PredictionResult` (also written to ``out_dir/prediction.json``).
@@ -192,10 +194,14 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
     if overlap not in OVERLAP_STRIDE:
         raise ParameterError(f"overlap must be 1, 4 or 16; got {overlap}")
     weights = blend_weights(8, blend)  # validates blend early
+    from helpers.runtime import RUNTIMES
+
+    if runtime not in RUNTIMES:
+        raise ParameterError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
     if batch_size < 1:
         raise ParameterError(f"batch_size must be >= 1; got {batch_size}")
     fingerprint = fingerprint_of(dict(mpp=mpp, normalizer=normalizer, overlap=overlap, blend=blend, tile_size=tile_size,
-                                      min_tissue=min_tissue, classes=getattr(class_map, "names", class_map)),
+                                      min_tissue=min_tissue, runtime=runtime, classes=getattr(class_map, "names", class_map)),
                                  [slide_path, *sorted(model_dir.glob("*.keras")), model_dir / "training_params.yaml"])
     if reuse_or_guard(out_dir, fingerprint, overwrite, "prediction", done="prediction.json", record=".predict_params.json",
                       guard=False):  # a finished slide with the same settings: reuse it
@@ -250,11 +256,16 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                  slide.name, W, H, model_mpp, ds, n_tissue, n_grid, tile, stride)
 
         norm_fn = _slide_normalizer(norm_path, slide, tissue, ys, tile, ds)
+        from helpers.runtime import make_predictor  # after the input checks: a refused run writes nothing
+
+        predict_fn = make_predictor(model, model_dir, params["model_file"], runtime=runtime, batch_size=batch_size,
+                                    tile=tile, n_cls=n_cls)
 
         # ---- resumable state
         fp = _fingerprint(slide=_file_id(slide_path), model=_file_id(Path(params["model_file"])), ds=ds, tile=tile,
                           stride=stride, blend=blend, normalizer=str(norm_path) if norm_path else None,
-                          batch=batch_size, n_cls=n_cls, mpp=slide_mpp, min_tissue=min_tissue)
+                          batch=batch_size, n_cls=n_cls, mpp=slide_mpp, min_tissue=min_tissue,
+                          runtime=predict_fn.runtime)
         part = out_dir / PARTIAL_DIR
         state = _load_state(part, fp)
         start_in_place(out_dir, fingerprint, done="prediction.json", record=".predict_params.json")  # inputs are good
@@ -273,34 +284,43 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                 start_band, tiles_done, seconds_before = state["next_band"], state["tiles_done"], state["seconds"]
                 log.info("%s: resuming at band %d of %d (%d tiles done)", slide.name, start_band, len(ys), tiles_done)
 
-            predict_fn = _make_predict_fn(model, batch_size, tile, n_cls)
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n_tissue, initial=tiles_done, unit="tile", desc=f"predict {slide.name}",
                        disable=not progress, smoothing=0.1)
             t_loop = time.perf_counter()
+            tm = dict.fromkeys(("read", "normalize", "wait", "model", "blend", "write", "checkpoint"), 0.0)
             last_ckpt = time.perf_counter()
             tiles_now = 0
             pend_x: list[int] = []
             pend_t: list[np.ndarray] = []
             try:
-                for b, y, row_x, batch, band_end in _prefetch(_read_bands(slide, ys, tissue, tile, ds, norm_fn,
-                                                                          start_band), prefetch):
+                t_mark = time.perf_counter()
+                for b, y, row_x, batch, band_end in _prefetch(read_bands(slide, ys, tissue, tile, ds, norm_fn,
+                                                                          start_band, timings=tm), prefetch):
+                    tm["wait"] += time.perf_counter() - t_mark
                     # full model batches across runs of the band; the float32 outputs held are one batch
                     pend_x.extend(row_x)
                     pend_t.extend(batch)
                     while len(pend_x) >= batch_size or (band_end and pend_x):
                         xs_b, tiles_b = pend_x[:batch_size], np.stack(pend_t[:batch_size])
                         del pend_x[:batch_size], pend_t[:batch_size]
+                        t0 = time.perf_counter()
                         probs = predict_fn(tiles_b)
+                        t1 = time.perf_counter()
                         for x, p in zip(xs_b, probs):
-                            acc[:, x:x + tile] += p * weights[..., None]
+                            p *= weights[..., None]
+                            acc[:, x:x + tile] += p
                             wsum[:, x:x + tile] += weights
+                        tm["model"] += t1 - t0
+                        tm["blend"] += time.perf_counter() - t1
                         del probs, tiles_b
                         tiles_now += len(xs_b)
                         bar.update(len(xs_b))
                     if not band_end:
+                        t_mark = time.perf_counter()
                         continue
+                    t0 = time.perf_counter()
                     # rows above the next band's top are final
                     y_next = ys[b + 1] if b + 1 < len(ys) else H
                     done = y_next - y
@@ -308,23 +328,29 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                         probs_mm.write(y, _finalize(acc[:done], wsum[:done], bg))
                     _shift_rows(acc, done)
                     _shift_rows(wsum, done)
+                    t1 = time.perf_counter()
+                    tm["write"] += t1 - t0
                     last = b + 1 == len(ys)
                     if last or time.perf_counter() - last_ckpt >= checkpoint_seconds:
                         elapsed = seconds_before + time.perf_counter() - t_loop
                         _save_state(part, fp, probs_mm, acc, wsum, b + 1, tiles_done + tiles_now, elapsed)
                         last_ckpt = time.perf_counter()
+                    tm["checkpoint"] += time.perf_counter() - t1
                     _band_done(b)
+                    t_mark = time.perf_counter()
             finally:
                 bar.close()
         loop_seconds = time.perf_counter() - t_loop
         probs_mm.flush()
         del acc, wsum  # the pyramid writer's buffers take their place, not add to them
+        t_pyr = time.perf_counter()
 
         meta = {"slide": slide.name, "classes": cmap.names, "overlap": overlap, "blend": blend, "tile_size": tile}
         prob_path = out_dir / "probabilities.tiff"
         write_raster(prob_path, probs_mm, kind="probabilities", mpp=model_mpp, downsample=ds, meta=meta,
                      overwrite=True)
         seconds = time.perf_counter() - t_start + seconds_before
+        tm = {"setup": t_loop - t_start, **tm, "loop": loop_seconds, "pyramid": time.perf_counter() - t_pyr}
         result = PredictionResult(
             slide=slide.name, slide_path=str(slide_path), out_dir=str(out_dir), probabilities=str(prob_path),
             width=W, height=H, downsample=ds, mpp=model_mpp, slide_mpp=slide_mpp, tile_size=tile, stride=stride,
@@ -332,7 +358,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             classes=cmap.to_dict()["classes"], tiles_grid=n_grid, tiles_tissue=n_tissue, seconds=round(seconds, 2),
             tiles_per_second=round(tiles_now / loop_seconds, 2) if loop_seconds > 0 and tiles_now else 0.0,
             resumed_from_band=start_band, model_file=str(params["model_file"]),
-            extra={"slide_mpp_source": slide.mpp_source, "batch_size": batch_size},
+            extra={"slide_mpp_source": slide.mpp_source, "batch_size": batch_size, "runtime": predict_fn.runtime,
+                   "runtime_reason": predict_fn.reason, "seconds_by_part": {k: round(v, 3) for k, v in tm.items()}},
         )
         with disk_full_guard(out_dir / "prediction.json"):
             write_json(asdict(result), out_dir / "prediction.json", overwrite=True)
@@ -416,37 +443,6 @@ def _slide_normalizer(norm_path: Path | None, slide, tissue: list[list[int]], ys
     return load_normalizer(norm_path).for_slide(samples)
 
 
-def _read_bands(slide, ys: list[int], tissue: list[list[int]], tile: int, ds: float,
-                norm_fn: Callable[[np.ndarray], np.ndarray] | None, start: int,
-                max_span: int = 4096) -> Iterator[tuple[int, int, list[int], np.ndarray, bool]]:
-    """Yield ``(band, y, tile x positions, uint8 tiles, last of band)`` reading runs of tiles as one region.
-
-    Each item is one run (at most ``max_span`` px wide), not a whole band, so what the
-    prefetch queue holds does not grow with the slide's width; a band without tissue
-    yields one empty item so the consumer still finishes its rows.
-    """
-    for b in range(start, len(ys)):
-        y, row = ys[b], tissue[b]
-        if not row:
-            yield b, y, [], np.empty((0, tile, tile, 3), np.uint8), True
-            continue
-        i = 0
-        while i < len(row):
-            j = i
-            while j + 1 < len(row) and row[j + 1] + tile - row[i] <= max_span:
-                j += 1
-            x0, span = row[i], row[j] + tile - row[i]
-            region = slide.read(round(x0 * ds), round(y * ds), span, tile, ds)
-            if norm_fn is not None:
-                region = np.asarray(norm_fn(np.array(region)), np.uint8)
-            tiles = np.empty((j + 1 - i, tile, tile, 3), np.uint8)
-            for k in range(i, j + 1):
-                tiles[k - i] = region[:, row[k] - x0:row[k] - x0 + tile]
-            del region
-            yield b, y, row[i:j + 1], tiles, j + 1 == len(row)
-            i = j + 1
-
-
 def _prefetch(it: Iterator, depth: int) -> Iterator:
     """Run an iterator in a background thread, ``depth`` items ahead; re-raise its errors."""
     if depth <= 0:
@@ -487,28 +483,6 @@ def _prefetch(it: Iterator, depth: int) -> Iterator:
             while True:
                 q.get_nowait()
         th.join(timeout=5)
-
-
-def _make_predict_fn(model, batch_size: int, tile: int, n_cls: int) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 tiles -> float32 probabilities, in fixed-size (padded) batches: one trace, same results."""
-    import tensorflow as tf
-
-    @tf.function(input_signature=[tf.TensorSpec((batch_size, tile, tile, 3), tf.uint8)], reduce_retracing=True)
-    def run(x):
-        return model(preprocess(x), training=False)
-
-    def predict(tiles: np.ndarray) -> np.ndarray:
-        out = np.empty((len(tiles), tile, tile, n_cls), np.float32)
-        for i in range(0, len(tiles), batch_size):
-            chunk = tiles[i:i + batch_size]
-            n = len(chunk)
-            if n < batch_size:
-                chunk = np.concatenate([chunk, np.full((batch_size - n, tile, tile, 3), 255, np.uint8)])
-            out[i:i + n] = run(tf.constant(chunk)).numpy()[:n]
-        return out
-
-    return predict
-
 
 
 # --------------------------------------------------------------------------- reading results

@@ -121,7 +121,7 @@ def variant_study(slide_path: str | Path, model_dirs: str | Path | Sequence[str 
                   kernels: Sequence[str] = ("none", "gaussian:2", "gaussian:4", "median:5"),
                   mpp: float | None = None, tile_size: int | None = None, batch_size: int = 8,
                   normalizer: str | Path | None = "auto", keep_predictions: bool = False,
-                  overwrite: bool = False, progress: bool = False) -> pd.DataFrame:
+                  overwrite: bool = False, progress: bool = False, runtime: str = "keras") -> pd.DataFrame:
     """Quality versus cost of inference settings on one slide with a dense truth.
 
     For every model x overlap x blend the slide is predicted once
@@ -146,6 +146,7 @@ def variant_study(slide_path: str | Path, model_dirs: str | Path | Sequence[str 
         keep_predictions: Keep the per-variant probability rasters.
         overwrite: Replace an existing ``variants.csv``.
         progress: Show the prediction progress bars.
+        runtime: Inference runtime, as 07's (:mod:`helpers.runtime`).
 
     Returns:
         The table (also ``out_dir/variants.csv``), one row per model x overlap x blend x kernel.
@@ -175,7 +176,7 @@ def variant_study(slide_path: str | Path, model_dirs: str | Path | Sequence[str 
         scratch = out_dir / "variants" / f"{name.replace('/', '_')}_o{overlap}_{blend}"
         res = predict_slide(slide_path, mdir, scratch, mpp=mpp, normalizer=normalizer, overlap=int(overlap),
                             blend=blend, tile_size=tile_size, batch_size=batch_size, class_map=class_map,
-                            overwrite=True, progress=progress)
+                            overwrite=True, progress=progress, runtime=runtime)
         probs = read_probabilities(scratch)
         ds = float(res.downsample)
         if ds not in truth_cache:
@@ -229,6 +230,63 @@ def recommend_variant(table: pd.DataFrame, metric: str = "tumor_iou", tolerance:
             f"cheapest within {tolerance * 100:.1f} IoU points: {variant_label(pick, multi)} "
             f"with {pick[metric]:.4f} in {pick['seconds']:.1f} s "
             f"({best['seconds'] / max(pick['seconds'], 1e-9):.1f}x faster than the best)")
+
+
+def summarize_repeats(table: pd.DataFrame, metric: str = "tumor_iou", tolerance: float = 0.005) -> pd.DataFrame:
+    """Each setting's ``metric`` as mean +- sd over the models, and whether it is really worse than the best.
+
+    The best setting is the one with the highest mean. Another setting is called
+    ``worse`` only when its paired difference to the best (same model, same slide)
+    averages more than its own spread (sd over the models); otherwise ``within noise``.
+    ``within_tolerance`` marks means within ``tolerance`` (0.005 = 0.5 IoU points) of
+    the best; ``speedup_vs_best`` is the best's mean seconds over the setting's.
+
+    Args:
+        table: :func:`variant_study`'s table with at least one model.
+        metric: Quality column.
+        tolerance: IoU distance still "as good as the best".
+    """
+    if table.empty:
+        raise ParameterError("the variants table is empty; run the study with at least one setting")
+    keys = ["overlap", "blend", "kernel"]
+    wide = table.pivot_table(index=keys, columns="model", values=metric, aggfunc="mean")
+    secs = table.groupby(keys)["seconds"].mean()
+    out = pd.DataFrame({"n_models": wide.notna().sum(1), "mean": wide.mean(1), "sd": wide.std(1, ddof=1),
+                        "seconds": secs}).reset_index()
+    best_i = int(out["mean"].values.argmax())
+    best_key = tuple(out.loc[best_i, keys])
+    diffs = wide.loc[[best_key]].values - wide.values  # best minus each setting, per model
+    out["diff_vs_best"] = np.nanmean(diffs, 1)
+    out["diff_sd"] = np.nanstd(diffs, 1, ddof=1) if wide.shape[1] > 1 else np.nan
+    worse = out["diff_vs_best"] > out["diff_sd"].fillna(np.inf)
+    out["verdict"] = np.where(worse, "worse", "within noise")
+    out.loc[best_i, "verdict"] = "best"
+    out["within_tolerance"] = out["mean"] >= out.loc[best_i, "mean"] - tolerance
+    out["speedup_vs_best"] = out.loc[best_i, "seconds"] / out["seconds"].clip(lower=1e-9)
+    return out.sort_values("mean", ascending=False).reset_index(drop=True)
+
+
+def write_summary(summary: pd.DataFrame, out_dir: str | Path, overwrite: bool = True) -> Path:
+    """Write :func:`summarize_repeats`' table to ``out_dir/variants_summary.csv`` (atomically)."""
+    from helpers.io import atomic_path
+
+    path = Path(out_dir) / "variants_summary.csv"
+    with atomic_path(path, overwrite) as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.6g")
+    return path
+
+
+def repeat_recommendation(summary: pd.DataFrame, tolerance: float = 0.005) -> str:
+    """One sentence from :func:`summarize_repeats`: the best, what is really worse, the cheapest as good."""
+    best = summary[summary["verdict"] == "best"].iloc[0]
+    ok = summary[summary["within_tolerance"]].sort_values(["seconds", "mean"], ascending=[True, False])
+    pick = ok.iloc[0]
+    n_worse = int((summary["verdict"] == "worse").sum())
+    name = lambda r: f"o{int(r['overlap'])} {r['blend']}, {r['kernel']}"  # noqa: E731
+    return (f"over {int(best['n_models'])} models: best {name(best)} {best['mean']:.4f} +- {best['sd']:.4f}; "
+            f"{n_worse} of {len(summary) - 1} other settings are worse beyond the spread, the rest are within noise; "
+            f"cheapest within {tolerance * 100:.1f} IoU points: {name(pick)} {pick['mean']:.4f} +- {pick['sd']:.4f} "
+            f"({pick['speedup_vs_best']:.2f}x faster than the best)")
 
 
 def find_slide(workdir: str | Path, name: str) -> Path:

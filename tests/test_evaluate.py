@@ -269,6 +269,33 @@ def test_cheapest_within():
     assert V.cheapest_within(t, tolerance=0.5)["seconds"] == 1
 
 
+def test_repeats_separate_signal_from_noise():
+    """Three models: 'a' and 'b' swap places by model (noise), 'c' is worse on every model (signal)."""
+    rows = []
+    scores = {"m1": {"a": 0.894, "b": 0.869, "c": 0.80}, "m2": {"a": 0.866, "b": 0.881, "c": 0.79},
+              "m3": {"a": 0.880, "b": 0.879, "c": 0.81}}
+    cost = {"a": 10.0, "b": 10.0, "c": 1.0}
+    overlap = {"a": 16, "b": 16, "c": 1}
+    for m, per in scores.items():
+        for k, iou in per.items():
+            rows.append({"model": m, "overlap": overlap[k], "blend": "gaussian" if k == "a" else "mean",
+                         "kernel": "gaussian:4", "tumor_iou": iou, "seconds": cost[k]})
+    summary = V.summarize_repeats(pd.DataFrame(rows))
+    by = {(r.overlap, r.blend): r for r in summary.itertuples()}
+    a, b, c = by[(16, "gaussian")], by[(16, "mean")], by[(1, "mean")]
+    assert a.verdict == "best" and a.mean == pytest.approx(0.88)
+    assert a.sd == pytest.approx(np.std([0.894, 0.866, 0.880], ddof=1))
+    assert b.verdict == "within noise"  # b wins on one model: the 0.5-point gap is inside the spread
+    assert c.verdict == "worse" and c.n_models == 3
+    assert bool(b.within_tolerance) and not bool(c.within_tolerance)
+    assert c.speedup_vs_best == pytest.approx(10.0)
+    text = V.repeat_recommendation(summary)
+    assert "over 3 models" in text and "1 of 2 other settings are worse" in text
+    # one model only: nothing can be called worse
+    one = V.summarize_repeats(pd.DataFrame([r for r in rows if r["model"] == "m1"]))
+    assert set(one["verdict"]) == {"best", "within noise"}
+
+
 def test_evaluate_workdir_dense_and_sparse(class_map, tmp_path):
     from shapely.geometry import box
 

@@ -222,3 +222,40 @@ def test_model_classes_carry_roles(class_map_):
     assert (background_index(none), headline_index(none)) == (0, None)
     with pytest.raises(ClassMapError, match="bad.yaml"):
         class_map_from_params(["not a class"], "bad.yaml")
+
+
+@pytest.mark.parametrize("overlap", [1, 4, 16])
+def test_strip_reader_gives_the_tiles_a_per_tile_read_gives(setup, overlap):
+    """Each row strip is read once; every tile must still equal a direct read of that tile."""
+    from helpers.predict import OVERLAP_STRIDE, grid_positions
+    from helpers.slides import open_slide
+    from helpers.strips import read_bands
+
+    d, _, _ = setup
+    tile, ds = 64, 2.0
+    stride = tile // OVERLAP_STRIDE[overlap]
+    with open_slide(d / "slide.tiff") as s:
+        W, H = s.size_at(ds)
+        ys, xs = grid_positions(H, tile, stride), grid_positions(W, tile, stride)
+        assert (H - tile) % stride  # the last band is aligned to the end, off the stride grid
+        tissue = [[x for x in xs if (x // stride + b) % 3] for b in range(len(ys))]  # ragged rows, some gaps
+        tissue[1] = []
+        tm = {"read": 0.0, "normalize": 0.0}
+        seen, n_reads = 0, 0
+        orig = s.read
+
+        def counting(*a, **k):
+            nonlocal n_reads
+            n_reads += 1
+            return orig(*a, **k)
+
+        s.read = counting
+        for b, y, row_x, tiles, _ in read_bands(s, ys, tissue, tile, ds, lambda im: 255 - im, 2, max_span=200,
+                                                timings=tm):
+            assert y == ys[b] and row_x == [x for x in tissue[b] if x in row_x]
+            for x, t in zip(row_x, tiles):
+                assert np.array_equal(t, 255 - orig(round(x * ds), round(y * ds), tile, tile, ds))
+                seen += 1
+        assert seen == sum(len(r) for r in tissue[2:])
+        assert n_reads <= 2 * len(ys)  # one read per strip, not one per band and run
+        assert tm["read"] > 0 and tm["normalize"] > 0

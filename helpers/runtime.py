@@ -1,0 +1,342 @@
+"""The inference runtime: the trained Keras model exported once to ONNX and run with OpenVINO or ONNX Runtime.
+
+Training stays on TensorFlow/Keras. For inference (07 and 08's variants study) the model
+is exported once with ``tf2onnx`` *including* :func:`helpers.model.preprocess` (the graph
+takes uint8 RGB tiles ``(N, H, W, 3)`` and returns softmax probabilities), written next
+to the model as ``model/model.onnx`` and recorded in ``model/model.onnx.json``: its
+sha256, the sha256 of the ``.keras`` file it came from, the converter versions, and for
+every installed runtime the equivalence figures measured on export (max abs difference
+of the probabilities and argmax agreement with Keras on the same tiles).
+
+:func:`make_predictor` picks the runtime: ``"auto"`` uses the first of ONNX Runtime (a
+pinned dependency) and OpenVINO (optional; as fast in float32, see
+``benchmarks/bench_inference.py``) that is installed and
+passed the check, exporting when the export is missing or stale, else falls back to
+Keras; one log line says which runtime runs and why. ``"keras"``, ``"onnxruntime"`` and
+``"openvino"`` force one (a named ONNX runtime that cannot be used is a one-line error).
+Equivalent means: probabilities within :data:`MAX_ABS_DIFF` (a quarter of a step of the
+uint8 probabilities 07 stores) and argmax agreement at least :data:`MIN_ARGMAX_AGREEMENT`.
+OpenVINO runs in float32: its CPU default on bf16-capable CPUs is bfloat16, about 1.7x
+faster but measured 0.18-0.36 max abs difference and 99.6-99.7% argmax agreement on two
+trained models, so it is not equivalent.
+The same ``model.onnx`` is the file to hand to other tools (QuPath's deep-learning
+extensions read ONNX).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from helpers.errors import ModelError, ParameterError, WriteError
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+ONNX_INFO = "model.onnx.json"
+RUNTIMES = ("auto", "onnxruntime", "openvino", "keras")
+#: Export is accepted only when ONNX Runtime agrees with Keras this closely on the check tiles.
+MAX_ABS_DIFF = 1e-3
+MIN_ARGMAX_AGREEMENT = 0.999
+OPSET = 17
+
+
+@dataclass
+class Predictor:
+    """uint8 tiles ``(N, H, W, 3)`` -> float32 probabilities ``(N, H, W, C)``, and which runtime does it."""
+
+    predict: Callable[[np.ndarray], np.ndarray]
+    runtime: str  # "onnxruntime" or "keras"
+    reason: str
+    onnx_sha256: str | None = None
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        return self.predict(tiles)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_tiles(tile: int, n: int = 4, seed: int = 0) -> np.ndarray:
+    """Fixed uint8 tiles for the equivalence check: smooth H&E-like colour fields plus noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:tile, 0:tile] / max(tile, 1)
+    out = np.empty((n, tile, tile, 3), np.uint8)
+    for i in range(n):
+        base = np.stack([np.sin(6 * xx + i) * 60 + 180, np.cos(5 * yy + 2 * i) * 70 + 120,
+                         np.sin(4 * (xx + yy) + i) * 40 + 190], -1)
+        out[i] = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def keras_predict_fn(model, batch_size: int, tile: int, n_cls: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The Keras path: one traced ``tf.function`` on fixed-size (padded) batches."""
+    import tensorflow as tf
+
+    from helpers.model import preprocess
+
+    @tf.function(input_signature=[tf.TensorSpec((batch_size, tile, tile, 3), tf.uint8)], reduce_retracing=True)
+    def run(x):
+        return model(preprocess(x), training=False)
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        out = np.empty((len(tiles), tile, tile, n_cls), np.float32)
+        for i in range(0, len(tiles), batch_size):
+            chunk = tiles[i:i + batch_size]
+            n = len(chunk)
+            if n < batch_size:
+                chunk = np.concatenate([chunk, np.full((batch_size - n, tile, tile, 3), 255, np.uint8)])
+            out[i:i + n] = run(tf.constant(chunk)).numpy()[:n]
+        return out
+
+    return predict
+
+
+def ort_session(onnx: str | Path | bytes, threads: int = 0):
+    """An ONNX Runtime CPU session: all graph optimizations, worker threads that sleep rather than spin.
+
+    Spinning threads lose badly when other processes share the cores (measured: 2.4 vs
+    3.1 tiles/s at load 15 on 2 cores); ``threads`` 0 = one per core.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = int(threads)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    src = onnx if isinstance(onnx, bytes) else str(onnx)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def ort_predict_fn(onnx: str | Path | bytes, batch_size: int, tile: int, n_cls: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The ONNX Runtime path: uint8 tiles in, probabilities out, ``batch_size`` tiles per call."""
+    session = ort_session(onnx)
+    name = session.get_inputs()[0].name
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        out = np.empty((len(tiles), tile, tile, n_cls), np.float32)
+        for i in range(0, len(tiles), batch_size):
+            out[i:i + batch_size] = session.run(None, {name: np.ascontiguousarray(tiles[i:i + batch_size])})[0]
+        return out
+
+    return predict
+
+
+def openvino_predict_fn(onnx: str | Path, batch_size: int, tile: int, n_cls: int,
+                        precision: str = "f32") -> Callable[[np.ndarray], np.ndarray]:
+    """The OpenVINO path: the ONNX graph compiled for ``(batch_size, tile, tile, 3)`` on the CPU (padded batches).
+
+    ``precision`` ``"f32"`` (default, equivalent to Keras) or ``"bf16"`` (OpenVINO's own
+    default on bf16-capable CPUs: faster, not equivalent; for the benchmark only).
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(onnx))
+    model.reshape([batch_size, tile, tile, 3])
+    request = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}).create_infer_request()
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        out = np.empty((len(tiles), tile, tile, n_cls), np.float32)
+        for i in range(0, len(tiles), batch_size):
+            chunk = tiles[i:i + batch_size]
+            n = len(chunk)
+            if n < batch_size:
+                chunk = np.concatenate([chunk, np.full((batch_size - n, tile, tile, 3), 255, np.uint8)])
+            out[i:i + n] = request.infer({0: np.ascontiguousarray(chunk)})[0][:n]
+        return out
+
+    return predict
+
+
+#: The ONNX runtimes in order of preference (package, predictor factory).
+ONNX_RUNTIMES: dict[str, tuple[str, Callable]] = {
+    "onnxruntime": ("onnxruntime", ort_predict_fn),
+    "openvino": ("openvino", openvino_predict_fn),
+}
+
+
+def installed(runtime: str) -> bool:
+    """True when the runtime's package imports (``keras`` always is)."""
+    if runtime == "keras":
+        return True
+    try:
+        __import__(ONNX_RUNTIMES[runtime][0])
+    except ImportError:
+        return False
+    return True
+
+
+def compare(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """``max_abs_diff`` and ``argmax_agreement`` of two probability arrays of the same shape."""
+    return {"max_abs_diff": float(np.abs(reference - other).max()),
+            "argmax_agreement": float((reference.argmax(-1) == other.argmax(-1)).mean())}
+
+
+def check_runtime(runtime: str, onnx: str | Path, reference: np.ndarray, tiles: np.ndarray) -> dict:
+    """Run ``tiles`` through an ONNX runtime and compare with Keras' ``reference`` probabilities."""
+    _, factory = ONNX_RUNTIMES[runtime]
+    got = factory(onnx, len(tiles), tiles.shape[1], reference.shape[-1])(tiles)
+    figures = compare(reference, got)
+    ok = figures["max_abs_diff"] <= MAX_ABS_DIFF and figures["argmax_agreement"] >= MIN_ARGMAX_AGREEMENT
+    return {**figures, "equivalent": bool(ok)}
+
+
+def export_onnx(model, model_file: str | Path, out_dir: str | Path, *, tile: int = 256,
+                overwrite: bool = False) -> dict:
+    """Export a Keras model (with its input transform) to ``out_dir/model.onnx`` and check it.
+
+    Every installed ONNX runtime is compared with Keras on the same tiles
+    (:func:`check_tiles`); the figures go to ``model.onnx.json`` under ``checks``.
+
+    Args:
+        model: The loaded Keras model.
+        model_file: The ``.keras`` file it was loaded from (its sha256 is recorded).
+        out_dir: The model folder receiving ``model.onnx`` and ``model.onnx.json``.
+        tile: Tile side used for the equivalence check.
+        overwrite: Replace an existing export.
+
+    Returns:
+        The record written to ``model.onnx.json``.
+
+    Raises:
+        ModelError: tf2onnx missing, or the conversion failed.
+    """
+    try:
+        import tensorflow as tf
+        import tf2onnx
+    except ImportError as exc:
+        raise ModelError(f"cannot export to ONNX: {exc.name} is not installed; pip install the project's pins") from None
+    from helpers.io import write_bytes, write_json
+    from helpers.model import preprocess
+
+    out_dir = Path(out_dir)
+    onnx_path = out_dir / ONNX_FILE
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8, name="tiles")])
+    def run(x):
+        return model(preprocess(x), training=False)
+
+    t0 = time.perf_counter()
+    try:
+        proto, _ = tf2onnx.convert.from_function(run, input_signature=run.input_signature, opset=OPSET)
+    except Exception as exc:  # noqa: BLE001 - any converter failure means: use Keras
+        raise ModelError(f"{model_file}: ONNX export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") \
+            from None
+    data = proto.SerializeToString()
+    seconds = time.perf_counter() - t0
+    write_bytes(data, onnx_path, overwrite=overwrite)
+    x = check_tiles(tile)
+    ref = run(tf.constant(x)).numpy()
+    checks = {rt: check_runtime(rt, onnx_path, ref, x) for rt in ONNX_RUNTIMES if installed(rt)}
+    record = {
+        "onnx_file": ONNX_FILE, "onnx_sha256": hashlib.sha256(data).hexdigest(), "onnx_bytes": len(data),
+        "source_file": Path(model_file).name, "source_sha256": sha256_file(model_file),
+        "input": "uint8 RGB tiles (N, H, W, 3); helpers.model.preprocess is inside the graph",
+        "output": "float32 softmax probabilities (N, H, W, classes)",
+        "opset": OPSET, "tf2onnx": tf2onnx.__version__, "tensorflow": tf.__version__,
+        "export_seconds": round(seconds, 1),
+        "check_tiles": {"n": int(len(x)), "tile": int(tile), "max_abs_diff_allowed": MAX_ABS_DIFF,
+                        "argmax_agreement_required": MIN_ARGMAX_AGREEMENT},
+        "checks": {rt: {**c, "version": _version(rt)} for rt, c in checks.items()},
+    }
+    write_json(record, out_dir / ONNX_INFO, overwrite=True)
+    log.info("%s: exported to ONNX in %.0f s; %s", onnx_path, seconds,
+             "; ".join(f"{rt}: max |diff| {c['max_abs_diff']:.2g}, argmax agreement {c['argmax_agreement']:.5f}"
+                       for rt, c in checks.items()))
+    return record
+
+
+def _version(runtime: str) -> str:
+    mod = __import__(ONNX_RUNTIMES[runtime][0])
+    return str(getattr(mod, "__version__", "") or getattr(mod, "get_version", lambda: "")())
+
+
+def current_export(model_dir: str | Path, model_file: str | Path) -> dict | None:
+    """The ``model.onnx.json`` record if ``model.onnx`` matches it and was made from ``model_file``; else None."""
+    model_dir = Path(model_dir)
+    info, onnx = model_dir / ONNX_INFO, model_dir / ONNX_FILE
+    if not info.is_file() or not onnx.is_file():
+        return None
+    try:
+        record = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("source_sha256") != sha256_file(model_file) or record.get("onnx_sha256") != sha256_file(onnx):
+        log.info("%s: made from another model file or changed since; exporting again", onnx)
+        return None
+    if any(installed(rt) and rt not in record.get("checks", {}) for rt in ONNX_RUNTIMES):
+        log.info("%s: a runtime installed since the export has not been checked; exporting again", onnx)
+        return None
+    return record
+
+
+def make_predictor(model, model_dir: str | Path, model_file: str | Path, *, runtime: str = "auto",
+                   batch_size: int = 8, tile: int = 256, n_cls: int | None = None) -> Predictor:
+    """The fastest runtime proven equivalent for a trained model, falling back to Keras.
+
+    ``"auto"`` takes the first of :data:`ONNX_RUNTIMES` that is installed and passed the
+    equivalence check recorded in ``model.onnx.json`` (exporting first when the export is
+    missing or stale); otherwise Keras. One INFO line says which runtime runs and why.
+
+    Args:
+        model: The loaded Keras model (used for export and the fallback).
+        model_dir: The model folder (``model.onnx`` is kept there).
+        model_file: The ``.keras`` file the model came from.
+        runtime: ``"auto"``, ``"onnxruntime"``, ``"openvino"`` or ``"keras"``.
+        batch_size: Tiles per call.
+        tile: Tile side.
+        n_cls: Output channels (default: the model's).
+
+    Raises:
+        ParameterError: an unknown runtime, or a named ONNX runtime that cannot be used.
+    """
+    if runtime not in RUNTIMES:
+        raise ParameterError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+    n_cls = int(n_cls or model.output_shape[-1])
+
+    def keras(reason: str) -> Predictor:
+        log.info("inference runtime: keras (%s)", reason)
+        return Predictor(keras_predict_fn(model, batch_size, tile, n_cls), "keras", reason)
+
+    if runtime == "keras":
+        return keras("asked for")
+    wanted = list(ONNX_RUNTIMES) if runtime == "auto" else [runtime]
+    try:
+        usable = [rt for rt in wanted if installed(rt)]
+        if not usable:
+            raise ModelError(f"{' and '.join(wanted)} not installed")
+        record = current_export(model_dir, model_file) or export_onnx(model, model_file, model_dir, tile=tile,
+                                                                      overwrite=True)
+        checks = record.get("checks", {})
+        passed = [rt for rt in usable if checks.get(rt, {}).get("equivalent")]
+        if not passed:
+            raise ModelError("ONNX export differs from Keras (" + "; ".join(
+                f"{rt}: max |diff| {checks.get(rt, {}).get('max_abs_diff')}, argmax agreement "
+                f"{checks.get(rt, {}).get('argmax_agreement')}" for rt in usable) + ")")
+        chosen = passed[0]
+        onnx = Path(model_dir) / ONNX_FILE
+        fn = ONNX_RUNTIMES[chosen][1](onnx, batch_size, tile, n_cls)
+    except (ModelError, WriteError, OSError) as exc:  # missing, failed, not equivalent, or a read-only folder
+        if runtime != "auto":
+            raise ParameterError(f"runtime={runtime!r} cannot be used: {exc}; pass runtime='auto' or 'keras'") from None
+        return keras(f"fallback: {exc}")
+    c = checks[chosen]
+    reason = (f"{onnx}, sha256 {record['onnx_sha256'][:12]}, equivalent to Keras: max |diff| "
+              f"{c['max_abs_diff']:.2g}, argmax agreement {c['argmax_agreement']:.5f}")
+    log.info("inference runtime: %s (%s)", chosen, reason)
+    return Predictor(fn, chosen, reason, record["onnx_sha256"])
