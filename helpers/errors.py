@@ -55,3 +55,7 @@ class DiskFullError(WriteError):
 
 class ClusterError(HistoUNetError):
     """A Dask cluster cannot run the cohort: no scheduler, no workers, or a folder the workers cannot see."""
+
+
+class PretrainedWeightsError(HistoUNetError):
+    """Pre-trained encoder weights cannot be had or do not fit the encoder."""

@@ -19,14 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from helpers.encoder import IMAGENET_MEAN, IMAGENET_STD, encoder_layers  # noqa: F401 - part of this API
 from helpers.errors import ModelError, ParameterError
 
 log = logging.getLogger(__name__)
-
-#: ImageNet mean / std: :func:`preprocess` gives the encoder ``(x / 255 - mean) / std``, the input
-#: Keras' EfficientNet computes inside its own model (see :mod:`helpers.pretrained`).
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 #: Input sides must be multiples of this (five 2x down-samplings in the encoder).
 SIZE_MULTIPLE = 32
@@ -88,13 +84,6 @@ def build_model(n_classes: int, encoder_weights: str | None = "imagenet", backbo
     model.encoder_weights_start = record
     model.encoder_weights_used = pretrained.weights_used(record)
     return model
-
-
-def encoder_layers(model) -> list:
-    """The encoder layers of a ``segmentation_models`` U-Net (everything before the decoder)."""
-    decoder_prefixes = ("decoder_", "center_", "final_conv", "softmax", "sigmoid")
-    return [layer for layer in model.layers
-            if not layer.name.startswith(decoder_prefixes) and layer.__class__.__name__ != "InputLayer"]
 
 
 def set_encoder_trainable(model, trainable: bool) -> int:

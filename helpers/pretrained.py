@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.errors import HistoUNetError, ParameterError
+from helpers.errors import HistoUNetError, ParameterError, PretrainedWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,6 @@ DOWNLOAD_TIMEOUT_S = 30.0
 FALLBACKS = ("error", "none")
 #: Record of a random start (``encoder_weights_start`` in ``training_state.json``).
 RANDOM = "none (random)"
-
-
-class PretrainedWeightsError(HistoUNetError):
-    """Pre-trained encoder weights cannot be had or do not fit the encoder."""
 
 
 # --------------------------------------------------------------------------- names and places
@@ -233,7 +229,7 @@ def input_normalisation(keras_model) -> dict:
     divides once more by its square root); a file saved from a ``Normalization`` layer set
     the usual way stores std squared. Both amount to ``(x / 255 - mean) / std``.
     """
-    from helpers.model import IMAGENET_MEAN, IMAGENET_STD
+    from helpers.encoder import IMAGENET_MEAN, IMAGENET_STD
 
     layer = next((la for la in keras_model.layers if la.__class__.__name__ == "Normalization"), None)
     if layer is None or len(layer.weights) < 2:
@@ -261,7 +257,7 @@ def transfer_encoder_weights(source, unet) -> dict:
         PretrainedWeightsError: an encoder weight without a same-named, same-shaped source
             (nothing is assigned then).
     """
-    from helpers.model import encoder_layers
+    from helpers.encoder import encoder_layers
 
     by_name = {layer.name: layer for layer in source.layers}
     plan, problems, n_total = [], [], 0

@@ -83,7 +83,7 @@ def geojson_files(tmp_path_factory, class_map) -> dict[str, Path]:
     add("prediction_demo", pred / "demo.geojson")
     empty = d / "pred_empty"
     shutil.copytree(pred, empty, ignore=shutil.ignore_patterns("labels.tiff", "*.geojson", "overlay.png", "summary.json"))
-    export_prediction(empty, min_area_um2=1e9)  # no region large enough: an empty prediction
+    export_prediction(empty, min_area_um2=1e9, overwrite=True)  # no region large enough: an empty prediction
     add("prediction_empty", empty / "demo.geojson")
     shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "slides"
     for kind, name, mpp, object_type in [("prediction_cmu_detections", "CMU-1-Small-Region", None, "detection"),
