@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: demo test lab bench batch install clean-demo
+.PHONY: demo test lab bench batch install clean-demo study-loop
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 # make batch SLIDES=path/to/slides [MPP=0.5] [WORKDIR=runs/demo]: 07_infer_slide on every slide
 batch: $(STAMP)
 	$(PY) -m helpers.batch --slides $(SLIDES) --workdir $(WORKDIR) $(if $(MPP),--mpp $(MPP),)
+
+# make study-loop [OUT=runs/study]: the annotation-loop study of 09 (uncertainty vs random fields; trains 10 models)
+study-loop: $(STAMP)
+	$(PY) -m benchmarks.study_annotation_loop --out $(or $(OUT),runs/study)
 
 clean-demo:
 	rm -rf $(WORKDIR)
