@@ -181,8 +181,9 @@ def test_suggestion_geojson_passes_qupath_strict(demo_wd, class_map, tmp_path, v
     report = json.loads(proc.stdout)
     report = report[0] if isinstance(report, list) else report
     assert report["ok"] is True and not report["failures"]
-    counts = {k: v for k, v in report.items() if k.endswith("_objects")}
-    assert 8 in counts.values(), counts
+    assert report["objects"] == 8 and report["types"] == {"annotation": 8} and report["named"] == 8
+    assert report["classifications"] == {"(unclassified)": 8} and report["roi_types"] == {"Rectangle": 8}
+    assert report["measurements"] >= 8 * 5 and report["invalid_geometries"] == 0
     # a broken copy is rejected: the check can fail
     bad = tmp_path / "bad.geojson"
     fc = json.loads(paths["geojson"][0].read_text())
