@@ -12,7 +12,7 @@ export PYTHONHASHSEED := 0
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: demo test lab bench bench-real batch batch-tiles install clean-demo
+.PHONY: demo test lab bench bench-real batch batch-tiles study-loop install clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ batch: $(STAMP)
 batch-tiles: $(STAMP)
 	$(PY) -m helpers.batch --step 01 --slides $(SLIDES) --workdir $(WORKDIR) $(COHORT_OPTS) \
 		$(if $(ANNOTATIONS),--annotations $(ANNOTATIONS),)
+
+# make study-loop [OUT=runs/study]: the annotation-loop study of 09 (uncertainty vs random fields; trains 10 models)
+study-loop: $(STAMP)
+	$(PY) -m benchmarks.study_annotation_loop --out $(or $(OUT),runs/study)
 
 clean-demo:
 	rm -rf $(WORKDIR)

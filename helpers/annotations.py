@@ -21,6 +21,8 @@ Rules (documented decisions):
   ``color``) takes its ``name`` when that name is a class of the class map;
   otherwise the ``unclassified`` policy applies: ``"skip"`` (default, with one
   warning counting them), ``"error"``, or a class name to give them.
+* **Suggestions** of step 09 (unclassified features named ``"Review <n>"``) are never
+  labels: they are skipped whatever the ``unclassified`` policy.
 * **Unknown class names** (classified, but not in the class map) are an error that
   lists them and the known classes.
 * **Overlaps**: where annotations of different classes overlap, the *smaller*
@@ -55,6 +57,15 @@ log = logging.getLogger(__name__)
 #: (and :func:`helpers.qupath.make_feature`) round coordinates to their 0.01 px grid, so
 #: outlines traced along pixel edges still rasterize back to exactly their pixels.
 CORNER_OFFSET = 0.01
+
+#: Name prefix of step 09's suggestions ("Review 3"); unclassified ones are never labels.
+SUGGESTION_PREFIX = "Review"
+
+
+def is_suggestion(name: str, classified: bool) -> bool:
+    """True for an unclassified feature named like a step-09 suggestion (``"Review <n>"``)."""
+    head, _, rank = name.strip().partition(" ")
+    return not classified and head == SUGGESTION_PREFIX and rank.strip().isdigit()
 
 
 @dataclass
@@ -150,7 +161,7 @@ def read_annotations(path: str | Path, class_map: ClassMap, slide_size: tuple[in
     slide_box = box(0, 0, slide_size[0], slide_size[1]) if slide_size else None
     out: list[Annotation] = []
     unknown: set[str] = set()
-    n_unclassified = n_repaired = n_outside = n_nonarea = 0
+    n_unclassified = n_repaired = n_outside = n_nonarea = n_suggestions = 0
     for i, f in enumerate(feats):
         props = f.get("properties") or {}
         otype = props.get("objectType")
@@ -160,6 +171,9 @@ def read_annotations(path: str | Path, class_map: ClassMap, slide_size: tuple[in
         name = str(props.get("name") or "")
         cls = props.get("classification")
         cls_name = cls.get("name") if isinstance(cls, dict) else (cls if isinstance(cls, str) else None)
+        if is_suggestion(name, cls_name is not None):
+            n_suggestions += 1
+            continue
         if cls_name is None:
             if name in class_map.names:
                 cls_name = name
@@ -200,6 +214,9 @@ def read_annotations(path: str | Path, class_map: ClassMap, slide_size: tuple[in
     if unknown:
         raise ClassMapError(f"{path}: unknown class name(s) {', '.join(sorted(unknown))}; known classes: "
                             f"{', '.join(class_map.names)} (rename them in QuPath or add them to {class_map.source})")
+    if n_suggestions:
+        log.warning("%s: skipped %d suggestion(s) of step 09 (unclassified 'Review <n>' rectangles are never labels)",
+                    path, n_suggestions)
     if n_repaired:
         log.warning("%s: repaired %d invalid (e.g. self-intersecting) polygon(s) with shapely make_valid", path, n_repaired)
     if n_unclassified:
@@ -213,6 +230,9 @@ def read_annotations(path: str | Path, class_map: ClassMap, slide_size: tuple[in
         if n_outside:
             raise AnnotationError(f"{path}: all {n_outside} annotation(s) lie outside the slide ({slide_size[0]}x{slide_size[1]} px); "
                                   "the GeoJSON belongs to another slide or uses other coordinates")
+        if n_suggestions and not n_unclassified:
+            raise AnnotationError(f"{path}: holds only the {n_suggestions} suggestion(s) of step 09, no labels; annotate "
+                                  "inside them in QuPath (classified objects) and export the annotations again")
         if n_unclassified:
             raise AnnotationError(f"{path}: none of the {n_unclassified} annotation(s) has a classification of the class map; "
                                   f"classify them in QuPath ({', '.join(class_map.names)}) or pass unclassified=<class name>")

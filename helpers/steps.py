@@ -14,6 +14,7 @@ one sub-folder (see ``docs/workfolder.md``) and marks it finished by writing its
       gif/         06 training.gif + manifest.csv
       predictions/ 07 one folder per slide, each with its manifest.csv
       evaluation/  08 tables and plots + manifest.csv
+      suggestions/ 09 fields to annotate next: <slide>.geojson, suggestions.csv + manifest.csv
 
 Steps whose output is a tile table (01-03) write one row per tile; the others list
 their files (:func:`mark_done`). Every step guards its folder with
@@ -49,6 +50,7 @@ STEP_DIRS: dict[str, str] = {
     "gif": "gif",
     "predictions": "predictions",
     "evaluation": "evaluation",
+    "suggestions": "suggestions",
 }
 
 #: The notebook that writes each step folder (for "run X first" messages).
@@ -64,6 +66,7 @@ STEP_NOTEBOOKS: dict[str, str] = {
     "gif": "06_make_training_gif",
     "predictions": "07_infer_slide",
     "evaluation": "08_evaluate",
+    "suggestions": "09_suggest_regions",
 }
 
 #: The done marker every finished step folder holds (written last).

@@ -67,6 +67,7 @@ class TrainConfig:
     headline_class: str | None = None  # None: the class map's headline class
     gif_tiles: int = 4
     seed: int = 42
+    init_model: str | None = None  # a previous model folder: fine-tune from its best.keras (round 2 of 09)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -303,6 +304,9 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     cfg.check()
     cmap = load_class_map(class_map) if class_map else load_class_map()
     out = step_dir(workdir, "model")
+    if cfg.init_model and Path(cfg.init_model).resolve() == out.resolve():  # checked before anything is removed
+        raise ParameterError(f"init_model={cfg.init_model}: is this run's own output folder; rename the previous "
+                             "model folder (e.g. to model_round1) and pass that")
     params_file = out / "training_params.yaml"
     state_file = out / "training_state.json"
     t_start, c_start = time.perf_counter(), time.process_time()
@@ -346,13 +350,17 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
 
         trainer.encoder_weights_start = json.loads(state_file.read_text()).get("encoder_weights_start")
         encoder_used = weights_used(trainer.encoder_weights_start)
+    elif cfg.init_model:
+        trainer.model, encoder_used = init_from_model(cfg.init_model, cmap, trainer.mpp, trainer.tile_size, out)
+        trainer.encoder_weights_start = {"source": "model", "path": encoder_used.removeprefix("init:"),
+                                         "text": f"fine-tuned from {encoder_used.removeprefix('init:')} (init_model)"}
     else:
         trainer.model = build_model(cmap.n_classes, cfg.encoder_weights, cfg.backbone, tuple(cfg.decoder_filters),
                                     encoder_weights_fallback=cfg.encoder_weights_fallback)
         encoder_used = trainer.model.encoder_weights_used
         trainer.encoder_weights_start = trainer.model.encoder_weights_start
         set_batchnorm_momentum(trainer.model, cfg.bn_momentum)
-    warmup = cfg.warmup_epochs
+    warmup = cfg.warmup_epochs if not cfg.init_model else 0  # a fine-tuned decoder needs no warm-up
     if warmup and encoder_used is None:
         log.warning("warm-up with a frozen encoder skipped: the encoder has no pre-trained weights")
         warmup = 0
@@ -464,3 +472,29 @@ def preview_split(workdir: str | Path, cfg: TrainConfig | None = None, class_map
     return split_tiles(df, cfg.val_fraction, cfg.split_by, cfg.block_size, cfg.seed, cmap.names, margin=cfg.split_margin)
 
 
+
+
+def init_from_model(model_dir: str | Path, class_map: ClassMap, mpp: float, tile_size: int, out: Path):
+    """Round 2 of the annotation loop: start from a previous model folder's ``best.keras``.
+
+    The folder must be another one than ``out`` (copy or rename the previous ``model/``
+    first, e.g. to ``model_round1``) and match the classes, resolution and tile size.
+
+    Returns:
+        ``(model, encoder_weights_used)``: the weights recorded as ``init:<file>``.
+    """
+    from helpers.model import check_class_map, load_model_and_classes
+
+    model_dir = Path(model_dir)
+    if model_dir.resolve() == Path(out).resolve():
+        raise ParameterError(f"init_model={model_dir}: is this run's own output folder; rename the previous model "
+                             "folder (e.g. to model_round1) and pass that")
+    model, params, model_cmap = load_model_and_classes(model_dir)
+    check_class_map(model_cmap, class_map)
+    src = model_dir / "training_params.yaml"
+    if abs(float(params["mpp"]) - float(mpp)) > 1e-6 * max(1.0, float(mpp)):
+        raise ParameterError(f"{src}: model trained at {params['mpp']} um/px but the tiles are {mpp} um/px; "
+                             "export tiles (01) at the model's resolution or train afresh (init_model=None)")
+    log.info("fine-tuning from %s (trained at %s um/px, tile %s px; tiles now %s px)", params["model_file"],
+             params["mpp"], params["tile_size"], tile_size)
+    return model, f"init:{params['model_file']}"
