@@ -491,6 +491,22 @@ def write_csv(rows: list[dict], path: Path = RESULTS) -> Path:
     return path
 
 
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``["05_train_model.epochs=20", ...]`` -> ``{"05_train_model": {"epochs": 20}}`` (values read as YAML)."""
+    import yaml
+
+    from helpers.errors import ParameterError
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        nb, dot, name = key.partition(".")
+        if not (sep and dot and nb and name):
+            raise ParameterError(f"--set {item!r}: write NOTEBOOK.PARAMETER=VALUE, e.g. 05_train_model.epochs=20")
+        out.setdefault(nb, {})[name] = yaml.safe_load(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the pooled headline IoU per source (for ``benchmarks.run_all``)."""
     from helpers.config import load_class_map
@@ -505,6 +521,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(RESULTS), help="results CSV")
     ap.add_argument("--prepare-only", action="store_true", help="write slides, truth and annotations; do not run the chain")
     ap.add_argument("--score-only", action="store_true", help="only score the finished runs in --workdir")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NB.KEY=VALUE",
+                    help="parameter overrides on top of --params, e.g. 05_train_model.split_by=pixels (YAML values)")
     ap.add_argument("--merge", nargs="*", default=None, metavar="CSV",
                     help="no run: merge result CSVs of separate runs (e.g. one per source) into --out and print the table")
     args = ap.parse_args([] if argv is None and __name__ != "__main__" else argv)
@@ -520,13 +538,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not data.is_dir():
         raise SystemExit(f"ERROR: {data}: data folder not found; pass DATA=<folder of image + mask pairs>")
     cmap = load_class_map()
+    overrides = parse_overrides(args.set)
     rows: list[dict] = []
     try:
         for name in args.sources or list_sources(data):
             src = load_source(data, name)
             print(f"\n==== {name}: {len(src.pairs())} images from {src.folder} ({src.yaml_path})", flush=True)
             rows += run_source(src, Path(args.workdir) / name, Path(args.params), args.seed, cmap,
-                               prepare_only=args.prepare_only, score_only=args.score_only)
+                               overrides=overrides, prepare_only=args.prepare_only, score_only=args.score_only)
             if rows:
                 write_csv(rows, Path(args.out))
     except HistoUNetError as exc:
