@@ -133,6 +133,7 @@ def split_pixels(df: pd.DataFrame, read_label, out_dir, val_fraction: float = 0.
     quarter tile width, level-0 px) are removed from the training labels (written to
     ``out_dir/<tile_id>-labelled.png``) and form the validation labels; nothing else is
     lost. For small annotation sets, where a tile split leaves a third of the labels unused.
+    Each held-out pixel is validated once, in one tile, however much the tiles overlap.
 
     Returns:
         ``(table, val_rows, val_labels)``: the tile table with ``split`` = train, ``label_path``
@@ -150,7 +151,7 @@ def split_pixels(df: pd.DataFrame, read_label, out_dir, val_fraction: float = 0.
         block_size = float(np.median(df["w"])) / 4
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, px_val, val_idx, val_labels = [], [], [], []
+    paths, px_val, held_all = [], [], []
     cols = [f"px_{n}" for n in (class_names or []) if f"px_{n}" in df.columns]
     for i, r in enumerate(df.to_dict("records")):
         lab = read_label(r["label_path"])
@@ -161,11 +162,31 @@ def split_pixels(df: pd.DataFrame, read_label, out_dir, val_fraction: float = 0.
         write_image(train, path)
         paths.append(str(path))
         px_val.append(int(held.sum()))
+        held_all.append(np.where(held, lab, 0).astype(np.uint8))
         for c, col in enumerate(cols):
             df.loc[i, col] = int((train == c + 1).sum())
-        if held.any():
-            val_idx.append(i)
-            val_labels.append(np.where(held, lab, 0).astype(np.uint8))
+    # overlapping tiles hold the same held-out pixels: each pixel is scored once, by the tile
+    # with the most held-out pixels; tiles left with under a fifth of theirs are not validated
+    claimed: dict[str, set] = {}
+    val_idx, val_labels = [], []
+    for i in sorted(range(len(df)), key=lambda j: -px_val[j]):
+        if not px_val[i]:
+            break
+        r = df.iloc[i]
+        lab = held_all[i]
+        ds = float(r["w"]) / lab.shape[1]
+        ox, oy = int(round(r["x"] / ds)), int(round(r["y"] / ds))
+        yy, xx = np.nonzero(lab)
+        keys = (yy + oy).astype(np.int64) * 1_000_003 + (xx + ox)
+        seen = claimed.setdefault(str(r["slide"]), set())
+        new = np.fromiter((k not in seen for k in keys.tolist()), bool, len(keys))
+        if new.sum() < 0.2 * len(keys):
+            continue
+        seen.update(keys[new].tolist())
+        keep = np.zeros_like(lab)
+        keep[yy[new], xx[new]] = lab[yy[new], xx[new]]
+        val_idx.append(i)
+        val_labels.append(keep)
     df["label_path"] = paths
     df["px_val"] = px_val
     if cols:

@@ -93,3 +93,41 @@ def test_glass_rich_tiles(tmp_path, class_map):
     # inside the annotations' bounding box (by the tile centre)
     cx, cy = extra["x"] + 64, extra["y"] + 64  # level-0 centre (slide 0.5 um/px, tiles 1 um/px)
     assert ((cx > 760 - 585) & (cx < 760 + 585) & (cy > 500 - 405) & (cy < 500 + 405)).all()
+
+
+def test_tta_undoes_each_transform():
+    from helpers.tta import TTA_MODES, with_tta
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    ident = lambda x: x.astype(np.float32) / 255  # noqa: E731 - an equivariant "model": output = input
+    for mode in TTA_MODES:
+        assert np.allclose(with_tta(ident, mode)(tiles), tiles / 255)
+    # a model that is not equivariant (reads the left column everywhere) is averaged over the transforms
+    left = lambda x: np.repeat(x[:, :, :1].astype(np.float32), x.shape[2], axis=2)  # noqa: E731
+    out = with_tta(left, "d4")(tiles)
+    assert out.shape == tiles.shape and not np.allclose(out, left(tiles))
+    calls = []
+    with_tta(lambda x: calls.append(1) or x.astype(np.float32), "flips")(tiles)
+    assert len(calls) == 4
+    with pytest.raises(ParameterError):
+        with_tta(ident, "rot45")
+
+
+def test_split_pixels_scores_each_pixel_once(tmp_path, class_map):
+    lab = np.full((64, 64), 2, np.uint8)
+    rows = []
+    for i, x in enumerate((0, 16, 32)):  # three tiles overlapping by 48 px
+        p = tmp_path / f"t{i}.png"
+        write_image(lab, p)
+        rows.append({"tile_id": f"t{i}", "slide": "s", "x": x, "y": 0, "w": 64, "h": 64, "label_path": str(p),
+                     "px_Tumor": 64 * 64})
+    out, val_rows, val_labels = split_pixels(pd.DataFrame(rows), read_label_tile, tmp_path / "train", 0.4, 8, seed=3)
+    union = np.zeros((64, 96), bool)
+    held_total = 0
+    for r, v in zip(val_rows.itertuples(), val_labels):
+        held_total += int((v > 0).sum())
+        assert not (union[:, r.x:r.x + 64] & (v > 0)).any()  # no pixel twice
+        union[:, r.x:r.x + 64] |= v > 0
+    full = holdout_blocks("s", 0, 0, 96, 64, (64, 96), 8, 0.4, seed=3)
+    assert held_total == union.sum() and union.sum() >= 0.8 * full.sum()
