@@ -65,6 +65,7 @@ class TrainConfig:
     headline_class: str | None = None  # None: the class map's headline class
     gif_tiles: int = 4
     seed: int = 42
+    checkpoint_metric: str = "headline"  # validation IoU picking best.keras: "headline" or "mean"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -78,6 +79,8 @@ class TrainConfig:
             raise ParameterError(f"crop_size={self.crop_size}: must be a multiple of 32 (or None)")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ParameterError(f"lr_schedule={self.lr_schedule!r}: use 'cosine' or 'constant'")
+        if self.checkpoint_metric not in ("headline", "mean"):
+            raise ParameterError(f"checkpoint_metric={self.checkpoint_metric!r}: use 'headline' or 'mean'")
         if self.class_weights not in (None, "auto", "none"):
             raise ParameterError(f"class_weights={self.class_weights!r}: use 'auto' or None")
 
@@ -239,12 +242,13 @@ class Trainer:
         row.update({k: (float(v) if np.ndim(v) == 0 else v) for k, v in logs.items()})
         self.history.append(row)
         iou = row.get("val_headline_iou", float("nan"))
-        improved = np.isfinite(iou) and iou > self.best_iou
+        score = row.get(f"val_{self.cfg.checkpoint_metric}_iou", float("nan"))
+        improved = np.isfinite(score) and score > self.best_iou
         with atomic_path(self.out / "last.keras", overwrite=True) as tmp:
             self.model.save(tmp)
         if improved or not (self.out / "best.keras").is_file():
             if improved:
-                self.best_iou, self.best_epoch = float(iou), epoch + 1
+                self.best_iou, self.best_epoch = float(score), epoch + 1
             with atomic_path(self.out / "best.keras", overwrite=True) as tmp:
                 self.model.save(tmp)
         hist = pd.DataFrame(self.history)

@@ -131,3 +131,11 @@ def test_split_pixels_scores_each_pixel_once(tmp_path, class_map):
         union[:, r.x:r.x + 64] |= v > 0
     full = holdout_blocks("s", 0, 0, 96, 64, (64, 96), 8, 0.4, seed=3)
     assert held_total == union.sum() and union.sum() >= 0.8 * full.sum()
+
+
+def test_checkpoint_metric_is_checked():
+    from helpers.train import TrainConfig
+
+    TrainConfig(checkpoint_metric="mean").check()
+    with pytest.raises(ParameterError, match="checkpoint_metric"):
+        TrainConfig(checkpoint_metric="dice").check()
