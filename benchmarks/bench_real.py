@@ -3,7 +3,8 @@
 Usage (what ``make bench-real [DATA=folder]`` runs)::
 
     python -m benchmarks.bench_real [--data ../shared/data/real] [--sources ocdc_oral ...]
-        [--workdir runs/bench_real] [--params data/params/demo] [--seed 0] [--prepare-only]
+        [--workdir runs/bench_real] [--params data/params/real] [--set 05_train_model.epochs=12 ...]
+        [--seed 0] [--prepare-only]
         [--out benchmarks/results/real.csv]
     python -m benchmarks.bench_real --merge results/real_a.csv results/real_b.csv   # table of separate runs
 
@@ -22,8 +23,9 @@ For every source, in ``<workdir>/<source>/`` (a normal work folder of the chain)
    inside the ``background_from`` values. Unmapped values are 0 (not scored).
 3. ``annotations/<image>.geojson``: simulated sparse strokes on the **training part**
    (the left half of every image; the right half is held out), by :func:`simulate_annotations`.
-4. ``params/``: the chain parameters: the base folder's YAMLs (default ``data/params/demo``)
-   with ``encoder_weights: none`` (no download, no ImageNet), 08 is not run.
+4. ``params/``: the chain parameters: the base folder's YAMLs (default ``data/params/real``, the
+   real-tissue recipe of issue 11; ``data/params/demo`` was phase 1's) with ``encoder_weights: none``
+   (no download, no ImageNet) and the ``--set`` overrides; 08 is not run.
 5. Notebooks 01 to 07 through :func:`helpers.pipeline.run_chain` (the code path of the notebooks).
 6. Scoring of the **held-out part** (right half, every pixel with a truth label):
    ``predictions/<image>/labels.tiff`` vs the truth, per class IoU, and IoU, precision and
@@ -516,7 +518,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", default=str(DATA), help="folder of sources (sub-folders of image + mask pairs)")
     ap.add_argument("--sources", nargs="*", default=None, help="sources to run (default: all with a YAML)")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "bench_real"), help="work folders go here, one per source")
-    ap.add_argument("--params", default=str(ROOT / "data" / "params" / "demo"), help="base parameter folder of the chain")
+    ap.add_argument("--params", default=str(ROOT / "data" / "params" / "real"),
+                    help="base parameter folder of the chain (default: the real-tissue recipe; data/params/demo: phase 1)")
     ap.add_argument("--seed", type=int, default=0, help="annotator seed")
     ap.add_argument("--out", default=str(RESULTS), help="results CSV")
     ap.add_argument("--prepare-only", action="store_true", help="write slides, truth and annotations; do not run the chain")
@@ -538,9 +541,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not data.is_dir():
         raise SystemExit(f"ERROR: {data}: data folder not found; pass DATA=<folder of image + mask pairs>")
     cmap = load_class_map()
-    overrides = parse_overrides(args.set)
     rows: list[dict] = []
     try:
+        overrides = parse_overrides(args.set)
         for name in args.sources or list_sources(data):
             src = load_source(data, name)
             print(f"\n==== {name}: {len(src.pairs())} images from {src.folder} ({src.yaml_path})", flush=True)

@@ -139,3 +139,12 @@ def test_checkpoint_metric_is_checked():
     TrainConfig(checkpoint_metric="mean").check()
     with pytest.raises(ParameterError, match="checkpoint_metric"):
         TrainConfig(checkpoint_metric="dice").check()
+
+
+def test_bench_real_overrides():
+    from benchmarks.bench_real import parse_overrides
+
+    assert parse_overrides(["05_train_model.epochs=24", "05_train_model.split_by=pixels", "03_refine_labels.x=true"]) == {
+        "05_train_model": {"epochs": 24, "split_by": "pixels"}, "03_refine_labels": {"x": True}}
+    with pytest.raises(ParameterError, match="NOTEBOOK.PARAMETER"):
+        parse_overrides(["epochs=3"])
