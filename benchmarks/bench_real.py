@@ -3,7 +3,8 @@
 Usage (what ``make bench-real [DATA=folder]`` runs)::
 
     python -m benchmarks.bench_real [--data ../shared/data/real] [--sources ocdc_oral ...]
-        [--workdir runs/bench_real] [--params data/params/demo] [--seed 0] [--prepare-only]
+        [--workdir runs/bench_real] [--params data/params/real] [--set 05_train_model.epochs=12 ...]
+        [--seed 0] [--prepare-only]
         [--out benchmarks/results/real.csv]
     python -m benchmarks.bench_real --merge results/real_a.csv results/real_b.csv   # table of separate runs
 
@@ -22,8 +23,9 @@ For every source, in ``<workdir>/<source>/`` (a normal work folder of the chain)
    inside the ``background_from`` values. Unmapped values are 0 (not scored).
 3. ``annotations/<image>.geojson``: simulated sparse strokes on the **training part**
    (the left half of every image; the right half is held out), by :func:`simulate_annotations`.
-4. ``params/``: the chain parameters: the base folder's YAMLs (default ``data/params/demo``)
-   with ``encoder_weights: none`` (no download, no ImageNet), 08 is not run.
+4. ``params/``: the chain parameters: the base folder's YAMLs (default ``data/params/real``, the
+   real-tissue recipe of issue 11; ``data/params/demo`` was phase 1's) with ``encoder_weights: none``
+   (no download, no ImageNet) and the ``--set`` overrides; 08 is not run.
 5. Notebooks 01 to 07 through :func:`helpers.pipeline.run_chain` (the code path of the notebooks).
 6. Scoring of the **held-out part** (right half, every pixel with a truth label):
    ``predictions/<image>/labels.tiff`` vs the truth, per class IoU, and IoU, precision and
@@ -491,6 +493,22 @@ def write_csv(rows: list[dict], path: Path = RESULTS) -> Path:
     return path
 
 
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``["05_train_model.epochs=20", ...]`` -> ``{"05_train_model": {"epochs": 20}}`` (values read as YAML)."""
+    import yaml
+
+    from helpers.errors import ParameterError
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        nb, dot, name = key.partition(".")
+        if not (sep and dot and nb and name):
+            raise ParameterError(f"--set {item!r}: write NOTEBOOK.PARAMETER=VALUE, e.g. 05_train_model.epochs=20")
+        out.setdefault(nb, {})[name] = yaml.safe_load(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the pooled headline IoU per source (for ``benchmarks.run_all``)."""
     from helpers.config import load_class_map
@@ -500,11 +518,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", default=str(DATA), help="folder of sources (sub-folders of image + mask pairs)")
     ap.add_argument("--sources", nargs="*", default=None, help="sources to run (default: all with a YAML)")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "bench_real"), help="work folders go here, one per source")
-    ap.add_argument("--params", default=str(ROOT / "data" / "params" / "demo"), help="base parameter folder of the chain")
+    ap.add_argument("--params", default=str(ROOT / "data" / "params" / "real"),
+                    help="base parameter folder of the chain (default: the real-tissue recipe; data/params/demo: phase 1)")
     ap.add_argument("--seed", type=int, default=0, help="annotator seed")
     ap.add_argument("--out", default=str(RESULTS), help="results CSV")
     ap.add_argument("--prepare-only", action="store_true", help="write slides, truth and annotations; do not run the chain")
     ap.add_argument("--score-only", action="store_true", help="only score the finished runs in --workdir")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NB.KEY=VALUE",
+                    help="parameter overrides on top of --params, e.g. 05_train_model.split_by=pixels (YAML values)")
     ap.add_argument("--merge", nargs="*", default=None, metavar="CSV",
                     help="no run: merge result CSVs of separate runs (e.g. one per source) into --out and print the table")
     args = ap.parse_args([] if argv is None and __name__ != "__main__" else argv)
@@ -522,11 +543,12 @@ def main(argv: list[str] | None = None) -> dict:
     cmap = load_class_map()
     rows: list[dict] = []
     try:
+        overrides = parse_overrides(args.set)
         for name in args.sources or list_sources(data):
             src = load_source(data, name)
             print(f"\n==== {name}: {len(src.pairs())} images from {src.folder} ({src.yaml_path})", flush=True)
             rows += run_source(src, Path(args.workdir) / name, Path(args.params), args.seed, cmap,
-                               prepare_only=args.prepare_only, score_only=args.score_only)
+                               overrides=overrides, prepare_only=args.prepare_only, score_only=args.score_only)
             if rows:
                 write_csv(rows, Path(args.out))
     except HistoUNetError as exc:

@@ -74,6 +74,44 @@ def label_vs_truth(wd: Path, cmap) -> dict:
     return acc
 
 
+#: 03's rule sets compared by :func:`rules_vs_truth` (item 3 of issue 11).
+RULE_SETS = {
+    "03 default": {},
+    "glass in tissue unlabelled": {"glass_in_tissue_unlabelled": True},
+    "open free glass only": {"free_glass_min_area": 2500},
+    "recipe (both)": {"glass_in_tissue_unlabelled": True, "free_glass_min_area": 2500},
+}
+
+
+def rules_vs_truth(wd: Path, cmap, rule_sets: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Label error against the dense truth of 01's raw labels and of 03's rules re-applied per rule set.
+
+    Rows: ``raw (01)`` and each rule set; columns: labelled pixels (with a truth label),
+    wrong pixels, wrong share, labelled share of the tiles, Background labels on tissue.
+    """
+    from helpers.io import read_image
+    from helpers.labels import refine_label, truth_tile
+    from helpers.tiles import read_label_tile
+
+    rule_sets = RULE_SETS if rule_sets is None else rule_sets
+    man = pd.read_csv(wd / "labels" / "manifest.csv")
+    img_col = "image_raw" if "image_raw" in man.columns else "image"
+    bg = cmap.background.label
+    acc = {k: np.zeros(4, np.int64) for k in ["raw (01)", *rule_sets]}
+    for r in man.to_dict("records"):
+        raw = read_label_tile(wd / r["label_raw"])
+        t = truth_tile(wd, r, raw.shape)
+        image = read_image(wd / r[img_col])
+        labs = {"raw (01)": raw}
+        labs.update({k: refine_label(image, raw, cmap, **v) for k, v in rule_sets.items()})
+        for k, lab in labs.items():
+            m = (lab > 0) & (t > 0)
+            acc[k] += [int(m.sum()), int((lab[m] != t[m]).sum()), lab.size, int(((lab == bg) & (t > 0) & (t != bg)).sum())]
+    rows = [{"labels": k, "labelled_px": int(a[0]), "wrong_px": int(a[1]), "wrong": a[1] / max(1, a[0]),
+             "labelled_share": a[0] / max(1, a[2]), "bg_on_tissue_px": int(a[3])} for k, a in acc.items()]
+    return pd.DataFrame(rows).set_index("labels")
+
+
 def bn_check(wd: Path, cmap) -> dict:
     """Validation IoU of best.keras with moving statistics (inference) vs batch statistics."""
     from helpers.model import load_trained, preprocess
@@ -104,11 +142,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "bench_real"))
     ap.add_argument("--sources", nargs="*", default=None)
     ap.add_argument("--bn", action="store_true", help="also compare batch-norm inference vs training mode")
+    ap.add_argument("--rules", action="store_true", help="only: 03's rule sets (RULE_SETS) against the dense truth")
     args = ap.parse_args(argv)
     cmap = load_class_map()
     base = Path(args.workdir)
     result = {}
     for wd in sorted(p for p in base.iterdir() if p.is_dir() and (not args.sources or p.name in args.sources)):
+        if args.rules and (wd / "labels" / "manifest.csv").is_file():
+            rv = rules_vs_truth(wd, cmap)
+            print(f"\n===== {wd.name}: label error against the dense truth (tiles of labels/manifest.csv)")
+            print(rv.round(4).to_string())
+            result[wd.name] = {"rules": rv.reset_index().to_dict("records")}
+            continue
         if not (wd / "model" / "split.csv").is_file():
             continue
         print(f"\n===== {wd.name}")

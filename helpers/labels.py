@@ -8,9 +8,13 @@ rules to a label tile, each one switchable by a parameter:
    small unlabelled holes inside a class region take that class (morphology).
 2. ``border_band``: a band this many pixels wide along every annotation border becomes
    unlabelled (0), because annotators' lines are rough; the loss ignores it.
-3. ``glass_in_annotations``: glass inside any annotation becomes the background class.
+3. ``glass_in_annotations``: glass inside any annotation becomes the background class;
+   with ``glass_in_tissue_unlabelled``, glass inside a *tissue* class annotation becomes
+   unlabelled instead (pale tumour, gland lumen and fat are not glass to learn).
 4. ``free_glass``: clearly empty glass anywhere (glass at least ``free_glass_margin``
-   pixels from tissue) becomes the background class: free labels.
+   pixels from tissue) becomes the background class: free labels; with
+   ``free_glass_min_area``, only glass areas of at least that many pixels (open glass,
+   not an enclosed lumen).
 Unannotated pixels otherwise stay 0 = unlabelled.
 
 Glass is found by :func:`helpers.tissue.glass_mask`, the one glass rule of every step.
@@ -42,7 +46,8 @@ def _disk(radius: int) -> np.ndarray:
 
 def refine_label(image: np.ndarray, label: np.ndarray, class_map: ClassMap, *, background_class: str | None = None,
                  min_region: int = 16, border_band: int = 3, glass_in_annotations: bool = True, free_glass: bool = True,
-                 free_glass_margin: int = 8, saturation_threshold: float | str = SATURATION_THRESHOLD,
+                 free_glass_margin: int = 8, glass_in_tissue_unlabelled: bool = False, free_glass_min_area: int = 0,
+                 saturation_threshold: float | str = SATURATION_THRESHOLD,
                  min_brightness: float = MIN_BRIGHTNESS) -> np.ndarray:
     """Apply the refinement rules (module docstring) to one label tile.
 
@@ -56,6 +61,8 @@ def refine_label(image: np.ndarray, label: np.ndarray, class_map: ClassMap, *, b
         glass_in_annotations: Glass inside annotations becomes ``background_class``.
         free_glass: Clearly empty glass outside annotations becomes ``background_class``.
         free_glass_margin: Minimum distance (pixels) from tissue for "clearly empty" glass.
+        glass_in_tissue_unlabelled: Glass inside tissue-class annotations becomes unlabelled, not background.
+        free_glass_min_area: Free glass only in glass areas of at least this many pixels; 0 = any.
         saturation_threshold, min_brightness: Passed to :func:`helpers.tissue.glass_mask`.
 
     Returns:
@@ -85,9 +92,17 @@ def refine_label(image: np.ndarray, label: np.ndarray, class_map: ClassMap, *, b
     if glass_in_annotations or free_glass:
         glass = glass_mask(image, saturation_threshold, min_brightness)
         if glass_in_annotations:
-            out[glass & annotated] = bg
+            if glass_in_tissue_unlabelled:
+                out[glass & annotated & (label != bg)] = 0
+                out[glass & (label == bg)] = bg
+            else:
+                out[glass & annotated] = bg
         if free_glass:
             clear = ndi.binary_erosion(glass, structure=_disk(free_glass_margin), border_value=1) if free_glass_margin > 0 else glass
+            if free_glass_min_area > 0:
+                clear &= drop_small_objects(glass, free_glass_min_area)
+            if glass_in_tissue_unlabelled:
+                clear &= ~(annotated & (label != bg))
             out[clear & (out == 0)] = bg
     return out
 

@@ -101,3 +101,96 @@ def _touching(df: pd.DataFrame, margin: float = 0.0) -> np.ndarray:
             & (y0[:, None] <= y1[None] + margin) & (y0[None] <= y1[:, None] + margin)
             & (slide[:, None] == slide[None]))
 
+
+
+# ----------------------------------------------------------------------------- held-out pixels
+def holdout_blocks(slide: str, x: int, y: int, w: int, h: int, shape: tuple[int, int], block_size: float,
+                   val_fraction: float, seed: int = 0) -> np.ndarray:
+    """Boolean ``shape`` mask of a tile's pixels that lie in held-out (validation) blocks.
+
+    The slide is cut into square blocks of ``block_size`` level-0 pixels; a block is held
+    out when a hash of (slide, block, seed) falls below ``val_fraction``. The draw depends
+    on level-0 coordinates only, so overlapping tiles agree on every pixel.
+    """
+    import zlib
+
+    th, tw = shape
+    gx = ((x + (np.arange(tw) + 0.5) * w / tw) // block_size).astype(np.int64)
+    gy = ((y + (np.arange(th) + 0.5) * h / th) // block_size).astype(np.int64)
+    salt = (zlib.crc32(str(slide).encode()) + 7919 * int(seed)) % 2**31
+    hx = (gx * 73856093) % 2**31
+    hy = (gy * 19349663) % 2**31
+    key = (hy[:, None] ^ hx[None, :] ^ salt).astype(np.uint64)
+    key = (key * np.uint64(2654435761)) % np.uint64(2**32)  # Knuth multiplicative hash
+    return (key.astype(np.float64) / 2**32) < val_fraction
+
+
+def split_pixels(df: pd.DataFrame, read_label, out_dir, val_fraction: float = 0.15, block_size: float | None = None,
+                 seed: int = 0, class_names: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """Split the labelled **pixels**, not the tiles: every labelled tile trains (``split_by="pixels"``).
+
+    Labelled pixels inside held-out blocks (:func:`holdout_blocks`, default block side: a
+    quarter tile width, level-0 px) are removed from the training labels (written to
+    ``out_dir/<tile_id>-labelled.png``) and form the validation labels; nothing else is
+    lost. For small annotation sets, where a tile split leaves a third of the labels unused.
+    Each held-out pixel is validated once, in one tile, however much the tiles overlap.
+
+    Returns:
+        ``(table, val_rows, val_labels)``: the tile table with ``split`` = train, ``label_path``
+        pointing at the training labels and ``px_val`` (held-out pixels); the rows of tiles
+        holding held-out pixels; their held-out label arrays (0 elsewhere).
+    """
+    from pathlib import Path
+
+    from helpers.io import write_image
+
+    if not 0 < val_fraction < 1:
+        raise ParameterError(f"val_fraction={val_fraction}: must be between 0 and 1")
+    df = df.copy().reset_index(drop=True)
+    if block_size is None:
+        block_size = float(np.median(df["w"])) / 4
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, px_val, held_all = [], [], []
+    cols = [f"px_{n}" for n in (class_names or []) if f"px_{n}" in df.columns]
+    for i, r in enumerate(df.to_dict("records")):
+        lab = read_label(r["label_path"])
+        held = holdout_blocks(r["slide"], r["x"], r["y"], r["w"], r["h"], lab.shape[:2], block_size, val_fraction, seed)
+        held &= lab > 0
+        train = np.where(held, 0, lab).astype(np.uint8)
+        path = out_dir / f"{r['tile_id']}-labelled.png"
+        write_image(train, path)
+        paths.append(str(path))
+        px_val.append(int(held.sum()))
+        held_all.append(np.where(held, lab, 0).astype(np.uint8))
+        for c, col in enumerate(cols):
+            df.loc[i, col] = int((train == c + 1).sum())
+    # overlapping tiles hold the same held-out pixels: each pixel is scored once, by the tile
+    # with the most held-out pixels; tiles left with under a fifth of theirs are not validated
+    claimed: dict[str, set] = {}
+    val_idx, val_labels = [], []
+    for i in sorted(range(len(df)), key=lambda j: -px_val[j]):
+        if not px_val[i]:
+            break
+        r = df.iloc[i]
+        lab = held_all[i]
+        ds = float(r["w"]) / lab.shape[1]
+        ox, oy = int(round(r["x"] / ds)), int(round(r["y"] / ds))
+        yy, xx = np.nonzero(lab)
+        keys = (yy + oy).astype(np.int64) * 1_000_003 + (xx + ox)
+        seen = claimed.setdefault(str(r["slide"]), set())
+        new = np.fromiter((k not in seen for k in keys.tolist()), bool, len(keys))
+        if new.sum() < 0.2 * len(keys):
+            continue
+        seen.update(keys[new].tolist())
+        keep = np.zeros_like(lab)
+        keep[yy[new], xx[new]] = lab[yy[new], xx[new]]
+        val_idx.append(i)
+        val_labels.append(keep)
+    df["label_path"] = paths
+    df["px_val"] = px_val
+    if cols:
+        df["px_labelled"] = df[cols].sum(axis=1)
+    df[SPLIT_COLUMN] = "train"
+    df["group"] = "pixels"
+    return df, df.iloc[val_idx].reset_index(drop=True), val_labels

@@ -160,7 +160,7 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
                  annotations: str | Path | None = None, mpp: float = 1.0, slide_mpp: float | None = None,
                  tile_size: int = 256, stride: int = 256, min_labelled_fraction: float = 0.05,
                  max_glass_fraction: float = 0.95, unclassified: str = "skip", max_tiles_per_slide: int | None = None,
-                 background_class: str | None = None, overwrite: bool = False) -> pd.DataFrame:
+                 background_class: str | None = None, glass_tiles: int = 0, overwrite: bool = False) -> pd.DataFrame:
     """Python route of step 01: write image/label tile pairs and ``tiles/manifest.csv``.
 
     Args:
@@ -179,6 +179,9 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
         unclassified: Policy for unclassified annotations (see :func:`helpers.annotations.read_annotations`).
         max_tiles_per_slide: Keep at most this many tiles per slide (evenly spread); None = all.
         background_class: The class of glass (see ``max_glass_fraction``); None = the map's background role.
+        glass_tiles: Per slide, up to this many extra tiles that hold glass but too few
+            annotations, taken inside the bounding box of the slide's annotations, most glass first
+            (:func:`glass_rich_tiles`); their glass is labelled by 03's free-glass rule. 0 = none.
         overwrite: Replace an earlier ``tiles/`` folder.
 
     Returns:
@@ -209,7 +212,8 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
     fingerprint = fingerprint_of(dict(classes=class_map.names, mpp=mpp, slide_mpp=slide_mpp, tile_size=tile_size,
                                       stride=stride, min_labelled_fraction=min_labelled_fraction,
                                       max_glass_fraction=max_glass_fraction, unclassified=unclassified,
-                                      max_tiles_per_slide=max_tiles_per_slide, background_class=background_class),
+                                      max_tiles_per_slide=max_tiles_per_slide, background_class=background_class,
+                                      glass_tiles=glass_tiles),
                                  [p for pair in pairs for p in pair])
     if reuse_or_guard(out_dir, fingerprint, overwrite, "tile export", guard=False):
         return pd.read_csv(out_dir / DONE)
@@ -240,6 +244,9 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
                 if max_tiles_per_slide and len(kept) > max_tiles_per_slide:
                     pick = np.linspace(0, len(kept) - 1, max_tiles_per_slide).round().astype(int)
                     kept = [kept[i] for i in sorted(set(pick))]
+                if glass_tiles > 0 and anns:
+                    kept += glass_rich_tiles(slide, grid, kept, anns, ds, tile_size, glass_tiles,
+                                             max_glass=max_glass_fraction)
                 n_glass = 0
                 if background_class is None:
                     glass_label = next((c.label for c in class_map.classes if c.role == "background"), -1)
@@ -265,6 +272,37 @@ def export_tiles(workdir: str | Path, class_map: ClassMap, slides: str | Path | 
         manifest = pd.DataFrame(rows)
         write_manifest(manifest, tmp / "manifest.csv")
     return manifest
+
+
+def glass_rich_tiles(slide, grid: list[tuple[int, int, int, int]], kept: list[tuple], anns: list, ds: float,
+                     tile_size: int, n: int, min_glass: float = 0.2, max_glass: float = 0.95) -> list[tuple]:
+    """Up to ``n`` grid tiles not in ``kept``, centred inside the annotations' bounding box, most glass first.
+
+    Sparse annotations rarely cover open glass, so the network sees little of it; these
+    tiles (unlabelled here) get their glass labelled by 03's free-glass rule
+    (:func:`helpers.tissue.glass_mask`). Only tiles with ``min_glass`` to ``max_glass`` glass
+    count (a tile of glass alone teaches no border).
+
+    Returns:
+        ``[(x, y, w, h, empty label tile), ...]``.
+    """
+    from shapely.ops import unary_union
+
+    from helpers.tissue import glass_mask
+
+    bx0, by0, bx1, by1 = unary_union([a.geometry for a in anns]).bounds
+    taken = {(k[0], k[1]) for k in kept}
+    cands = [g for g in grid if (g[0], g[1]) not in taken
+             and bx0 <= g[0] + g[2] / 2 <= bx1 and by0 <= g[1] + g[3] / 2 <= by1]
+    if len(cands) > 8 * n:  # look at an even spread of candidates, not all of a large slide
+        cands = [cands[i] for i in sorted(set(np.linspace(0, len(cands) - 1, 8 * n).round().astype(int)))]
+    scored = []
+    for (x, y, w, h) in cands:
+        g = float(glass_mask(slide.read(x, y, tile_size, tile_size, ds)).mean())
+        if min_glass <= g <= max_glass:
+            scored.append((g, (x, y, w, h)))
+    scored.sort(key=lambda t: -t[0])
+    return [(*box, np.zeros((tile_size, tile_size), np.uint8)) for _, box in scored[:n]]
 
 
 def read_tile_folder(folder: str | Path, class_map: ClassMap, workdir: str | Path | None = None,

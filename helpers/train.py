@@ -29,7 +29,7 @@ from helpers.dataset import fit_multiple, load_augmentation, make_dataset, read_
 from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
 from helpers.losses import class_weights_from_counts, make_loss
 from helpers.metrics import confusion_matrix, headline_name, iou_scores
-from helpers.split import SPLIT_COLUMN, split_tiles
+from helpers.split import SPLIT_COLUMN, split_pixels, split_tiles
 from helpers.steps import (DONE, fingerprint_of, guard_output, latest_tile_manifest, mark_done, record_fingerprint,
                            reuse_or_guard, step_dir)
 
@@ -68,6 +68,7 @@ class TrainConfig:
     gif_tiles: int = 4
     seed: int = 42
     init_model: str | None = None  # a previous model folder: fine-tune from its best.keras (round 2 of 09)
+    checkpoint_metric: str = "headline"  # validation IoU picking best.keras: "headline" or "mean"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ParameterError(f"crop_size={self.crop_size}: must be a multiple of 32 (or None)")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ParameterError(f"lr_schedule={self.lr_schedule!r}: use 'cosine' or 'constant'")
+        if self.checkpoint_metric not in ("headline", "mean"):
+            raise ParameterError(f"checkpoint_metric={self.checkpoint_metric!r}: use 'headline' or 'mean'")
         if self.class_weights not in (None, "auto", "none"):
             raise ParameterError(f"class_weights={self.class_weights!r}: use 'auto' or None")
 
@@ -158,7 +161,10 @@ class Trainer:
         cfg = self.cfg
         df, self.source_step = read_tiles(self.workdir, self.cm)
         split_file = self.out / "split.csv"
-        if self.resume and split_file.is_file():
+        if cfg.split_by == "pixels":  # every tile trains; held-out pixel blocks validate (deterministic)
+            df, held_rows, held_labels = split_pixels(df, read_label_tile, self.out / "train_labels", cfg.val_fraction,
+                                                      cfg.block_size, cfg.seed, self.cm.names)
+        elif self.resume and split_file.is_file():
             old = pd.read_csv(split_file)
             df = df.merge(old[["tile_id", SPLIT_COLUMN, "group"]], on="tile_id", how="left")
             df[SPLIT_COLUMN] = df[SPLIT_COLUMN].fillna("excluded")
@@ -174,6 +180,8 @@ class Trainer:
                 df.loc[drop, "used"] = False
         self.train_df = df[(df[SPLIT_COLUMN] == "train") & df["used"]].reset_index(drop=True)
         self.val_df = df[(df[SPLIT_COLUMN] == "val") & df["used"]].reset_index(drop=True)
+        if cfg.split_by == "pixels":
+            self.val_df = held_rows
         if self.train_df.empty or self.val_df.empty:
             raise ParameterError(f"split gave {len(self.train_df)} training and {len(self.val_df)} validation tiles "
                                  "with labels; change val_fraction/block_size or add labelled tiles")
@@ -191,7 +199,8 @@ class Trainer:
                               if cfg.class_weights == "auto" else None)
         # validation tiles are few: keep them decoded in memory
         self.val_images = [fit_multiple(read_image_tile(p)) for p in self.val_df["image_path"]]
-        self.val_labels = [fit_multiple(read_label_tile(p)) for p in self.val_df["label_path"]]
+        self.val_labels = ([fit_multiple(v) for v in held_labels] if cfg.split_by == "pixels"
+                           else [fit_multiple(read_label_tile(p)) for p in self.val_df["label_path"]])
         return df
 
     def datasets(self):
@@ -237,12 +246,13 @@ class Trainer:
         row.update({k: (float(v) if np.ndim(v) == 0 else v) for k, v in logs.items()})
         self.history.append(row)
         iou = row.get("val_headline_iou", float("nan"))
-        improved = np.isfinite(iou) and iou > self.best_iou
+        score = row.get(f"val_{self.cfg.checkpoint_metric}_iou", float("nan"))
+        improved = np.isfinite(score) and score > self.best_iou
         with atomic_path(self.out / "last.keras", overwrite=True) as tmp:
             self.model.save(tmp)
         if improved or not (self.out / "best.keras").is_file():
             if improved:
-                self.best_iou, self.best_epoch = float(iou), epoch + 1
+                self.best_iou, self.best_epoch = float(score), epoch + 1
             with atomic_path(self.out / "best.keras", overwrite=True) as tmp:
                 self.model.save(tmp)
         hist = pd.DataFrame(self.history)
@@ -469,6 +479,10 @@ def preview_split(workdir: str | Path, cfg: TrainConfig | None = None, class_map
     if use_saved and saved.is_file():
         return pd.read_csv(saved)
     df, _ = read_tiles(workdir, cmap)
+    if cfg.split_by == "pixels":
+        df = df.copy()
+        df[SPLIT_COLUMN], df["group"] = "train", "pixels"  # every tile trains; pixel blocks validate
+        return df
     return split_tiles(df, cfg.val_fraction, cfg.split_by, cfg.block_size, cfg.seed, cmap.names, margin=cfg.split_margin)
 
 
