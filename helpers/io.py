@@ -284,3 +284,14 @@ def read_manifest(path: str | Path, step_hint: str = "") -> pd.DataFrame:
         hint = f"; run {step_hint} first" if step_hint else ""
         raise HistoUNetError(f"{path}: manifest not found{hint}")
     return pd.read_csv(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (model and weights files are recorded by it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

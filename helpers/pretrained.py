@@ -26,7 +26,6 @@ normalisation values are compared with ImageNet's and a WARNING is logged if the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from helpers.errors import HistoUNetError, ParameterError, PretrainedWeightsError
+from helpers.errors import ParameterError, PretrainedWeightsError
+from helpers.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,6 @@ def imagenet_url(backbone: str = "efficientnetb0") -> str:
 def keras_cache_dir() -> Path:
     """Keras' cache folder (``$KERAS_HOME`` or ``~/.keras``); the file goes to its ``models/``."""
     return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
-
-
-def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _first_line(text: str, limit: int = 200) -> str:
@@ -202,7 +193,7 @@ def resolve_encoder_weights(encoder_weights: str | None, backbone: str = "effici
             fix = _ways_out(backbone, True) if backbone in KERAS_NOTOP_MD5 else "pass encoder_weights='none'"
             raise PretrainedWeightsError(f"encoder_weights={requested!r}: file not found; {fix}")
         record = {"source": "file", "requested": requested}
-    record.update({"file": path.name, "path": str(path.resolve()), "sha256": sha256_of(path)})
+    record.update({"file": path.name, "path": str(path.resolve()), "sha256": sha256_file(path)})
     return path, record
 
 

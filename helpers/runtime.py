@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from helpers.errors import ModelError, ParameterError, WriteError
+from helpers.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +62,6 @@ class Predictor:
         return self.predict(tiles)
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_tiles(tile: int, n: int = 4, seed: int = 0) -> np.ndarray:
     """Fixed uint8 tiles for the equivalence check: smooth H&E-like colour fields plus noise."""
     rng = np.random.default_rng(seed)
@@ -82,6 +74,23 @@ def check_tiles(tile: int, n: int = 4, seed: int = 0) -> np.ndarray:
     return out
 
 
+def fixed_batches(run_batch: Callable[[np.ndarray], np.ndarray], batch_size: int, tile: int,
+                  n_cls: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Wrap a runtime that takes exactly ``batch_size`` tiles: a short last batch is padded with glass."""
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        out = np.empty((len(tiles), tile, tile, n_cls), np.float32)
+        for i in range(0, len(tiles), batch_size):
+            chunk = tiles[i:i + batch_size]
+            n = len(chunk)
+            if n < batch_size:
+                chunk = np.concatenate([chunk, np.full((batch_size - n, tile, tile, 3), 255, np.uint8)])
+            out[i:i + n] = run_batch(chunk)[:n]
+        return out
+
+    return predict
+
+
 def keras_predict_fn(model, batch_size: int, tile: int, n_cls: int) -> Callable[[np.ndarray], np.ndarray]:
     """The Keras path: one traced ``tf.function`` on fixed-size (padded) batches."""
     import tensorflow as tf
@@ -92,17 +101,7 @@ def keras_predict_fn(model, batch_size: int, tile: int, n_cls: int) -> Callable[
     def run(x):
         return model(preprocess(x), training=False)
 
-    def predict(tiles: np.ndarray) -> np.ndarray:
-        out = np.empty((len(tiles), tile, tile, n_cls), np.float32)
-        for i in range(0, len(tiles), batch_size):
-            chunk = tiles[i:i + batch_size]
-            n = len(chunk)
-            if n < batch_size:
-                chunk = np.concatenate([chunk, np.full((batch_size - n, tile, tile, 3), 255, np.uint8)])
-            out[i:i + n] = run(tf.constant(chunk)).numpy()[:n]
-        return out
-
-    return predict
+    return fixed_batches(lambda chunk: run(tf.constant(chunk)).numpy(), batch_size, tile, n_cls)
 
 
 def ort_session(onnx: str | Path | bytes, threads: int = 0):
@@ -150,17 +149,7 @@ def openvino_predict_fn(onnx: str | Path, batch_size: int, tile: int, n_cls: int
     model.reshape([batch_size, tile, tile, 3])
     request = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}).create_infer_request()
 
-    def predict(tiles: np.ndarray) -> np.ndarray:
-        out = np.empty((len(tiles), tile, tile, n_cls), np.float32)
-        for i in range(0, len(tiles), batch_size):
-            chunk = tiles[i:i + batch_size]
-            n = len(chunk)
-            if n < batch_size:
-                chunk = np.concatenate([chunk, np.full((batch_size - n, tile, tile, 3), 255, np.uint8)])
-            out[i:i + n] = request.infer({0: np.ascontiguousarray(chunk)})[0][:n]
-        return out
-
-    return predict
+    return fixed_batches(lambda chunk: request.infer({0: np.ascontiguousarray(chunk)})[0], batch_size, tile, n_cls)
 
 
 #: The ONNX runtimes in order of preference (package, predictor factory).
