@@ -35,9 +35,9 @@ import numpy as np
 from helpers.config import ClassMap
 from helpers.errors import HistoUNetError, ParameterError, SlideError
 from helpers.io import atomic_path, make_dir, read_json, resumable_or_nothing, write_json
-from helpers.model import SIZE_MULTIPLE, background_index, check_class_map, load_model_and_classes, preprocess
+from helpers.model import SIZE_MULTIPLE, background_index, check_class_map, load_model_and_classes
 from helpers.rowstore import RowStore, disk_full_guard, write_raster
-from helpers.steps import DONE, fingerprint_of, guard_output, reuse_or_guard, start_in_place
+from helpers.steps import DONE, file_id, fingerprint_of, guard_output, reuse_or_guard, start_in_place
 from helpers.strips import read_bands
 from helpers.tissue import slide_tissue_mask
 
@@ -128,11 +128,6 @@ def resolve_normalizer(normalizer: str | Path | None, model_dir: Path, params: d
 
 def _fingerprint(**items: Any) -> str:
     return hashlib.sha1(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_id(path: Path) -> list:
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, int(st.st_mtime)]
 
 
 def _band_done(band: int) -> None:
@@ -262,7 +257,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                                     tile=tile, n_cls=n_cls)
 
         # ---- resumable state
-        fp = _fingerprint(slide=_file_id(slide_path), model=_file_id(Path(params["model_file"])), ds=ds, tile=tile,
+        fp = _fingerprint(slide=file_id(slide_path), model=file_id(Path(params["model_file"])), ds=ds, tile=tile,
                           stride=stride, blend=blend, normalizer=str(norm_path) if norm_path else None,
                           batch=batch_size, n_cls=n_cls, mpp=slide_mpp, min_tissue=min_tissue,
                           runtime=predict_fn.runtime)
