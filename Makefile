@@ -18,21 +18,29 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m ipykernel install --sys-prefix --name histo-unet --display-name "Histo-UNet (.venv)" >/dev/null
 	@touch $(STAMP)
 
-install: $(STAMP)
+# the project's Jupyter kernel "Histo-UNet (.venv)" (quiet TensorFlow start-up); rewritten
+# whenever helpers/runner.py changes, so an existing .venv gets it too
+KERNEL := $(VENV)/share/jupyter/kernels/histo-unet/kernel.json
+$(KERNEL): $(STAMP) helpers/runner.py
+	$(PY) -m helpers.runner install-kernel >/dev/null
 
-demo: $(STAMP)
+install: $(STAMP) $(KERNEL)
+
+demo: $(STAMP) $(KERNEL)
 	$(PY) -m helpers.pipeline --workdir $(WORKDIR) --params data/params/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# make lab: JupyterLab on the notebooks (kernel "Histo-UNet (.venv)"); after make demo, open 03_refine_labels
-lab: $(STAMP)
+# make lab: JupyterLab on the notebooks (kernel "Histo-UNet (.venv)"); after make demo, open 03_refine_labels.
+# jupyter/ (project-local settings: no news pop-up) is added to JUPYTER_CONFIG_PATH; ~/.jupyter is left as it is.
+lab: $(STAMP) $(KERNEL)
 	@echo "Open 03_refine_labels.ipynb and Run All: it reuses $(WORKDIR) and shows the label browser."
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --LabApp.default_url=/lab/tree/03_refine_labels.ipynb
+	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter$(if $(JUPYTER_CONFIG_PATH),:$(JUPYTER_CONFIG_PATH),)" \
+		$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 \
+		--LabApp.default_url=/lab/tree/03_refine_labels.ipynb
 
 # make bench: every benchmark, then the targets (P1, P3, P7, variants) met / not met -> benchmarks/results/bench.csv
 bench: $(STAMP)

@@ -164,3 +164,14 @@ def test_demo_refinement_lowers_disagreement_with_truth(tmp_path, class_map):
     assert before["tiles"] == after["tiles"] == len(tiles) > 0
     assert after["wrong_fraction"] < before["wrong_fraction"], (before, after)
     assert after["wrong_pixels"] < before["wrong_pixels"]
+
+
+def test_viewer_starts_on_labelled_tissue_not_glass(tmp_path, class_map):
+    """03's browser opens on the tile with the most labelled tissue; labelled glass does not count."""
+    glass, tissue = class_map.background.name, [c.name for c in class_map.classes if c.name != class_map.background.name]
+    rows = [{f"px_{glass}": 60000, **{f"px_{n}": 0 for n in tissue}},  # all glass (free-glass rule)
+            {f"px_{glass}": 1000, **{f"px_{n}": 500 for n in tissue}},
+            {f"px_{glass}": 0, **{f"px_{n}": (900 if i == 0 else 0) for i, n in enumerate(tissue)}}]
+    manifest = pd.DataFrame([{"slide": "s", "x": 0, "y": 0, "image": "i.png", "label": "l.png", **r} for r in rows])
+    viewer = label_viewer(tmp_path, manifest, class_map)
+    assert viewer.children[0].children[0].value == 1  # 500 px of each tissue class beats 900 px of one and all the glass

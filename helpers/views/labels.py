@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from helpers.config import ClassMap
+from helpers.errors import ClassMapError
 from helpers.labels import truth_tile
 from helpers.steps import step_dir
 from helpers.tiles import read_label_tile
@@ -81,8 +82,14 @@ def label_viewer(workdir: str | Path, manifest: pd.DataFrame, class_map: ClassMa
     if (step_dir(workdir, "truth")).is_dir():
         views.append("truth")
     px_cols = {c.name: f"px_{c.name}" for c in class_map.classes if f"px_{c.name}" in manifest.columns}
-    labelled = manifest[list(px_cols.values())].sum(axis=1) if px_cols else pd.Series(0, index=manifest.index)
-    start = int(np.argmax(labelled.to_numpy())) if len(manifest) else 0  # not tile 0 (often mostly glass)
+    # start on the tile with the most labelled tissue (not tile 0, nor a tile of labelled glass)
+    try:
+        glass = {class_map.background.name}
+    except ClassMapError:  # a class map without a background role: every class counts
+        glass = set()
+    tissue = [col for name, col in px_cols.items() if name not in glass] or list(px_cols.values())
+    labelled = manifest[tissue].sum(axis=1) if tissue else pd.Series(0, index=manifest.index)
+    start = int(np.argmax(labelled.to_numpy())) if len(manifest) else 0
     tile = widgets.IntSlider(start, 0, max(0, len(manifest) - 1), description="tile")
     jump = widgets.Dropdown(options=["(choose)"] + [f"tiles with most {n}" for n in px_cols], description="jump to")
     nxt = widgets.Button(description="next of these", tooltip="the next tile in this ranking")
