@@ -293,8 +293,9 @@ def _class_regions(labels: Any, probs: Any, label: int, connectivity: int, band_
     seam are held, each as a :class:`helpers.outlines.RegionAssembly` (its exterior; its
     holes are spooled): the geometry is then a :class:`helpers.outlines.StreamedPolygon`.
     With 8-connectivity (pieces may meet at a corner only) or a simplification tolerance
-    above :data:`helpers.outlines.MAX_RING_TOLERANCE` they are held whole
-    (:class:`helpers.outlines.HeldRegion`). The order key ``(first band's y, region id
+    above :data:`helpers.outlines.MAX_RING_TOLERANCE` (or a downsample below 0.1, where
+    rounding to QuPath's 0.01 px grid is no longer far below the gap between rings) they
+    are held whole (:class:`helpers.outlines.HeldRegion`). The order key ``(first band's y, region id
     there)`` sorts regions into raster order of their first pixels.
     """
     import numpy as np
