@@ -32,12 +32,14 @@ and takes about 4x longer), no stain normalizer. Peak RSS includes the ~0.6 GB o
 TensorFlow's import, the same for both slides. Slides are the synthetic mosaic of real tumour tiles of ``bench_inference``
 (written once, tile by tile; ~1 minute for 40,000^2).
 
-Measured 2026-11-27 (2 shared cores, defaults): predict 1,095 -> 1,461 MB (1.33x, target
-met; was 1,204 -> 2,131 MB, 1.77x); export 297 -> 660 MB (2.23x, not met; was 368 ->
-2,217 MB, 6.0x). The export's remaining growth is the GeoJSON's largest region: the
-untrained benchmark model's 'Other' class forms one connected region spanning the slide
-(561,848 vertices and 54,939 holes at 40k vs 39,366 at 10k), which must be whole in
-memory to be one QuPath feature; everything else is held per band of rows.
+Measured 2026-11-30 (2 shared cores, load average 15-22, defaults): predict 1,015 -> 1,345
+MB (1.32x, target met); export 293 -> 293 MB (1.00x, target met; was 294 -> 654 MB, 2.22x,
+measured the same day on the same slides). The export's former growth was the GeoJSON's
+largest region (the untrained benchmark model's 'Other' class, one region spanning the
+slide: 561,848 vertices and 54,939 holes at 40k): it is now assembled without being held
+whole (:mod:`helpers.outlines`: holes spooled to disk as found, only the exterior above
+the current seam kept), so the GeoJSON step no longer sets the peak (40k: post-processing's
+band buffers, 10k: the overlay).
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ Post-processing variants can be tried without predicting again.
 Memory: the probability TIFF is read in bands of rows (:class:`helpers.rasters.RasterRows`),
 labels go to row files on disk (:class:`helpers.rowstore.RowStore`) and GeoJSON regions are
 traced band by band, joined across seams; hole filling and small-object removal find
-connected components band by band too (:mod:`helpers.components`). What still grows
-with the slide: the GeoJSON's largest region, held whole to be one QuPath feature.
+connected components band by band too (:mod:`helpers.components`). A region crossing
+band seams (e.g. one spanning the slide) is not held whole either: its holes are
+written to a spool file in the scratch folder as they are found, only its exterior
+above the current seam is kept (:mod:`helpers.outlines`).
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
             write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta, overwrite=True)
             features = iter_label_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
                                            mpp=info["slide_mpp"], exclude=exclude_classes,
-                                           band_rows=EXPORT_BAND_ROWS)
+                                           band_rows=EXPORT_BAND_ROWS, streamed=True, spool_dir=scratch_dir)
             with disk_full_guard(outputs["geojson"]):
                 n_features = write_features_stream(features, outputs["geojson"], overwrite=True)
             summary = summarize(labels, cmap, mpp)

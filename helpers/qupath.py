@@ -48,6 +48,12 @@ def make_feature(geometry: Any, class_name: str | None, color: tuple[int, int, i
     if not geom.is_valid:
         geom = _repair(geom)
     geom = mapping(_on_grid(geom))
+    props = _properties(class_name, color, object_type, name, measurements)
+    return {"type": "Feature", "id": feature_id or str(uuid.uuid4()), "geometry": _plain(geom), "properties": props}
+
+
+def _properties(class_name: str | None, color: Any, object_type: str, name: str | None,
+                measurements: dict[str, float] | None) -> dict[str, Any]:
     props: dict[str, Any] = {"objectType": object_type}
     if name:
         props["name"] = name
@@ -55,7 +61,30 @@ def make_feature(geometry: Any, class_name: str | None, color: tuple[int, int, i
         props["classification"] = {"name": class_name, "color": [int(v) for v in (color or (255, 0, 0))]}
     if measurements:
         props["measurements"] = {k: float(v) for k, v in measurements.items()}
-    return {"type": "Feature", "id": feature_id or str(uuid.uuid4()), "geometry": _plain(geom), "properties": props}
+    return props
+
+
+class StreamedFeature:
+    """A feature whose polygon is written from disk (:class:`helpers.outlines.StreamedPolygon`), never held whole.
+
+    :func:`write_features_stream` writes it as it comes; :meth:`to_dict` gives the plain feature.
+    """
+
+    def __init__(self, polygon: Any, properties: dict[str, Any], feature_id: str | None = None) -> None:
+        self.polygon, self.properties, self.id = polygon, properties, feature_id or str(uuid.uuid4())
+
+    def write(self, out: Any) -> None:
+        """Write the feature's JSON to the text stream ``out``."""
+        out.write(f'{{"type": "Feature", "id": {json.dumps(self.id)}, "geometry": ')
+        self.polygon.write(out)
+        out.write(f', "properties": {json.dumps(self.properties)}}}')
+
+    def to_dict(self) -> dict:
+        import io
+
+        buf = io.StringIO()
+        self.write(buf)
+        return json.loads(buf.getvalue())
 
 
 def _on_grid(geom: Any) -> Any:
@@ -103,13 +132,18 @@ def write_features_stream(features: Iterable[dict], path: str | Path, overwrite:
     """Write GeoJSON features to a ``FeatureCollection`` file as they come (atomically).
 
     The same JSON as :func:`write_feature_collection`, without holding the
-    list: a whole-slide export has one feature per region. Returns the number written.
+    list: a whole-slide export has one feature per region; a :class:`StreamedFeature` is
+    copied from its spool file, not built in memory. Returns the number written.
     """
     n = 0
     with atomic_path(path, overwrite) as tmp, open(tmp, "w") as fh:
         fh.write('{"type": "FeatureCollection", "features": [')
         for feat in features:
-            fh.write((", " if n else "") + json.dumps(feat))
+            fh.write(", " if n else "")
+            if isinstance(feat, StreamedFeature):
+                feat.write(fh)
+            else:
+                fh.write(json.dumps(feat))
             n += 1
         fh.write("]}")
     return n
@@ -184,7 +218,7 @@ def labels_to_features(labels: Any, class_map: Any, downsample: float = 1.0, pro
     exclude = _excluded_names(class_map, exclude)
     for ci, key, feat in _iter_features(labels, class_map, downsample, probabilities, object_type, mpp, exclude,
                                         min_area_px, simplify_tolerance, connectivity, rows):
-        feats.append((ci, key, feat))
+        feats.append((ci, key, feat if isinstance(feat, dict) else feat.to_dict()))
     feats.sort(key=lambda t: (t[0], t[1]))  # class order, then raster order of first pixels
     return [f for _, _, f in feats]
 
@@ -193,11 +227,18 @@ def iter_label_features(labels: Any, class_map: Any, downsample: float = 1.0, pr
                         object_type: str = "annotation", mpp: float | None = None,
                         exclude: tuple[str, ...] | list[str] | None = None, min_area_px: int = 1,
                         simplify_tolerance: float | None = 0.25, connectivity: int = 4,
-                        band_rows: int = 256) -> Iterator[dict]:
+                        band_rows: int = 256, streamed: bool = False,
+                        spool_dir: str | Path | None = None) -> Iterator[dict | StreamedFeature]:
     """:func:`labels_to_features` as a stream, traced in bands of rows: each feature is
     yielded as soon as its region is complete, so neither the label image nor the list of
     features is held (write them out as they come). Order: by class, then by where the
-    region ends (not its first pixel)."""
+    region ends (not its first pixel).
+
+    A region crossing band seams is assembled without being held whole
+    (:mod:`helpers.outlines`, 4-connectivity): its holes go to a spool file in
+    ``spool_dir`` (default: the system's temporary folder) as they are found. With
+    ``streamed`` such a region is yielded as a :class:`StreamedFeature` (write it with
+    :func:`write_features_stream` before taking the next feature); otherwise as a dict."""
     if object_type not in ("annotation", "detection"):
         raise ValueError(f"object_type must be 'annotation' or 'detection'; got {object_type!r}")
     if connectivity not in (4, 8):
@@ -208,49 +249,68 @@ def iter_label_features(labels: Any, class_map: Any, downsample: float = 1.0, pr
         raise ValueError(f"band_rows must be >= 1; got {band_rows}")
     exclude = _excluded_names(class_map, exclude)
     for _, _, feat in _iter_features(labels, class_map, downsample, probabilities, object_type, mpp, exclude,
-                                     min_area_px, simplify_tolerance, connectivity, int(band_rows)):
-        yield feat
+                                     min_area_px, simplify_tolerance, connectivity, int(band_rows), spool_dir):
+        yield feat if streamed or isinstance(feat, dict) else feat.to_dict()
 
 
 def _iter_features(labels: Any, class_map: Any, downsample: float, probabilities: Any, object_type: str,
                    mpp: float | None, exclude: Any, min_area_px: int, simplify_tolerance: float | None,
-                   connectivity: int, rows: int) -> Iterator[tuple[int, tuple[int, int], dict]]:
+                   connectivity: int, rows: int, spool_dir: str | Path | None = None
+                   ) -> Iterator[tuple[int, tuple[int, int], dict | StreamedFeature]]:
     import numpy as np
+
+    from helpers.outlines import Context, Spool, StreamedPolygon
 
     scale = 1.0
     if probabilities is not None:
         scale = 255.0 if probabilities.dtype == np.uint8 else 1.0
-    for ci, cls in enumerate(class_map.classes):
-        if cls.name in exclude:
-            continue
-        for key, geom, count, psum in _class_regions(labels, probabilities, cls.label, float(downsample),
-                                                     connectivity, rows):
-            if count < min_area_px:
+    ctx = Context(Spool(spool_dir), simplify_tolerance, float(downsample), COORDINATE_GRID)
+    try:
+        for ci, cls in enumerate(class_map.classes):
+            if cls.name in exclude:
                 continue
-            mean = None if probabilities is None else psum / max(count, 1) / scale
-            feat = _region_feature(geom, cls, downsample, simplify_tolerance, mpp, mean, object_type)
-            if feat is not None:
-                yield ci, key, feat
+            for key, geom, count, psum in _class_regions(labels, probabilities, cls.label, connectivity, rows, ctx):
+                if count < min_area_px:
+                    continue
+                mean = None if probabilities is None else psum / max(count, 1) / scale
+                if isinstance(geom, StreamedPolygon):
+                    props = _properties(cls.name, cls.color, object_type, None, _measures(geom.area, mpp, mean, cls))
+                    yield ci, key, StreamedFeature(geom, props)
+                    continue
+                feat = _region_feature(geom, cls, downsample, simplify_tolerance, mpp, mean, object_type)
+                if feat is not None:
+                    yield ci, key, feat
+    finally:
+        ctx.spool.close()
 
 
-def _class_regions(labels: Any, probs: Any, label: int, downsample: float, connectivity: int,
-                   band_rows: int) -> Iterator[tuple[tuple[int, int], Any, int, float]]:
+def _class_regions(labels: Any, probs: Any, label: int, connectivity: int, band_rows: int,
+                   ctx: Any) -> Iterator[tuple[tuple[int, int], Any, int, float]]:
     """``(order key, geometry, pixel count, probability sum)`` of each connected region of one class.
 
-    Traced band by band; a region is yielded as soon as the band below no longer touches
-    it, so only regions crossing the current seam are held. The order key
-    ``(first band's y, region id there)`` sorts regions into raster order of their first pixels.
+    Traced band by band (in label px, scaled to level-0 px on output); a region is yielded
+    as soon as the band below no longer touches it, so only regions crossing the current
+    seam are held, each as a :class:`helpers.outlines.RegionAssembly` (its exterior; its
+    holes are spooled): the geometry is then a :class:`helpers.outlines.StreamedPolygon`.
+    With 8-connectivity (pieces may meet at a corner only) or a simplification tolerance
+    above :data:`helpers.outlines.MAX_RING_TOLERANCE` (or a downsample below 0.1, where
+    rounding to QuPath's 0.01 px grid is no longer far below the gap between rings) they
+    are held whole (:class:`helpers.outlines.HeldRegion`). The order key ``(first band's y, region id
+    there)`` sorts regions into raster order of their first pixels.
     """
     import numpy as np
     from rasterio import features as rio_features
     from rasterio.transform import Affine
     from scipy import ndimage
-    from shapely import unary_union
-    from shapely.geometry import MultiPolygon, shape
+    from shapely.geometry import shape
 
+    from helpers.outlines import MAX_RING_TOLERANCE, HeldRegion, RegionAssembly, join, pinch_keys, scaled
+
+    stream = connectivity == 4 and (ctx.tolerance or 0) <= MAX_RING_TOLERANCE and ctx.downsample >= 0.1
+    region_cls = RegionAssembly if stream else HeldRegion
     structure = np.ones((3, 3), bool) if connectivity == 8 else None
     height = labels.shape[0]
-    pieces: dict[int, tuple[list, int, float, tuple[int, int]]] = {}  # seam-touching pieces by global id
+    pieces: dict[int, Any] = {}  # active regions (crossing the current seam) by their union-find root
     parent: dict[int, int] = {}
 
     def find(a: int) -> int:
@@ -263,7 +323,9 @@ def _class_regions(labels: Any, probs: Any, label: int, downsample: float, conne
     next_gid = 1
     for y0 in range(0, height, band_rows):
         y1 = min(height, y0 + band_rows)
-        mask = np.asarray(labels[y0:y1]) == label
+        top, bottom = int(y0 > 0), int(y1 < height)
+        ext = np.asarray(labels[y0 - top:y1 + bottom]) == label  # one row of context either side
+        mask = ext[top:top + y1 - y0]
         active: set[int] = set()
         if mask.any():
             regions, n = ndimage.label(mask, structure=structure)
@@ -283,18 +345,20 @@ def _class_regions(labels: Any, probs: Any, label: int, downsample: float, conne
             lut = np.zeros(n + 1, np.int64)
             for rid, g in gid.items():
                 lut[rid] = g
+            if gid and stream:
+                ctx.pins = pinch_keys(np.pad(ext, ((1 - top, 1 - bottom), (0, 0))), y0)
             geoms: dict[int, list] = {}
-            transform = Affine(downsample, 0.0, 0.0, 0.0, downsample, y0 * downsample)
+            transform = Affine(1.0, 0.0, 0.0, 0.0, 1.0, float(y0))
             for g, value in rio_features.shapes(regions, mask=mask, connectivity=connectivity, transform=transform):
                 geoms.setdefault(int(value), []).append(shape(g))
             for rid in sorted(geoms):
-                parts = geoms[rid]
+                parts = geoms.pop(rid)
                 if rid in gid:
-                    pieces[gid[rid]] = (parts, int(sizes[rid]), float(sums[rid]), (y0, rid))
+                    pieces[gid[rid]] = region_cls.from_piece(parts, (y0, rid), int(sizes[rid]), float(sums[rid]),
+                                                             gid[rid], ctx)
                     parent[gid[rid]] = gid[rid]
                 else:
-                    geom = parts[0] if len(parts) == 1 else MultiPolygon(parts)
-                    yield (y0, rid), geom, int(sizes[rid]), float(sums[rid])
+                    yield (y0, rid), scaled(join(parts), ctx.downsample), int(sizes[rid]), float(sums[rid])
             # join pieces across the seam with the previous band
             if prev_last is not None and y0 > 0:
                 first = lut[regions[0]]
@@ -309,29 +373,28 @@ def _class_regions(labels: Any, probs: Any, label: int, downsample: float, conne
             prev_last = lut[regions[-1]] if y1 < height else None
             if prev_last is not None:
                 active = {find(int(g)) for g in np.unique(prev_last) if g}
-            del regions, mask
+            del regions, mask, ext
         else:
             prev_last = None
-        # regions that cannot grow into the next band are complete
-        groups: dict[int, list[int]] = {}
+        groups: dict[int, list[int]] = {}  # pieces joined this band become one region under their root
         for g in pieces:
-            r = find(g)
-            if r not in active:
-                groups.setdefault(r, []).append(g)
-        for members in groups.values():
-            parts = [p for m in members for p in pieces[m][0]]
-            if len(members) == 1:
-                geom = parts[0] if len(parts) == 1 else MultiPolygon(parts)
-            else:
-                geom = unary_union(parts)
-            yield (min(pieces[m][3] for m in members), geom, sum(pieces[m][1] for m in members),
-                   sum(pieces[m][2] for m in members))
-        for members in groups.values():
-            for m in members:
-                del pieces[m]
-        for members in groups.values():
-            for m in members:
+            groups.setdefault(find(g), []).append(g)
+        for root, members in groups.items():
+            if len(members) > 1:
+                pieces[root].absorb([pieces.pop(m) for m in members if m != root], ctx)
+        for root in [r for r in pieces if r not in active]:  # regions that cannot grow into the next band
+            region = pieces.pop(root)
+            for m in region.gids:
                 parent.pop(m, None)
+            yield region.key, region.finish(ctx), region.count, region.psum
+
+
+def _measures(area_px: float, mpp: float | None, mean: float | None, cls: Any) -> dict[str, float]:
+    """Area (um^2 with ``mpp``, else level-0 px^2) and the mean probability of the region's class."""
+    meas = {"Area µm^2": float(area_px * mpp * mpp)} if mpp else {"Area px^2": float(area_px)}
+    if mean is not None:
+        meas[f"Mean {cls.name} probability"] = round(float(mean), 4)
+    return meas
 
 
 def _region_feature(geom: Any, cls: Any, downsample: float, simplify_tolerance: float | None, mpp: float | None,
@@ -348,11 +411,5 @@ def _region_feature(geom: Any, cls: Any, downsample: float, simplify_tolerance: 
     if not polys:
         return None
     geom = polys[0] if len(polys) == 1 else MultiPolygon([p for g in polys for p in getattr(g, "geoms", [g])])
-    meas: dict[str, float] = {}
-    if mpp:
-        meas["Area µm^2"] = float(geom.area * mpp * mpp)
-    else:
-        meas["Area px^2"] = float(geom.area)
-    if mean is not None:
-        meas[f"Mean {cls.name} probability"] = round(float(mean), 4)
-    return make_feature(geom, cls.name, cls.color, object_type=object_type, measurements=meas)
+    return make_feature(geom, cls.name, cls.color, object_type=object_type,
+                        measurements=_measures(geom.area, mpp, mean, cls))
