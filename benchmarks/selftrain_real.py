@@ -1,0 +1,132 @@
+"""Round 2 on finished ``bench_real`` runs (issue 11): self-training with pseudo-labels, or more epochs alone.
+
+Usage::
+
+    python -m benchmarks.selftrain_real --from runs/bench_real --workdir runs/bench_real_st \\
+        [--sources glas_colon ...] [--threshold 0.9 | --no-pseudo] [--set 05_train_model.epochs=24 ...]
+
+Per source, the finished run ``--from/<source>`` (read only) is copied to ``--workdir/<source>``;
+its ``model/`` becomes ``model_round1/``. With pseudo-labels (default),
+:func:`helpers.selftrain.pseudo_label_tiles` fills the unlabelled pixels of the training tiles
+where round 1's slide prediction (07) is at least ``--threshold`` confident, **only in the
+training part** (left half: the held-out half gets no pseudo-label) and never in 05's validation
+blocks. Then 05 fine-tunes from ``model_round1`` (``init_model``) and 07 predicts again, through
+:func:`helpers.pipeline.run_chain` (the notebooks' code path), and the held-out half is scored as
+:mod:`benchmarks.bench_real` scores it. ``--no-pseudo`` is the control: the same extra epochs on
+the annotations alone. Training CPU seconds of both rounds are printed and kept in ``bench_real.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.bench_real import (DATA, RESULTS, load_source, parse_overrides, print_table, run_source,
+                                   train_part, write_csv, write_params)
+
+#: Round 2's defaults on top of the round-1 parameters (05): 24 more epochs at half the learning rate.
+ROUND2 = {"epochs": 24, "learning_rate": 5e-4}
+_COPY_SKIP = {"model", "notebooks", "gif", "tta"}
+
+
+def _left_half(widths: dict[str, int]):
+    """``allowed`` for :func:`helpers.selftrain.pseudo_label_tiles`: level-0 columns left of each image's midline."""
+
+    def allowed(r: dict, shape: tuple[int, int]) -> np.ndarray:
+        th, tw = shape
+        cols = r["x"] + (np.arange(tw) + 0.5) * r["w"] / tw
+        return np.broadcast_to(cols < widths[str(r["slide"])] // 2, (th, tw)).copy()
+
+    return allowed
+
+
+def prepare_round2(src_dir: Path, wd: Path, threshold: float | None, params05: dict) -> dict:
+    """Copy a finished run, move its model to ``model_round1`` and pseudo-label its tiles (unless ``threshold`` is None)."""
+    from helpers.rasters import raster_info
+    from helpers.selftrain import pseudo_label_tiles
+
+    if wd.exists():
+        shutil.rmtree(wd)
+    wd.mkdir(parents=True)
+    for p in src_dir.iterdir():
+        if p.name in _COPY_SKIP:
+            continue
+        (shutil.copytree if p.is_dir() else shutil.copy2)(p, wd / p.name)
+    shutil.copytree(src_dir / "model", wd / "model_round1", ignore=shutil.ignore_patterns("frames", "train_labels"))
+    out = {"threshold": threshold, "px_pseudo": 0}
+    if threshold is not None:
+        widths = {p.stem: int(raster_info(p)["width"]) for p in (wd / "truth").glob("*.tiff")}
+        df = pseudo_label_tiles(wd, threshold, val_fraction=params05.get("val_fraction", 0.15),
+                                block_size=params05.get("block_size"), seed=int(params05.get("seed", 42)),
+                                allowed=_left_half(widths))
+        out["px_pseudo"] = int(df["px_pseudo"].sum())
+        px = df[[c for c in df.columns if c.startswith("px_") and c not in ("px_unlabelled", "px_pseudo")]].sum()
+        out["labelled_px_after"] = int(px.sum())
+    return out
+
+
+def run(src_dir: Path, wd: Path, source, cmap, threshold: float | None, overrides: dict) -> list[dict]:
+    """Round 2 of one source; rows of the results table (as ``bench_real``)."""
+    import yaml
+
+    from helpers.pipeline import run_chain
+
+    p05 = yaml.safe_load((src_dir / "params" / "05_train_model.yaml").read_text()) or {}
+    r1 = yaml.safe_load((src_dir / "model" / "training_params.yaml").read_text())
+    t0 = time.perf_counter()
+    st = prepare_round2(src_dir, wd, threshold, p05)
+    ov = {k: dict(v) for k, v in overrides.items()}
+    ov.setdefault("05_train_model", {})
+    for k, v in ROUND2.items():
+        ov["05_train_model"].setdefault(k, v)
+    ov["05_train_model"]["init_model"] = str((wd / "model_round1").resolve())
+    params = write_params(wd / "params", wd / "params_round2", ov)  # round 1's YAMLs + the round-2 overrides
+    load0 = os.getloadavg()[0]
+    timings = dict(run_chain(wd, params, only=["05", "07"], overwrite=True))
+    r2 = yaml.safe_load((wd / "model" / "training_params.yaml").read_text())
+    info = json.loads((wd / "bench_real.json").read_text())
+    info.update({"round2": {**st, "overrides": ov, "timings": timings, "load_average_start": load0,
+                            "round1_train_cpu_s": r1["timings"]["total_cpu_s"],
+                            "round2_train_cpu_s": r2["timings"]["total_cpu_s"],
+                            "round2_train_s": r2["timings"]["total_s"], "seconds": time.perf_counter() - t0},
+                 "chain_seconds": info.get("chain_seconds", 0.0) + sum(timings.values())})
+    (wd / "bench_real.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info["round2"], indent=1, default=str), flush=True)
+    return run_source(source, wd, wd / "params", 0, cmap, score_only=True)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from helpers.config import load_class_map
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--from", dest="src", required=True, help="finished bench_real work folder (read only)")
+    ap.add_argument("--workdir", required=True, help="round-2 work folders go here, one per source")
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--sources", nargs="*", default=None)
+    ap.add_argument("--threshold", type=float, default=0.9, help="smallest confidence of a pseudo-label")
+    ap.add_argument("--no-pseudo", action="store_true", help="control: round 2 on the annotations alone")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NB.KEY=VALUE")
+    ap.add_argument("--out", default=str(RESULTS.with_name("real_round2.csv")))
+    args = ap.parse_args(argv)
+    cmap = load_class_map()
+    src_root, rows = Path(args.src), []
+    names = args.sources or sorted(p.name for p in src_root.iterdir() if (p / "model" / "best.keras").is_file())
+    for name in names:
+        print(f"\n==== round 2 of {name} ({'control, no pseudo-labels' if args.no_pseudo else f'pseudo-labels >= {args.threshold}'})",
+              flush=True)
+        rows += run(src_root / name, Path(args.workdir) / name, load_source(Path(args.data), name), cmap,
+                    None if args.no_pseudo else args.threshold, parse_overrides(args.set))
+        write_csv(rows, Path(args.out))
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
