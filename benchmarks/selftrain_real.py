@@ -28,16 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_real import (DATA, RESULTS, load_source, parse_overrides, print_table, run_source,
-                                   train_part, write_csv, write_params)
+from benchmarks.bench_real import DATA, RESULTS, load_source, parse_overrides, print_table, run_source, write_csv, write_params
 
 #: Round 2's defaults on top of the round-1 parameters (05): 24 more epochs at half the learning rate.
 ROUND2 = {"epochs": 24, "learning_rate": 5e-4}
 _COPY_SKIP = {"model", "notebooks", "gif", "tta"}
 
 
-def _left_half(widths: dict[str, int]):
+def left_half(workdir: Path):
     """``allowed`` for :func:`helpers.selftrain.pseudo_label_tiles`: level-0 columns left of each image's midline."""
+    from helpers.rasters import raster_info
+
+    widths = {p.stem: int(raster_info(p)["width"]) for p in (workdir / "truth").glob("*.tiff")}
 
     def allowed(r: dict, shape: tuple[int, int]) -> np.ndarray:
         th, tw = shape
@@ -47,58 +49,66 @@ def _left_half(widths: dict[str, int]):
     return allowed
 
 
-def prepare_round2(src_dir: Path, wd: Path, threshold: float | None, params05: dict) -> dict:
-    """Copy a finished run, move its model to ``model_round1`` and pseudo-label its tiles (unless ``threshold`` is None)."""
-    from helpers.rasters import raster_info
-    from helpers.selftrain import pseudo_label_tiles
-
+def copy_run(src_dir: Path, wd: Path) -> None:
+    """Copy a finished run (not its notebooks, GIF and TTA outputs) to ``wd``."""
     if wd.exists():
         shutil.rmtree(wd)
     wd.mkdir(parents=True)
     for p in src_dir.iterdir():
-        if p.name in _COPY_SKIP:
-            continue
-        (shutil.copytree if p.is_dir() else shutil.copy2)(p, wd / p.name)
-    shutil.copytree(src_dir / "model", wd / "model_round1", ignore=shutil.ignore_patterns("frames", "train_labels"))
-    out = {"threshold": threshold, "px_pseudo": 0}
-    if threshold is not None:
-        widths = {p.stem: int(raster_info(p)["width"]) for p in (wd / "truth").glob("*.tiff")}
-        df = pseudo_label_tiles(wd, threshold, val_fraction=params05.get("val_fraction", 0.15),
-                                block_size=params05.get("block_size"), seed=int(params05.get("seed", 42)),
-                                allowed=_left_half(widths))
+        if p.name not in _COPY_SKIP:
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, wd / p.name)
+
+
+def round2(wd: Path, threshold: float | None, overrides05: dict | None = None) -> dict:
+    """Round 2 in a finished work folder: ``model/`` -> ``model_round1/``, pseudo-labels, 05 (init_model), 07.
+
+    Args:
+        wd: A bench_real work folder after 01-07 (``model/``, ``predictions/``, ``params/``).
+        threshold: Pseudo-label confidence; None: no pseudo-labels (the control).
+        overrides05: 05's parameters for round 2 on top of ``params/05_train_model.yaml``
+            (default :data:`ROUND2`); ``init_model`` is set here.
+
+    Returns:
+        What round 2 did: pseudo-labelled pixels, its parameters, seconds and CPU seconds of both rounds.
+    """
+    import yaml
+
+    from helpers.pipeline import run_chain
+    from helpers.selftrain import pseudo_label_tiles
+
+    t0 = time.perf_counter()
+    p05 = yaml.safe_load((wd / "params" / "05_train_model.yaml").read_text()) or {}
+    r1 = yaml.safe_load((wd / "model" / "training_params.yaml").read_text())
+    if (wd / "model_round1").exists():
+        shutil.rmtree(wd / "model_round1")
+    shutil.move(wd / "model", wd / "model_round1")
+    out: dict = {"threshold": threshold, "px_pseudo": 0}
+    if threshold is not None:  # 05's pixel split of round 1: its validation blocks get no pseudo-label
+        df = pseudo_label_tiles(wd, threshold, val_fraction=p05.get("val_fraction", 0.15),
+                                block_size=p05.get("block_size"), seed=int(p05.get("seed", 42)), allowed=left_half(wd))
         out["px_pseudo"] = int(df["px_pseudo"].sum())
         px = df[[c for c in df.columns if c.startswith("px_") and c not in ("px_unlabelled", "px_pseudo")]].sum()
         out["labelled_px_after"] = int(px.sum())
+    ov = {**ROUND2, **(overrides05 or {}), "init_model": str((wd / "model_round1").resolve())}
+    params = write_params(wd / "params", wd / "params_round2", {"05_train_model": ov})
+    load0 = os.getloadavg()[0]
+    timings = dict(run_chain(wd, params, only=["05", "07"], overwrite=True))
+    r2 = yaml.safe_load((wd / "model" / "training_params.yaml").read_text())
+    out.update({"overrides_05": ov, "timings": timings, "load_average_start": load0,
+                "round1_train_s": r1["timings"]["total_s"], "round1_train_cpu_s": r1["timings"]["total_cpu_s"],
+                "round2_train_s": r2["timings"]["total_s"], "round2_train_cpu_s": r2["timings"]["total_cpu_s"],
+                "seconds": time.perf_counter() - t0})
     return out
 
 
 def run(src_dir: Path, wd: Path, source, cmap, threshold: float | None, overrides: dict) -> list[dict]:
-    """Round 2 of one source; rows of the results table (as ``bench_real``)."""
-    import yaml
-
-    from helpers.pipeline import run_chain
-
-    p05 = yaml.safe_load((src_dir / "params" / "05_train_model.yaml").read_text()) or {}
-    r1 = yaml.safe_load((src_dir / "model" / "training_params.yaml").read_text())
-    t0 = time.perf_counter()
-    st = prepare_round2(src_dir, wd, threshold, p05)
-    ov = {k: dict(v) for k, v in overrides.items()}
-    ov.setdefault("05_train_model", {})
-    for k, v in ROUND2.items():
-        ov["05_train_model"].setdefault(k, v)
-    ov["05_train_model"]["init_model"] = str((wd / "model_round1").resolve())
-    params = write_params(wd / "params", wd / "params_round2", ov)  # round 1's YAMLs + the round-2 overrides
-    load0 = os.getloadavg()[0]
-    timings = dict(run_chain(wd, params, only=["05", "07"], overwrite=True))
-    r2 = yaml.safe_load((wd / "model" / "training_params.yaml").read_text())
+    """Round 2 of one finished source run, copied to ``wd``; rows of the results table (as ``bench_real``)."""
+    copy_run(src_dir, wd)
+    st = round2(wd, threshold, overrides.get("05_train_model"))
     info = json.loads((wd / "bench_real.json").read_text())
-    info.update({"round2": {**st, "overrides": ov, "timings": timings, "load_average_start": load0,
-                            "round1_train_cpu_s": r1["timings"]["total_cpu_s"],
-                            "round2_train_cpu_s": r2["timings"]["total_cpu_s"],
-                            "round2_train_s": r2["timings"]["total_s"], "seconds": time.perf_counter() - t0},
-                 "chain_seconds": info.get("chain_seconds", 0.0) + sum(timings.values())})
-    (wd / "bench_real.json").write_text(json.dumps(info, indent=1))
-    print(json.dumps(info["round2"], indent=1, default=str), flush=True)
+    info.update({"round2": st, "chain_seconds": info.get("chain_seconds", 0.0) + sum(st["timings"].values())})
+    (wd / "bench_real.json").write_text(json.dumps(info, indent=1, default=str))
+    print(json.dumps(st, indent=1, default=str), flush=True)
     return run_source(source, wd, wd / "params", 0, cmap, score_only=True)
 
 
