@@ -88,3 +88,31 @@ def test_pseudo_label_tiles_needs_predictions(tmp_path):
     shutil.rmtree(wd / "predictions")
     with pytest.raises(HistoUNetError, match="07_infer_slide"):
         pseudo_label_tiles(wd, 0.9)
+
+
+def test_bench_real_selftrain_yaml_passes_threshold_and_round_two_values(tmp_path, monkeypatch):
+    import benchmarks.selftrain_real as st
+    from benchmarks.bench_real import self_training
+
+    seen = {}
+    monkeypatch.setattr(st, "round2", lambda wd, threshold, overrides05: seen.update(
+        wd=wd, threshold=threshold, overrides=overrides05) or {"timings": {}})
+    f = tmp_path / "selftrain.yaml"
+    f.write_text("threshold: 0.8\nepochs: 3\n")
+    self_training(tmp_path, f)
+    assert seen == {"wd": tmp_path, "threshold": 0.8, "overrides": {"epochs": 3}}
+    f.write_text("threshold: none\n")
+    self_training(tmp_path, f)
+    assert seen["threshold"] is None and seen["overrides"] == {}
+
+
+def test_left_half_allows_only_the_training_part(tmp_path):
+    from benchmarks.bench_real import write_truth
+    from benchmarks.selftrain_real import left_half
+    from helpers.config import load_class_map
+
+    (tmp_path / "truth").mkdir()
+    write_truth(tmp_path / "truth" / "s.tiff", np.ones((40, 100), np.uint8), 0.5, load_class_map())
+    allowed = left_half(tmp_path)
+    m = allowed({"slide": "s", "x": 20, "y": 0, "w": 64, "h": 64}, (32, 32))  # level-0 columns 20-83, midline 50
+    assert m.shape == (32, 32) and m[:, :15].all() and not m[:, 15:].any()
