@@ -9,8 +9,8 @@ Per source, the finished run ``--from/<source>`` (read only) is copied to ``--wo
 its ``model/`` becomes ``model_round1/``. With pseudo-labels (default),
 :func:`helpers.selftrain.pseudo_label_tiles` fills the unlabelled pixels of the training tiles
 where round 1's slide prediction (07) is at least ``--threshold`` confident, **only in the
-training part** (left half: the held-out half gets no pseudo-label) and never in 05's validation
-blocks. Then 05 fine-tunes from ``model_round1`` (``init_model``) and 07 predicts again, through
+training part** (left half: the held-out half gets no pseudo-label; ``--transductive``: there too,
+as a user's own slide would, not a clean hold-out figure) and never in 05's validation blocks. Then 05 fine-tunes from ``model_round1`` (``init_model``) and 07 predicts again, through
 :func:`helpers.pipeline.run_chain` (the notebooks' code path), and the held-out half is scored as
 :mod:`benchmarks.bench_real` scores it. ``--no-pseudo`` is the control: the same extra epochs on
 the annotations alone. Training CPU seconds of both rounds are printed and kept in ``bench_real.json``.
@@ -59,7 +59,7 @@ def copy_run(src_dir: Path, wd: Path) -> None:
             (shutil.copytree if p.is_dir() else shutil.copy2)(p, wd / p.name)
 
 
-def round2(wd: Path, threshold: float | None, overrides05: dict | None = None) -> dict:
+def round2(wd: Path, threshold: float | None, overrides05: dict | None = None, transductive: bool = False) -> dict:
     """Round 2 in a finished work folder: ``model/`` -> ``model_round1/``, pseudo-labels, 05 (init_model), 07.
 
     Args:
@@ -67,6 +67,8 @@ def round2(wd: Path, threshold: float | None, overrides05: dict | None = None) -
         threshold: Pseudo-label confidence; None: no pseudo-labels (the control).
         overrides05: 05's parameters for round 2 on top of ``params/05_train_model.yaml``
             (default :data:`ROUND2`); ``init_model`` is set here.
+        transductive: Pseudo-labels on every unlabelled pixel of the training tiles, the held-out half's
+            included (as on a user's own slide); its held-out score is then not a clean hold-out figure.
 
     Returns:
         What round 2 did: pseudo-labelled pixels, its parameters, seconds and CPU seconds of both rounds.
@@ -82,10 +84,11 @@ def round2(wd: Path, threshold: float | None, overrides05: dict | None = None) -
     if (wd / "model_round1").exists():
         shutil.rmtree(wd / "model_round1")
     shutil.move(wd / "model", wd / "model_round1")
-    out: dict = {"threshold": threshold, "px_pseudo": 0}
+    out: dict = {"threshold": threshold, "px_pseudo": 0, "transductive": transductive}
     if threshold is not None:  # 05's pixel split of round 1: its validation blocks get no pseudo-label
         df = pseudo_label_tiles(wd, threshold, val_fraction=p05.get("val_fraction", 0.15),
-                                block_size=p05.get("block_size"), seed=int(p05.get("seed", 42)), allowed=left_half(wd))
+                                block_size=p05.get("block_size"), seed=int(p05.get("seed", 42)),
+                                allowed=None if transductive else left_half(wd))
         out["px_pseudo"] = int(df["px_pseudo"].sum())
         px = df[[c for c in df.columns if c.startswith("px_") and c not in ("px_unlabelled", "px_pseudo")]].sum()
         out["labelled_px_after"] = int(px.sum())
@@ -101,10 +104,11 @@ def round2(wd: Path, threshold: float | None, overrides05: dict | None = None) -
     return out
 
 
-def run(src_dir: Path, wd: Path, source, cmap, threshold: float | None, overrides: dict) -> list[dict]:
+def run(src_dir: Path, wd: Path, source, cmap, threshold: float | None, overrides: dict,
+        transductive: bool = False) -> list[dict]:
     """Round 2 of one finished source run, copied to ``wd``; rows of the results table (as ``bench_real``)."""
     copy_run(src_dir, wd)
-    st = round2(wd, threshold, overrides.get("05_train_model"))
+    st = round2(wd, threshold, overrides.get("05_train_model"), transductive)
     info = json.loads((wd / "bench_real.json").read_text())
     info.update({"round2": st, "chain_seconds": info.get("chain_seconds", 0.0) + sum(st["timings"].values())})
     (wd / "bench_real.json").write_text(json.dumps(info, indent=1, default=str))
@@ -122,6 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--sources", nargs="*", default=None)
     ap.add_argument("--threshold", type=float, default=0.9, help="smallest confidence of a pseudo-label")
     ap.add_argument("--no-pseudo", action="store_true", help="control: round 2 on the annotations alone")
+    ap.add_argument("--transductive", action="store_true",
+                    help="pseudo-labels on the held-out half's pixels of the training tiles too (not a clean hold-out)")
     ap.add_argument("--set", nargs="*", default=[], metavar="NB.KEY=VALUE")
     ap.add_argument("--out", default=str(RESULTS.with_name("real_round2.csv")))
     args = ap.parse_args(argv)
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"\n==== round 2 of {name} ({'control, no pseudo-labels' if args.no_pseudo else f'pseudo-labels >= {args.threshold}'})",
               flush=True)
         rows += run(src_root / name, Path(args.workdir) / name, load_source(Path(args.data), name), cmap,
-                    None if args.no_pseudo else args.threshold, parse_overrides(args.set))
+                    None if args.no_pseudo else args.threshold, parse_overrides(args.set), args.transductive)
         write_csv(rows, Path(args.out))
     print_table(rows)
     return rows
