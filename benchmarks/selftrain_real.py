@@ -32,7 +32,7 @@ from benchmarks.bench_real import DATA, RESULTS, load_source, parse_overrides, p
 
 #: Round 2's defaults on top of the round-1 parameters (05): 24 more epochs at half the learning rate.
 ROUND2 = {"epochs": 24, "learning_rate": 5e-4}
-_COPY_SKIP = {"model", "notebooks", "gif", "tta"}
+_COPY_SKIP = {"notebooks", "gif", "tta"}
 
 
 def left_half(workdir: Path):
@@ -50,13 +50,15 @@ def left_half(workdir: Path):
 
 
 def copy_run(src_dir: Path, wd: Path) -> None:
-    """Copy a finished run (not its notebooks, GIF and TTA outputs) to ``wd``."""
+    """Copy a finished run (not its notebooks, GIF, TTA outputs, GIF frames and 05's split labels) to ``wd``."""
     if wd.exists():
         shutil.rmtree(wd)
     wd.mkdir(parents=True)
     for p in src_dir.iterdir():
-        if p.name not in _COPY_SKIP:
-            (shutil.copytree if p.is_dir() else shutil.copy2)(p, wd / p.name)
+        if p.is_dir() and p.name not in _COPY_SKIP:
+            shutil.copytree(p, wd / p.name, ignore=shutil.ignore_patterns("frames", "train_labels"))
+        elif p.is_file():
+            shutil.copy2(p, wd / p.name)
 
 
 def round2(wd: Path, threshold: float | None, overrides05: dict | None = None, transductive: bool = False) -> dict:
