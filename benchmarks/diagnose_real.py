@@ -147,11 +147,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bn", action="store_true", help="also compare batch-norm inference vs training mode")
     ap.add_argument("--rules", action="store_true", help="only: 03's rule sets (RULE_SETS) against the dense truth")
     ap.add_argument("--post", action="store_true", help="only: post-processing variants (POST_VARIANTS), held-out IoU")
+    ap.add_argument("--ensemble", nargs="*", default=None, metavar="RUN",
+                    help="only: held-out IoU of the mean probabilities of --workdir and these runs (same sources)")
     args = ap.parse_args(argv)
     cmap = load_class_map()
     base = Path(args.workdir)
     result = {}
     for wd in sorted(p for p in base.iterdir() if p.is_dir() and (not args.sources or p.name in args.sources)):
+        if args.ensemble is not None and (wd / "predictions").is_dir():
+            runs = [wd, *(Path(r) / wd.name for r in args.ensemble)]
+            pv = postprocess_variants(wd, cmap, {"07 recipe": ({}, None)}, others=runs[1:])
+            print(f"\n===== {wd.name}: held-out IoU of the mean probabilities of {[str(r) for r in runs]}")
+            print(pv.round(3).to_string())
+            result[wd.name] = {"ensemble": pv.reset_index().to_dict("records")}
+            continue
         if args.post and (wd / "predictions").is_dir():
             pv = postprocess_variants(wd, cmap)
             print(f"\n===== {wd.name}: held-out IoU per post-processing variant (stored probabilities)")
@@ -286,13 +295,14 @@ def fill_enclosed_background(labels: np.ndarray, max_px: int, target: int, backg
     return out
 
 
-def postprocess_variants(wd: Path, cmap, variants: dict | None = None) -> pd.DataFrame:
+def postprocess_variants(wd: Path, cmap, variants: dict | None = None, others: list[Path] | None = None) -> pd.DataFrame:
     """Held-out (right half) headline IoU, precision, recall and mean IoU per post-processing variant.
 
     The stored ``predictions/<slide>/probabilities.tiff`` are post-processed as 07 does
     (:func:`helpers.postprocess.postprocess` with the run's ``params/07_infer_slide.yaml`` smoothing and
     ``min_area_um2``, the variant's keywords on top), resized to the truth grid and scored as
-    :mod:`benchmarks.bench_real` scores.
+    :mod:`benchmarks.bench_real` scores. ``others``: work folders of the same source whose
+    probabilities are averaged with ``wd``'s first (an ensemble of models).
     """
     import cv2
     import yaml
@@ -306,12 +316,15 @@ def postprocess_variants(wd: Path, cmap, variants: dict | None = None) -> pd.Dat
     p07 = yaml.safe_load((wd / "params" / "07_infer_slide.yaml").read_text()) or {}
     base = {"smoothing": p07.get("smoothing", "gaussian"), "smoothing_size": float(p07.get("smoothing_size", 2.0)),
             "min_area_um2": p07.get("min_area_um2"), "opening_px": int(p07.get("opening_px", 0) or 0),
-            "closing_px": int(p07.get("closing_px", 0) or 0)}
+            "closing_px": int(p07.get("closing_px", 0) or 0), "fill_holes_um2": p07.get("fill_holes_um2")}
     n, head, bg = cmap.n_classes, cmap.headline.label, cmap.background.label
     acc = {k: np.zeros((n, n), np.int64) for k in variants}
     for pdir in sorted(p for p in (wd / "predictions").iterdir() if (p / "probabilities.tiff").is_file()):
         mpp = float(read_prediction_info(pdir)["mpp"])
         probs = read_probabilities(pdir)
+        for other in others or []:
+            probs += read_probabilities(other / "predictions" / pdir.name)
+        probs /= 1 + len(others or [])
         truth = np.asarray(read_raster(wd / "truth" / f"{pdir.name}.tiff", downsample=1.0))
         t = np.where(train_part(truth.shape), 0, truth)
         for name, (kw, enclosed) in variants.items():
