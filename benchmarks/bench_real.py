@@ -27,6 +27,9 @@ For every source, in ``<workdir>/<source>/`` (a normal work folder of the chain)
    real-tissue recipe of issue 11; ``data/params/demo`` was phase 1's) with ``encoder_weights: none``
    (no download, no ImageNet) and the ``--set`` overrides; 08 is not run.
 5. Notebooks 01 to 07 through :func:`helpers.pipeline.run_chain` (the code path of the notebooks).
+   If the parameter folder has a ``selftrain.yaml``, one self-training round follows
+   (:func:`benchmarks.selftrain_real.round2`: pseudo-labels from 07's probabilities on the
+   training part, 05 fine-tuned from the first model, 07 again); training time is both rounds'.
 6. Scoring of the **held-out part** (right half, every pixel with a truth label):
    ``predictions/<image>/labels.tiff`` vs the truth, per class IoU, and IoU, precision and
    recall of the headline class, per image and pooled per source.
@@ -77,6 +80,8 @@ DATA = ROOT.parent / "shared" / "data" / "real"
 YAMLS = Path(__file__).resolve().parent / "real"
 RESULTS = Path(__file__).resolve().parent / "results" / "real.csv"
 CHAIN = ["01", "02", "03", "04", "05", "06", "07"]
+#: Optional file of the parameter folder: one self-training round after 07 (threshold + 05's round-2 values).
+SELFTRAIN = "selftrain.yaml"
 #: Hard ceiling of the annotated share of the training part's tissue (issue 11).
 MAX_FRACTION = 0.15
 log = logging.getLogger("bench_real")
@@ -399,6 +404,20 @@ def score_image(workdir: Path, stem: str, n: int) -> np.ndarray:
     return confusion(t, pred, n)
 
 
+def self_training(workdir: Path, settings: Path) -> dict:
+    """The recipe's self-training round (``selftrain.yaml``: ``threshold`` and 05's round-2 parameters).
+
+    Pseudo-labels only on the training part (left half); see :func:`benchmarks.selftrain_real.round2`.
+    """
+    import yaml
+
+    from benchmarks.selftrain_real import round2
+
+    st = yaml.safe_load(settings.read_text()) or {}
+    threshold = st.pop("threshold", 0.9)
+    return round2(workdir, None if threshold in (None, "none") else float(threshold), st)
+
+
 def run_source(source: Source, workdir: Path, params_base: Path, seed: int, class_map,
                overrides: dict[str, dict] | None = None, prepare_only: bool = False,
                score_only: bool = False) -> list[dict]:
@@ -421,22 +440,28 @@ def run_source(source: Source, workdir: Path, params_base: Path, seed: int, clas
             return []
         load0 = os.getloadavg()[0]
         timings = dict(run_chain(workdir, params, only=CHAIN, overwrite=True))
+        if (params / SELFTRAIN).is_file():  # the recipe's self-training round (benchmarks.selftrain_real)
+            info["round2"] = self_training(workdir, params / SELFTRAIN)
+            timings.update({f"round 2 {k}": v for k, v in info["round2"]["timings"].items()})
         chain_s = time.perf_counter() - t0
         info.update({"chain_seconds": chain_s, "load_average_start": load0, "timings": timings})
         (workdir / "bench_real.json").write_text(json.dumps(info, indent=1))
     import yaml
 
     tp = yaml.safe_load((workdir / "model" / "training_params.yaml").read_text())
-    train_s = float(tp["timings"]["total_s"])
+    train_s, train_cpu = float(tp["timings"]["total_s"]), float(tp["timings"]["total_cpu_s"])
+    if "round2" in info:  # both training rounds count
+        train_s += float(info["round2"]["round1_train_s"])
+        train_cpu += float(info["round2"]["round1_train_cpu_s"])
     n = class_map.n_classes
     rows: list[dict] = []
     pooled = np.zeros((n, n), np.int64)
     for stem in sorted(ann):
         cm = score_image(workdir, stem, n)
         pooled += cm
-        rows += _rows(source, stem, cm, class_map, ann[stem]["fraction"], train_s, chain_s, load0)
+        rows += _rows(source, stem, cm, class_map, ann[stem]["fraction"], train_s, chain_s, load0, train_cpu)
     frac = float(np.sum([a["annotated_px"] for a in ann.values()]) / max(1, np.sum([a["tissue_px"] for a in ann.values()])))
-    rows += _rows(source, "ALL", pooled, class_map, frac, train_s, chain_s, load0)
+    rows += _rows(source, "ALL", pooled, class_map, frac, train_s, chain_s, load0, train_cpu)
     split = tp["split"]
     diag = {"source": source.name, "n_train_tiles": split["n_train"], "n_val_tiles": split["n_val"],
             "n_excluded_tiles": split["n_excluded"], "class_weights": tp.get("class_weights"),
@@ -448,7 +473,7 @@ def run_source(source: Source, workdir: Path, params_base: Path, seed: int, clas
 
 
 def _rows(source: Source, image: str, cm: np.ndarray, class_map, frac: float, train_s: float, chain_s: float,
-          load: float) -> list[dict]:
+          load: float, train_cpu_s: float = float("nan")) -> list[dict]:
     s = scores(cm)
     head = class_map.headline.label
     rows = []
@@ -459,7 +484,8 @@ def _rows(source: Source, image: str, cm: np.ndarray, class_map, frac: float, tr
                      "class": f"{name} ({source.headline})" if i + 1 == head else name,
                      "iou": s["iou"][i], "precision": s["precision"][i], "recall": s["recall"][i],
                      "truth_px": int(s["truth_px"][i]), "labelled_fraction": round(frac, 4),
-                     "train_seconds": round(train_s, 1), "chain_seconds": round(chain_s, 1), "load_avg": round(load, 1)})
+                     "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_cpu_s, 1),
+                     "chain_seconds": round(chain_s, 1), "load_avg": round(load, 1)})
     return rows
 
 
@@ -473,12 +499,13 @@ def print_table(rows: list[dict]) -> None:
     allrows = df[df["image"] == "ALL"]
     print("\nHeld-out (right half) scores, pooled per source:")
     print(f"{'source':<24} {'headline':<28} {'IoU':>6} {'prec':>6} {'rec':>6}  per-class IoU"
-          f"{'':<40} {'ann%':>5} {'train s':>8} {'chain s':>8} {'load':>5}")
+          f"{'':<40} {'ann%':>5} {'train s':>8} {'CPU s':>6} {'chain s':>8} {'load':>5}")
     for src, g in allrows.groupby("source", sort=False):
         h = g[g["class"].str.contains(r"\(")].iloc[0]
         per = "  ".join(f"{c.split(' ')[0]} {v:.3f}" for c, v in zip(g["class"], g["iou"]))
         print(f"{src:<24} {h['class']:<28} {h['iou']:6.3f} {h['precision']:6.3f} {h['recall']:6.3f}  {per:<53} "
-              f"{100 * h['labelled_fraction']:5.1f} {h['train_seconds']:8.0f} {h['chain_seconds']:8.0f} {h['load_avg']:5.1f}")
+              f"{100 * h['labelled_fraction']:5.1f} {h['train_seconds']:8.0f} {h.get('train_cpu_seconds', float('nan')):6.0f} "
+              f"{h['chain_seconds']:8.0f} {h['load_avg']:5.1f}")
     heads = allrows[allrows["class"].str.contains(r"\(")]["iou"]
     print(f"headline IoU: mean {heads.mean():.3f}, min {heads.min():.3f} (targets: mean >= 0.75, none < 0.65)")
 

@@ -19,6 +19,9 @@ Reads each source's work folder (``model/split.csv``, ``model/history.csv``,
 * with ``--bn``: validation IoU of ``best.keras`` in inference mode (batch-norm moving
   statistics) vs training mode (the batch's own statistics): a large gap means the moving
   statistics, not the weights, are what fails.
+* with ``--post`` only: held-out IoU of the stored probabilities under post-processing variants
+  (:data:`POST_VARIANTS`: 07's ``fill_holes_um2`` sizes, and Background holes enclosed by the
+  headline class filled with it, :func:`fill_enclosed_background`), without predicting again.
 """
 
 from __future__ import annotations
@@ -143,11 +146,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sources", nargs="*", default=None)
     ap.add_argument("--bn", action="store_true", help="also compare batch-norm inference vs training mode")
     ap.add_argument("--rules", action="store_true", help="only: 03's rule sets (RULE_SETS) against the dense truth")
+    ap.add_argument("--post", action="store_true", help="only: post-processing variants (POST_VARIANTS), held-out IoU")
+    ap.add_argument("--ensemble", nargs="*", default=None, metavar="RUN",
+                    help="only: held-out IoU of the mean probabilities of --workdir and these runs (same sources)")
     args = ap.parse_args(argv)
     cmap = load_class_map()
     base = Path(args.workdir)
     result = {}
     for wd in sorted(p for p in base.iterdir() if p.is_dir() and (not args.sources or p.name in args.sources)):
+        if args.ensemble is not None and (wd / "predictions").is_dir():
+            runs = [wd, *(Path(r) / wd.name for r in args.ensemble)]
+            pv = postprocess_variants(wd, cmap, {"07 recipe": ({}, None)}, others=runs[1:])
+            print(f"\n===== {wd.name}: held-out IoU of the mean probabilities of {[str(r) for r in runs]}")
+            print(pv.round(3).to_string())
+            result[wd.name] = {"ensemble": pv.reset_index().to_dict("records")}
+            continue
+        if args.post and (wd / "predictions").is_dir():
+            pv = postprocess_variants(wd, cmap)
+            print(f"\n===== {wd.name}: held-out IoU per post-processing variant (stored probabilities)")
+            print(pv.round(3).to_string())
+            result[wd.name] = {"post": pv.reset_index().to_dict("records")}
+            continue
         if args.rules and (wd / "labels" / "manifest.csv").is_file():
             rv = rules_vs_truth(wd, cmap)
             print(f"\n===== {wd.name}: label error against the dense truth (tiles of labels/manifest.csv)")
@@ -231,6 +250,95 @@ def white_predictions(wd: Path, cmap, min_area_um2: float = 100.0) -> pd.DataFra
         g[c] = (g[c] / g["px"]).round(3)
         g[f"truth_{c}"] = (g[f"truth_{c}"] / g["px"]).round(3)
     return g
+
+
+
+#: Post-processing variants of :func:`postprocess_variants`: name -> (07's postprocess keywords, enclosed-Background fill).
+#: ``enclosed`` is ``(max area um^2, smallest share of the hole's rim that is headline)`` or None.
+POST_VARIANTS: dict[str, tuple[dict | None, tuple[float, float] | None]] = {
+    "raw argmax": (None, None),
+    "07 recipe (fill_holes_um2 200)": ({"fill_holes_um2": 200.0}, None),
+    "fill_holes_um2 1000": ({"fill_holes_um2": 1000.0}, None),
+    "fill_holes_um2 3000": ({"fill_holes_um2": 3000.0}, None),
+    "fill_holes_um2 10000": ({"fill_holes_um2": 10000.0}, None),
+    "recipe + enclosed Background <= 1000 um2 (rim >= 50 % headline)": ({"fill_holes_um2": 200.0}, (1000.0, 0.5)),
+    "recipe + enclosed Background <= 5000 um2 (rim >= 50 % headline)": ({"fill_holes_um2": 200.0}, (5000.0, 0.5)),
+    "recipe + enclosed Background <= 5000 um2 (rim >= 80 % headline)": ({"fill_holes_um2": 200.0}, (5000.0, 0.8)),
+    "recipe + enclosed Background, any size (rim >= 50 % headline)": ({"fill_holes_um2": 200.0}, (1e12, 0.5)),
+}
+
+
+def fill_enclosed_background(labels: np.ndarray, max_px: int, target: int, background: int, share: float = 0.5) -> np.ndarray:
+    """Background regions not touching the image border, at most ``max_px``, whose rim is >= ``share`` ``target``: made ``target``.
+
+    The benchmark's prototype of "lumen inside tumour glands is tumour" (truth convention of
+    the prostate and GlaS masks); 07's ``fill_holes_um2`` fills holes of any class inside any class.
+    """
+    from scipy import ndimage
+
+    comp, k = ndimage.label(labels == background)
+    out = labels.copy()
+    if not k:
+        return out
+    sizes = np.bincount(comp.ravel(), minlength=k + 1)
+    border = np.zeros(k + 1, bool)
+    for edge in (comp[0], comp[-1], comp[:, 0], comp[:, -1]):
+        border[edge] = True
+    for i, sl in enumerate(ndimage.find_objects(comp), 1):
+        if border[i] or sizes[i] > max_px:
+            continue
+        box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
+        m = comp[box] == i
+        rim = ndimage.binary_dilation(m) & ~m
+        if (labels[box][rim] == target).mean() >= share:
+            out[box][m] = target
+    return out
+
+
+def postprocess_variants(wd: Path, cmap, variants: dict | None = None, others: list[Path] | None = None) -> pd.DataFrame:
+    """Held-out (right half) headline IoU, precision, recall and mean IoU per post-processing variant.
+
+    The stored ``predictions/<slide>/probabilities.tiff`` are post-processed as 07 does
+    (:func:`helpers.postprocess.postprocess` with the run's ``params/07_infer_slide.yaml`` smoothing and
+    ``min_area_um2``, the variant's keywords on top), resized to the truth grid and scored as
+    :mod:`benchmarks.bench_real` scores. ``others``: work folders of the same source whose
+    probabilities are averaged with ``wd``'s first (an ensemble of models).
+    """
+    import cv2
+    import yaml
+
+    from benchmarks.bench_real import confusion, scores, train_part
+    from helpers import postprocess as pp
+    from helpers.predict import read_prediction_info, read_probabilities
+    from helpers.rasters import read_raster
+
+    variants = POST_VARIANTS if variants is None else variants
+    p07 = yaml.safe_load((wd / "params" / "07_infer_slide.yaml").read_text()) or {}
+    base = {"smoothing": p07.get("smoothing", "gaussian"), "smoothing_size": float(p07.get("smoothing_size", 2.0)),
+            "min_area_um2": p07.get("min_area_um2"), "opening_px": int(p07.get("opening_px", 0) or 0),
+            "closing_px": int(p07.get("closing_px", 0) or 0), "fill_holes_um2": p07.get("fill_holes_um2")}
+    n, head, bg = cmap.n_classes, cmap.headline.label, cmap.background.label
+    acc = {k: np.zeros((n, n), np.int64) for k in variants}
+    for pdir in sorted(p for p in (wd / "predictions").iterdir() if (p / "probabilities.tiff").is_file()):
+        mpp = float(read_prediction_info(pdir)["mpp"])
+        probs = read_probabilities(pdir)
+        for other in others or []:
+            probs += read_probabilities(other / "predictions" / pdir.name)
+        probs /= 1 + len(others or [])
+        truth = np.asarray(read_raster(wd / "truth" / f"{pdir.name}.tiff", downsample=1.0))
+        t = np.where(train_part(truth.shape), 0, truth)
+        for name, (kw, enclosed) in variants.items():
+            lab = pp.argmax_labels(probs) if kw is None else \
+                pp.postprocess(probs, mpp, background_label=bg, **{**base, **kw}).labels
+            if enclosed is not None:
+                lab = fill_enclosed_background(lab, int(enclosed[0] / mpp ** 2), head, bg, enclosed[1])
+            acc[name] += confusion(t, cv2.resize(lab, truth.shape[::-1], interpolation=cv2.INTER_NEAREST), n)
+    rows = []
+    for name, cm in acc.items():
+        s = scores(cm)
+        rows.append({"variant": name, "headline_iou": s["iou"][head - 1], "precision": s["precision"][head - 1],
+                     "recall": s["recall"][head - 1], "mean_iou": float(np.nanmean(s["iou"][s["truth_px"] > 0]))})
+    return pd.DataFrame(rows).set_index("variant")
 
 
 if __name__ == "__main__":
