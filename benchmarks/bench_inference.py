@@ -244,7 +244,7 @@ def one_case(tmp: Path, size: int, overlap: int, tile: int, batch: int, normaliz
                         normalizer="auto" if normalizer else None, overwrite=True, progress=False, runtime=runtime)
     t_pred = time.perf_counter() - t0
     t0 = time.perf_counter()
-    export_prediction(out_dir, overwrite=True)
+    summary = export_prediction(out_dir, overwrite=True)
     t_export = time.perf_counter() - t0
     e2e_s, e2e_cpu = t_pred + t_export, time.process_time() - c0
     n = int(res.tiles_tissue)
@@ -254,6 +254,7 @@ def one_case(tmp: Path, size: int, overlap: int, tile: int, batch: int, normaliz
     load1 = os.getloadavg()[0]
     parts = dict(res.extra.get("seconds_by_part", {}))
     parts["export"] = round(t_export, 3)
+    parts.update({f"export_{k}": v for k, v in summary.get("seconds_by_part", {}).items()})
     ratio = (n / e2e_s) / mo
     fig = {"slide": size, "overlap": overlap, "runtime": res.extra.get("runtime"), "tiles": n,
            "end_to_end_tiles_per_s": round(n / e2e_s, 2), "model_only_tiles_per_s": round(mo, 2),

@@ -110,12 +110,16 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
                     st.close()
             meta = {"slide": slide_name, "classes": cmap.names}
             write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta, overwrite=True)
+            parts = {"labels": time.perf_counter() - t0}  # post-processing + labels.tiff
             features = iter_label_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
                                            mpp=info["slide_mpp"], exclude=exclude_classes,
                                            band_rows=EXPORT_BAND_ROWS)
             with disk_full_guard(outputs["geojson"]):
                 n_features = write_features_stream(features, outputs["geojson"], overwrite=True)
+            parts["geojson"] = time.perf_counter() - t0 - parts["labels"]
+            t1 = time.perf_counter()
             summary = summarize(labels, cmap, mpp)
+            parts["summary"] = time.perf_counter() - t1
         finally:
             out_store.close()
             for st in (tmp_store, extra_store):
@@ -124,6 +128,7 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
 
     from helpers.rasters import read_raster
 
+    t1 = time.perf_counter()
     with open_slide(info["slide_path"], mpp=info["slide_mpp"]) as slide:
         thumb, tds = slide.thumbnail(thumbnail_size)
     small = np.asarray(read_raster(outputs["labels"], downsample=tds))  # the pyramid's low level, not the image
@@ -133,6 +138,8 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+    parts["overlay"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
     summary.update({
         "slide": slide_name, "slide_path": info["slide_path"], "features": n_features,
         "tiles": info["tiles_tissue"], "tiles_grid": info["tiles_grid"], "predict_seconds": info["seconds"],
@@ -145,6 +152,8 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
         "outputs": {k: str(v.name) for k, v in outputs.items()},
         "encoder_weights_start": read_start_record(Path(info.get("model_file") or "?").parent),
     })
+    parts["summary"] += time.perf_counter() - t1
+    summary["seconds_by_part"] = {k: round(v, 3) for k, v in parts.items()}
     with disk_full_guard(outputs["summary"]):
         write_json(summary, outputs["summary"], overwrite=True)
         mark_done(pred_dir)
