@@ -26,10 +26,15 @@ Set-up (documented choices):
   (labels TIFF, QuPath GeoJSON, overlay, summary), model loading included, with the
   runtime ``auto`` picks. **Model only** = the same number of tiles, already in memory,
   through the same runtime in batches of the same size (one warm-up batch excluded).
-  ``seconds_by_part`` is predict_slide's breakdown (setup = model load, runtime, tissue
-  mask, normalizer; read and normalize run in the reading thread, overlapped with the
-  model; wait = the model loop waiting for tiles; blend; write = finished rows to disk;
-  pyramid = probabilities.tiff) plus the export.
+  ``seconds_by_part`` is predict_slide's breakdown (setup, split into setup_model =
+  training parameters and, on the Keras path only, the Keras model; setup_tissue = tissue
+  mask and tile grid; setup_normalizer = the slide's stain estimate; setup_session = the
+  runtime, exporting ONNX first when the export is stale; read and normalize run in the
+  reading thread, overlapped with the model; wait = the model loop waiting for tiles;
+  blend; write = finished rows to disk; pyramid = probabilities.tiff) plus the export
+  (export = its wall clock, imports included; export_labels = post-processing and
+  labels.tiff; export_geojson; export_overlay = thumbnail and overlay.png;
+  export_summary).
 * Wall clock is only trustworthy on a quiet machine: when the load average exceeds the
   cores, ``wall_reliable`` is False; ``ratio_cpu`` (tiles per process-CPU second) is given too.
 """
