@@ -26,10 +26,15 @@ Set-up (documented choices):
   (labels TIFF, QuPath GeoJSON, overlay, summary), model loading included, with the
   runtime ``auto`` picks. **Model only** = the same number of tiles, already in memory,
   through the same runtime in batches of the same size (one warm-up batch excluded).
-  ``seconds_by_part`` is predict_slide's breakdown (setup = model load, runtime, tissue
-  mask, normalizer; read and normalize run in the reading thread, overlapped with the
-  model; wait = the model loop waiting for tiles; blend; write = finished rows to disk;
-  pyramid = probabilities.tiff) plus the export.
+  ``seconds_by_part`` is predict_slide's breakdown (setup, split into setup_model =
+  training parameters and, on the Keras path only, the Keras model; setup_tissue = tissue
+  mask and tile grid; setup_normalizer = the slide's stain estimate; setup_session = the
+  runtime, exporting ONNX first when the export is stale; read and normalize run in the
+  reading thread, overlapped with the model; wait = the model loop waiting for tiles;
+  blend; write = finished rows to disk; pyramid = probabilities.tiff) plus the export
+  (export = its wall clock, imports included; export_labels = post-processing and
+  labels.tiff; export_geojson; export_overlay = thumbnail and overlay.png;
+  export_summary).
 * Wall clock is only trustworthy on a quiet machine: when the load average exceeds the
   cores, ``wall_reliable`` is False; ``ratio_cpu`` (tiles per process-CPU second) is given too.
 """
@@ -244,7 +249,7 @@ def one_case(tmp: Path, size: int, overlap: int, tile: int, batch: int, normaliz
                         normalizer="auto" if normalizer else None, overwrite=True, progress=False, runtime=runtime)
     t_pred = time.perf_counter() - t0
     t0 = time.perf_counter()
-    export_prediction(out_dir, overwrite=True)
+    summary = export_prediction(out_dir, overwrite=True)
     t_export = time.perf_counter() - t0
     e2e_s, e2e_cpu = t_pred + t_export, time.process_time() - c0
     n = int(res.tiles_tissue)
@@ -254,6 +259,7 @@ def one_case(tmp: Path, size: int, overlap: int, tile: int, batch: int, normaliz
     load1 = os.getloadavg()[0]
     parts = dict(res.extra.get("seconds_by_part", {}))
     parts["export"] = round(t_export, 3)
+    parts.update({f"export_{k}": v for k, v in summary.get("seconds_by_part", {}).items()})
     ratio = (n / e2e_s) / mo
     fig = {"slide": size, "overlap": overlap, "runtime": res.extra.get("runtime"), "tiles": n,
            "end_to_end_tiles_per_s": round(n / e2e_s, 2), "model_only_tiles_per_s": round(mo, 2),

@@ -26,7 +26,7 @@ import numpy as np
 
 from helpers.config import ClassMap
 from helpers.errors import HistoUNetError
-from helpers.io import read_json, write_json
+from helpers.io import atomic_path, read_json, write_json
 from helpers.model import background_index, check_class_map, class_map_from_params, headline_index
 from helpers.predict import probabilities_path, read_prediction_info
 from helpers.rowstore import RasterRows, RowStore, disk_full_guard, write_raster
@@ -63,7 +63,6 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
     from helpers.qupath import iter_label_features, write_features_stream
     from helpers.slides import open_slide
     from helpers.views.predict import overlay_figure
-    from helpers.viz import save_figure
 
     pred_dir = Path(pred_dir)
     info = read_prediction_info(pred_dir)
@@ -112,12 +111,16 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
                     st.close()
             meta = {"slide": slide_name, "classes": cmap.names}
             write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta, overwrite=True)
+            parts = {"labels": time.perf_counter() - t0}  # post-processing + labels.tiff
             features = iter_label_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
                                            mpp=info["slide_mpp"], exclude=exclude_classes,
                                            band_rows=EXPORT_BAND_ROWS, streamed=True, spool_dir=scratch_dir)
             with disk_full_guard(outputs["geojson"]):
                 n_features = write_features_stream(features, outputs["geojson"], overwrite=True)
+            parts["geojson"] = time.perf_counter() - t0 - parts["labels"]
+            t1 = time.perf_counter()
             summary = summarize(labels, cmap, mpp)
+            parts["summary"] = time.perf_counter() - t1
         finally:
             out_store.close()
             for st in (tmp_store, extra_store):
@@ -126,15 +129,18 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
 
     from helpers.rasters import read_raster
 
+    t1 = time.perf_counter()
     with open_slide(info["slide_path"], mpp=info["slide_mpp"]) as slide:
         thumb, tds = slide.thumbnail(thumbnail_size)
     small = np.asarray(read_raster(outputs["labels"], downsample=tds))  # the pyramid's low level, not the image
     fig = overlay_figure(thumb, small, cmap, title=f"{slide_name}: predicted classes")
     with disk_full_guard(outputs["overlay"]):
-        save_figure(fig, outputs["overlay"], overwrite=True)
+        save_png_fast(fig, outputs["overlay"])
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+    parts["overlay"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
     summary.update({
         "slide": slide_name, "slide_path": info["slide_path"], "features": n_features,
         "tiles": info["tiles_tissue"], "tiles_grid": info["tiles_grid"], "predict_seconds": info["seconds"],
@@ -147,10 +153,19 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
         "outputs": {k: str(v.name) for k, v in outputs.items()},
         "encoder_weights_start": read_start_record(Path(info.get("model_file") or "?").parent),
     })
+    parts["summary"] += time.perf_counter() - t1
+    summary["seconds_by_part"] = {k: round(v, 3) for k, v in parts.items()}
     with disk_full_guard(outputs["summary"]):
         write_json(summary, outputs["summary"], overwrite=True)
         mark_done(pred_dir)
     return summary
+
+
+def save_png_fast(fig, path: Path, dpi: int = 110) -> Path:
+    """:func:`helpers.viz.save_figure`'s PNG (same pixels) at zlib level 1: measured 0.20 vs 0.30 CPU s for 07's overlay."""
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png", pil_kwargs={"compress_level": 1})
+    return Path(path)
 
 
 def summarize(labels: np.ndarray, cmap: ClassMap, mpp: float) -> dict:

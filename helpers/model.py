@@ -127,15 +127,11 @@ def preprocess(batch):
     return (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
 
 
-def load_trained(model_dir: str | Path):
-    """Load a trained model folder (``workdir/model``) for inference.
+def load_params(model_dir: str | Path) -> dict:
+    """A trained model folder's ``training_params.yaml``, with ``model_file`` set to the ``.keras`` file to use.
 
-    Args:
-        model_dir: Folder holding ``best.keras`` (or ``last.keras``) and ``training_params.yaml``.
-
-    Returns:
-        ``(model, params)``: the uncompiled ``keras.Model`` and the training parameters dict
-        (``mpp``, ``tile_size``, ``classes``, ``normalizer``, ...).
+    Neither TensorFlow nor the model is loaded (an inference runtime with a current ONNX
+    export does not need them, :mod:`helpers.runtime`).
 
     Raises:
         ModelError: the folder, the model file or the parameters file is missing or unreadable.
@@ -160,6 +156,25 @@ def load_trained(model_dir: str | Path):
         raise ModelError(f"{model_dir}: neither best.keras nor last.keras found; run 05_train_model first")
     if name == "last.keras":
         log.warning("%s: best.keras missing, using last.keras", model_dir)
+    params["model_file"] = str(path)
+    return params
+
+
+def load_trained(model_dir: str | Path):
+    """Load a trained model folder (``workdir/model``) for inference.
+
+    Args:
+        model_dir: Folder holding ``best.keras`` (or ``last.keras``) and ``training_params.yaml``.
+
+    Returns:
+        ``(model, params)``: the uncompiled ``keras.Model`` and the training parameters dict
+        (``mpp``, ``tile_size``, ``classes``, ``normalizer``, ...).
+
+    Raises:
+        ModelError: the folder, the model file or the parameters file is missing or unreadable.
+    """
+    params = load_params(model_dir)
+    path = Path(params["model_file"])
     _import_sm()  # registers the custom layers/activations segmentation_models uses
     import zipfile
 
@@ -172,8 +187,27 @@ def load_trained(model_dir: str | Path):
     except Exception as exc:  # noqa: BLE001 - any decode failure is the same user problem
         raise ModelError(f"{path}: cannot load ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                          "re-run 05_train_model") from None
-    params["model_file"] = str(path)
     return model, params
+
+
+def keras_input_shape(model_file: str | Path) -> tuple | None:
+    """The input shape ``(None, H, W, C)`` recorded in a ``.keras`` file's ``config.json``, without loading it.
+
+    None when the file or its first input layer cannot be read (loading the model then decides).
+    """
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(model_file) as z:
+            config = json.loads(z.read("config.json"))
+        for layer in config["config"]["layers"]:
+            if layer.get("class_name") == "InputLayer":
+                cfg = layer["config"]
+                return tuple(cfg.get("batch_shape") or cfg["batch_input_shape"])
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
+        return None
+    return None
 
 
 # --------------------------------------------------------------------------- a trained model's classes
@@ -211,19 +245,37 @@ def load_model_and_classes(model_dir: str | Path):
     Raises:
         ModelError, ParameterError, ClassMapError: one line naming the model folder's file.
     """
-    from helpers.errors import ClassMapError
-
     model, params = load_trained(model_dir)
+    cmap = _params_classes(params, model_dir)
+    check_outputs(int(model.output_shape[-1]), cmap, params, model_dir)
+    return model, params, cmap
+
+
+def params_and_classes(model_dir: str | Path):
+    """:func:`load_model_and_classes` without the model: ``(training params, class map)``; no TensorFlow.
+
+    The model's output channels are checked later, by whoever runs it (:func:`check_outputs`).
+    """
+    params = load_params(model_dir)
+    return params, _params_classes(params, model_dir)
+
+
+def _params_classes(params: dict, model_dir: str | Path):
     src = str(Path(model_dir) / "training_params.yaml")
     for key in ("mpp", "tile_size", "classes"):
         if params.get(key) in (None, ""):
             raise ParameterError(f"{src}: missing '{key}'; re-run 05_train_model")
-    cmap = class_map_from_params(params["classes"], src)
-    n_out = int(model.output_shape[-1])
-    if n_out != cmap.n_classes:
+    return class_map_from_params(params["classes"], src)
+
+
+def check_outputs(n_out: int, cmap, params: dict, model_dir: str | Path) -> None:
+    """One-line :class:`ClassMapError` when the model's output channels differ from its class map's classes."""
+    from helpers.errors import ClassMapError
+
+    if int(n_out) != cmap.n_classes:
+        src = str(Path(model_dir) / "training_params.yaml")
         raise ClassMapError(f"{params.get('model_file', model_dir)}: model predicts {n_out} classes but "
                             f"{src} lists {cmap.n_classes} ({', '.join(cmap.names)}); use the matching model folder")
-    return model, params, cmap
 
 
 def check_class_map(model_classes, class_map):

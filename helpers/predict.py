@@ -35,7 +35,8 @@ import numpy as np
 from helpers.config import ClassMap
 from helpers.errors import HistoUNetError, ParameterError, SlideError
 from helpers.io import atomic_path, make_dir, read_json, resumable_or_nothing, write_json
-from helpers.model import SIZE_MULTIPLE, background_index, check_class_map, load_model_and_classes
+from helpers.model import (SIZE_MULTIPLE, background_index, check_class_map, check_outputs, keras_input_shape,
+                           load_model_and_classes, params_and_classes)
 from helpers.rowstore import RowStore, disk_full_guard, write_raster
 from helpers.steps import DONE, file_id, fingerprint_of, guard_output, reuse_or_guard, start_in_place
 from helpers.strips import read_bands
@@ -203,15 +204,31 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         return PredictionResult(**read_prediction_info(out_dir))
     _check_out_dir(out_dir, overwrite)
 
-    model, params, model_classes = load_model_and_classes(model_dir)
+    t_model = time.perf_counter()
+    if runtime == "keras":
+        model, params, model_classes = load_model_and_classes(model_dir)
+        in_shape = model.input_shape
+    else:  # the Keras model (and TensorFlow) only when the runtime needs it: no current ONNX export, or a fallback
+        model = None
+        params, model_classes = params_and_classes(model_dir)
+        in_shape = keras_input_shape(params["model_file"])
+    setup = {"setup_model": time.perf_counter() - t_model}
     cmap = check_class_map(model_classes, class_map)
     n_cls = cmap.n_classes
     bg = background_index(cmap)
     tile = int(tile_size or params["tile_size"])
-    in_shape = model.input_shape
-    if in_shape[1] is not None and in_shape[1] != tile:
-        raise ParameterError(f"tile_size={tile} but the model in {model_dir} takes {in_shape[1]} px tiles; "
-                             "leave tile_size=None")
+
+    def check_input(shape) -> None:
+        if shape is not None and shape[1] is not None and shape[1] != tile:
+            raise ParameterError(f"tile_size={tile} but the model in {model_dir} takes {shape[1]} px tiles; "
+                                 "leave tile_size=None")
+
+    def load_model():  # the runtime needs the Keras model after all
+        loaded = load_model_and_classes(model_dir)[0]
+        check_input(loaded.input_shape)
+        return loaded
+
+    check_input(in_shape)
     if tile < SIZE_MULTIPLE or tile % SIZE_MULTIPLE:
         raise ParameterError(f"tile_size must be a multiple of {SIZE_MULTIPLE} (the U-Net halves it five times); "
                              f"got {tile}")
@@ -229,6 +246,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         if W < tile or H < tile:
             raise SlideError(f"{slide_path}: {W}x{H} px at {model_mpp} um/px is smaller than one {tile} px tile; "
                              "use a smaller tile_size or a larger slide")
+        t0 = time.perf_counter()
         mask, mask_ds = slide_tissue_mask(slide)
         xs, ys = grid_positions(W, tile, stride), grid_positions(H, tile, stride)
         f = ds / mask_ds  # mask pixels per raster pixel
@@ -250,11 +268,16 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         log.info("%s: %dx%d px at %.3g um/px (downsample %.3g), %d of %d tiles on tissue, tile %d stride %d",
                  slide.name, W, H, model_mpp, ds, n_tissue, n_grid, tile, stride)
 
+        t1 = time.perf_counter()
         norm_fn = _slide_normalizer(norm_path, slide, tissue, ys, tile, ds)
         from helpers.runtime import make_predictor  # after the input checks: a refused run writes nothing
 
+        t2 = time.perf_counter()
         predict_fn = make_predictor(model, model_dir, params["model_file"], runtime=runtime, batch_size=batch_size,
-                                    tile=tile, n_cls=n_cls)
+                                    tile=tile, n_cls=n_cls, load_model=load_model)
+        if predict_fn.channels is not None:
+            check_outputs(predict_fn.channels, model_classes, params, model_dir)
+        setup.update(setup_tissue=t1 - t0, setup_normalizer=t2 - t1, setup_session=time.perf_counter() - t2)
 
         # ---- resumable state
         fp = _fingerprint(slide=file_id(slide_path), model=file_id(Path(params["model_file"])), ds=ds, tile=tile,
@@ -345,7 +368,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         write_raster(prob_path, probs_mm, kind="probabilities", mpp=model_mpp, downsample=ds, meta=meta,
                      overwrite=True)
         seconds = time.perf_counter() - t_start + seconds_before
-        tm = {"setup": t_loop - t_start, **tm, "loop": loop_seconds, "pyramid": time.perf_counter() - t_pyr}
+        tm = {"setup": t_loop - t_start, **setup, **tm, "loop": loop_seconds, "pyramid": time.perf_counter() - t_pyr}
         result = PredictionResult(
             slide=slide.name, slide_path=str(slide_path), out_dir=str(out_dir), probabilities=str(prob_path),
             width=W, height=H, downsample=ds, mpp=model_mpp, slide_mpp=slide_mpp, tile_size=tile, stride=stride,

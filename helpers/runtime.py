@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,7 @@ class Predictor:
     runtime: str  # "onnxruntime" or "keras"
     reason: str
     onnx_sha256: str | None = None
+    channels: int | None = None  # output channels when the runtime knows them without a call
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         return self.predict(tiles)
@@ -132,6 +134,8 @@ def ort_predict_fn(onnx: str | Path | bytes, batch_size: int, tile: int, n_cls: 
             out[i:i + batch_size] = session.run(None, {name: np.ascontiguousarray(tiles[i:i + batch_size])})[0]
         return out
 
+    last = session.get_outputs()[0].shape[-1]
+    predict.channels = last if isinstance(last, int) else None  # type: ignore[attr-defined]
     return predict
 
 
@@ -149,7 +153,10 @@ def openvino_predict_fn(onnx: str | Path, batch_size: int, tile: int, n_cls: int
     model.reshape([batch_size, tile, tile, 3])
     request = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}).create_infer_request()
 
-    return fixed_batches(lambda chunk: request.infer({0: np.ascontiguousarray(chunk)})[0], batch_size, tile, n_cls)
+    predict = fixed_batches(lambda chunk: request.infer({0: np.ascontiguousarray(chunk)})[0], batch_size, tile, n_cls)
+    last = model.outputs[0].get_partial_shape()[-1]
+    predict.channels = last.get_length() if last.is_static else None  # type: ignore[attr-defined]
+    return predict
 
 
 #: The ONNX runtimes in order of preference (package, predictor factory).
@@ -275,7 +282,8 @@ def current_export(model_dir: str | Path, model_file: str | Path) -> dict | None
 
 
 def make_predictor(model, model_dir: str | Path, model_file: str | Path, *, runtime: str = "auto",
-                   batch_size: int = 8, tile: int = 256, n_cls: int | None = None) -> Predictor:
+                   batch_size: int = 8, tile: int = 256, n_cls: int | None = None,
+                   load_model: Callable[[], Any] | None = None) -> Predictor:
     """The fastest runtime proven equivalent for a trained model, falling back to Keras.
 
     ``"auto"`` takes the first of :data:`ONNX_RUNTIMES` that is installed and passed the
@@ -283,34 +291,52 @@ def make_predictor(model, model_dir: str | Path, model_file: str | Path, *, runt
     missing or stale); otherwise Keras. One INFO line says which runtime runs and why.
 
     Args:
-        model: The loaded Keras model (used for export and the fallback).
+        model: The loaded Keras model (used for export and the fallback), or None to load
+            it with ``load_model`` only when needed: a current export runs without
+            TensorFlow or the Keras model.
         model_dir: The model folder (``model.onnx`` is kept there).
         model_file: The ``.keras`` file the model came from.
         runtime: ``"auto"``, ``"onnxruntime"``, ``"openvino"`` or ``"keras"``.
         batch_size: Tiles per call.
         tile: Tile side.
         n_cls: Output channels (default: the model's).
+        load_model: Returns the Keras model when ``model`` is None.
 
     Raises:
         ParameterError: an unknown runtime, or a named ONNX runtime that cannot be used.
     """
     if runtime not in RUNTIMES:
         raise ParameterError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
-    n_cls = int(n_cls or model.output_shape[-1])
+    if model is None and load_model is None:
+        raise ParameterError("make_predictor needs the Keras model or a load_model function")
+    loaded = [model]
+
+    def keras_model():
+        if loaded[0] is None:
+            loaded[0] = load_model()  # type: ignore[misc]
+        return loaded[0]
+
+    n_cls = int(n_cls or keras_model().output_shape[-1])
 
     def keras(reason: str) -> Predictor:
         log.info("inference runtime: keras (%s)", reason)
-        return Predictor(keras_predict_fn(model, batch_size, tile, n_cls), "keras", reason)
+        m = keras_model()
+        return Predictor(keras_predict_fn(m, batch_size, tile, n_cls), "keras", reason, channels=int(m.output_shape[-1]))
 
     if runtime == "keras":
         return keras("asked for")
     wanted = list(ONNX_RUNTIMES) if runtime == "auto" else [runtime]
+    usable = [rt for rt in wanted if installed(rt)]
     try:
-        usable = [rt for rt in wanted if installed(rt)]
+        record = current_export(model_dir, model_file) if usable else None
+    except OSError:  # unreadable files: export again, or fall back below
+        record = None
+    if usable and record is None:
+        keras_model()  # to export; a model that cannot be loaded is its own error, not a fallback
+    try:
         if not usable:
             raise ModelError(f"{' and '.join(wanted)} not installed")
-        record = current_export(model_dir, model_file) or export_onnx(model, model_file, model_dir, tile=tile,
-                                                                      overwrite=True)
+        record = record or export_onnx(keras_model(), model_file, model_dir, tile=tile, overwrite=True)
         checks = record.get("checks", {})
         passed = [rt for rt in usable if checks.get(rt, {}).get("equivalent")]
         if not passed:
@@ -328,4 +354,4 @@ def make_predictor(model, model_dir: str | Path, model_file: str | Path, *, runt
     reason = (f"{onnx}, sha256 {record['onnx_sha256'][:12]}, equivalent to Keras: max |diff| "
               f"{c['max_abs_diff']:.2g}, argmax agreement {c['argmax_agreement']:.5f}")
     log.info("inference runtime: %s (%s)", chosen, reason)
-    return Predictor(fn, chosen, reason, record["onnx_sha256"])
+    return Predictor(fn, chosen, reason, record["onnx_sha256"], getattr(fn, "channels", None))

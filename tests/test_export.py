@@ -53,6 +53,8 @@ def test_export_outputs_and_tumour_iou(setup, class_map_):
     assert s["areas_mm2"]["Tumor"] > 0 and 0 < s["tumour_fraction"] < 1
     assert s["tiles"] > 0 and s["predict_seconds"] > 0
     assert s["encoder_weights_start"]["text"] == "none (random)"  # copied from the model's training_state.json
+    assert set(s["seconds_by_part"]) == {"labels", "geojson", "summary", "overlay"}
+    assert all(v >= 0 for v in s["seconds_by_part"].values())
 
 
 def test_existing_results_refused_unless_overwrite(setup):
@@ -201,3 +203,24 @@ def test_summary_fractions_follow_the_roles(tmp_path):
     assert s["tumour_fraction"] == pytest.approx(0.2)
     assert s["areas_mm2"]["Glass"] == pytest.approx(0.5)
 
+
+
+def test_fast_overlay_png_has_save_figures_pixels(tmp_path, class_map_):
+    """07's overlay.png at zlib level 1 decodes to exactly the pixels of helpers.viz.save_figure's PNG."""
+    import imageio.v3 as iio
+    import matplotlib.pyplot as plt
+
+    from helpers.export import save_png_fast
+    from helpers.views.predict import overlay_figure
+    from helpers.viz import save_figure
+
+    rng = np.random.default_rng(0)
+    thumb = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    labels = rng.integers(1, class_map_.n_classes + 1, (150, 200), dtype=np.uint8)
+    fig = overlay_figure(thumb, labels, class_map_, title="slide: predicted classes")
+    save_figure(fig, tmp_path / "ref.png")
+    save_png_fast(fig, tmp_path / "fast.png")
+    plt.close(fig)
+    ref, fast = iio.imread(tmp_path / "ref.png"), iio.imread(tmp_path / "fast.png")
+    assert ref.shape == fast.shape and ref.shape[0] > 300
+    assert np.array_equal(ref, fast)

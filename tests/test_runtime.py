@@ -144,3 +144,40 @@ def test_predict_slide_labels_are_the_same_through_both_runtimes(setup, unet_dir
     assert pa.shape == pb.shape
     assert np.abs(pa - pb).max() <= 1.5 / 255  # uint8 storage: at most one step of rounding apart
     assert (pa.argmax(-1) == pb.argmax(-1)).mean() >= MIN_AGREE
+
+
+def test_a_current_export_runs_without_the_keras_model(setup, unet_dir, tmp_path, monkeypatch):
+    """With a current ONNX export, 07 neither loads the .keras model nor TensorFlow's graph of it; same result."""
+    import shutil
+
+    import helpers.model as M
+    from helpers.errors import ClassMapError
+    from helpers.io import read_yaml, write_yaml
+    from helpers.predict import predict_slide, read_probabilities
+
+    d, _, _ = setup
+    kw = dict(overlap=4, blend="gaussian", batch_size=4, progress=False, normalizer=None)
+    a = predict_slide(d / "slide.tiff", unet_dir, tmp_path / "loaded", runtime="onnxruntime", **kw)  # exports if needed
+    assert M.keras_input_shape(unet_dir / "best.keras") == (None, None, None, 3)
+    assert M.keras_input_shape(d / "slide.tiff") is None  # not a .keras file: loading decides
+
+    def no_keras(*args, **kwargs):
+        raise AssertionError("the Keras model was loaded although model.onnx is current")
+
+    monkeypatch.setattr(M, "load_trained", no_keras)
+    b = predict_slide(d / "slide.tiff", unet_dir, tmp_path / "lazy", runtime="auto", **kw)
+    assert a.extra["runtime"] == b.extra["runtime"] == "onnxruntime"
+    assert b.extra["seconds_by_part"]["setup_model"] < 1.0
+    assert np.array_equal(read_probabilities(tmp_path / "loaded"), read_probabilities(tmp_path / "lazy"))
+    # the model/class-map check still holds: the ONNX graph's outputs against training_params' classes
+    bad = tmp_path / "model_bad"
+    shutil.copytree(unet_dir, bad)
+    p = read_yaml(bad / "training_params.yaml")
+    p["classes"]["classes"] = p["classes"]["classes"][:3]
+    write_yaml(p, bad / "training_params.yaml", overwrite=True)
+    with pytest.raises(ClassMapError, match="best.keras: model predicts 4 classes"):
+        predict_slide(d / "slide.tiff", bad, tmp_path / "bad", runtime="auto", **kw)
+    # a stale export needs the Keras model again (to export): it is loaded then
+    (bad / "model.onnx.json").write_text("{}")
+    with pytest.raises(AssertionError, match="Keras model was loaded"):
+        predict_slide(d / "slide.tiff", bad, tmp_path / "stale", runtime="auto", **kw)
