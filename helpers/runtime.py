@@ -8,10 +8,10 @@ sha256, the sha256 of the ``.keras`` file it came from, the converter versions, 
 every installed runtime the equivalence figures measured on export (max abs difference
 of the probabilities and argmax agreement with Keras on the same tiles).
 
-:func:`make_predictor` picks the runtime: ``"auto"`` uses the first of ONNX Runtime (a
-pinned dependency) and OpenVINO (optional; as fast in float32, see
-``benchmarks/bench_inference.py``) that is installed and
-passed the check, exporting when the export is missing or stale, else falls back to
+:func:`make_predictor` picks the runtime: ``"auto"`` (07's and 08's default) uses the first
+of OpenVINO float32 (the fastest equivalent runtime measured, 9-14 % ahead of ONNX Runtime
+and Keras on a quiet 2-core machine; see ``benchmarks/bench_inference.py``) and ONNX Runtime
+(both pinned dependencies) that is installed and passed the check, exporting when the export is missing or stale, else falls back to
 Keras; one log line says which runtime runs and why. ``"keras"``, ``"onnxruntime"`` and
 ``"openvino"`` force one (a named ONNX runtime that cannot be used is a one-line error).
 Equivalent means: probabilities within :data:`MAX_ABS_DIFF` (a quarter of a step of the
@@ -55,7 +55,7 @@ class Predictor:
     """uint8 tiles ``(N, H, W, 3)`` -> float32 probabilities ``(N, H, W, C)``, and which runtime does it."""
 
     predict: Callable[[np.ndarray], np.ndarray]
-    runtime: str  # "onnxruntime" or "keras"
+    runtime: str  # "openvino", "onnxruntime" or "keras"
     reason: str
     onnx_sha256: str | None = None
     channels: int | None = None  # output channels when the runtime knows them without a call
@@ -159,10 +159,11 @@ def openvino_predict_fn(onnx: str | Path, batch_size: int, tile: int, n_cls: int
     return predict
 
 
-#: The ONNX runtimes in order of preference (package, predictor factory).
+#: The ONNX runtimes in order of preference (package, predictor factory): OpenVINO float32 was
+#: the fastest equivalent runtime in every quiet measurement (README, "Inference runtime").
 ONNX_RUNTIMES: dict[str, tuple[str, Callable]] = {
-    "onnxruntime": ("onnxruntime", ort_predict_fn),
     "openvino": ("openvino", openvino_predict_fn),
+    "onnxruntime": ("onnxruntime", ort_predict_fn),
 }
 
 
