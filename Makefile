@@ -31,7 +31,7 @@ install: $(STAMP) $(KERNEL)
 demo: $(STAMP) $(KERNEL)
 	$(PY) -m helpers.pipeline --workdir $(WORKDIR) --params data/params/demo --overwrite
 
-test: $(STAMP)
+test: $(STAMP) $(KERNEL)
 	$(PY) -m pytest -q
 
 # make lab: JupyterLab on the notebooks (kernel "Histo-UNet (.venv)"); after make demo, open 03_refine_labels.
