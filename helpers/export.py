@@ -26,7 +26,7 @@ import numpy as np
 
 from helpers.config import ClassMap
 from helpers.errors import HistoUNetError
-from helpers.io import atomic_path, read_json, write_json
+from helpers.io import read_json, write_json
 from helpers.model import background_index, check_class_map, class_map_from_params, headline_index
 from helpers.predict import probabilities_path, read_prediction_info
 from helpers.rowstore import RasterRows, RowStore, disk_full_guard, write_raster
@@ -63,6 +63,7 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
     from helpers.qupath import iter_label_features, write_features_stream
     from helpers.slides import open_slide
     from helpers.views.predict import overlay_figure
+    from helpers.viz import save_figure
 
     pred_dir = Path(pred_dir)
     info = read_prediction_info(pred_dir)
@@ -135,7 +136,7 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
     small = np.asarray(read_raster(outputs["labels"], downsample=tds))  # the pyramid's low level, not the image
     fig = overlay_figure(thumb, small, cmap, title=f"{slide_name}: predicted classes")
     with disk_full_guard(outputs["overlay"]):
-        save_png_fast(fig, outputs["overlay"])
+        save_figure(fig, outputs["overlay"], overwrite=True, compress_level=1)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -159,13 +160,6 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
         write_json(summary, outputs["summary"], overwrite=True)
         mark_done(pred_dir)
     return summary
-
-
-def save_png_fast(fig, path: Path, dpi: int = 110) -> Path:
-    """:func:`helpers.viz.save_figure`'s PNG (same pixels) at zlib level 1: measured 0.20 vs 0.30 CPU s for 07's overlay."""
-    with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png", pil_kwargs={"compress_level": 1})
-    return Path(path)
 
 
 def summarize(labels: np.ndarray, cmap: ClassMap, mpp: float) -> dict:

@@ -80,10 +80,16 @@ def tile_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None,
     return fig
 
 
-def save_figure(fig, path: str | Path, dpi: int = 110, overwrite: bool = True) -> Path:
-    """Save a figure as PNG atomically."""
+def save_figure(fig, path: str | Path, dpi: int = 110, overwrite: bool = True,
+                compress_level: int | None = None) -> Path:
+    """Save a figure as PNG atomically.
+
+    ``compress_level`` (zlib 0-9; None: Pillow's default 6) changes only the file size and
+    the time, not the pixels: 1 saves 07's overlay in 0.20 instead of 0.30 CPU s.
+    """
     from helpers.io import atomic_path
 
+    extra = {} if compress_level is None else {"pil_kwargs": {"compress_level": compress_level}}
     with atomic_path(path, overwrite) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png", **extra)
     return Path(path)
