@@ -276,11 +276,15 @@ def write_summary(summary: pd.DataFrame, out_dir: str | Path, overwrite: bool = 
     return path
 
 
+def repeat_pick(summary: pd.DataFrame) -> pd.Series:
+    """The cheapest setting of :func:`summarize_repeats` whose mean is within the tolerance of the best."""
+    return summary[summary["within_tolerance"]].sort_values(["seconds", "mean"], ascending=[True, False]).iloc[0]
+
+
 def repeat_recommendation(summary: pd.DataFrame, tolerance: float = 0.005) -> str:
     """One sentence from :func:`summarize_repeats`: the best, what is really worse, the cheapest as good."""
     best = summary[summary["verdict"] == "best"].iloc[0]
-    ok = summary[summary["within_tolerance"]].sort_values(["seconds", "mean"], ascending=[True, False])
-    pick = ok.iloc[0]
+    pick = repeat_pick(summary)
     n_worse = int((summary["verdict"] == "worse").sum())
     name = lambda r: f"o{int(r['overlap'])} {r['blend']}, {r['kernel']}"  # noqa: E731
     return (f"over {int(best['n_models'])} models: best {name(best)} {best['mean']:.4f} +- {best['sd']:.4f}; "
