@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from helpers.accumulate import BandAccumulator
 from helpers.config import ClassMap
 from helpers.errors import HistoUNetError, ParameterError, SlideError
 from helpers.io import atomic_path, make_dir, read_json, resumable_or_nothing, write_json
@@ -234,6 +235,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                              f"got {tile}")
     stride = tile // OVERLAP_STRIDE[overlap]
     weights = blend_weights(tile, blend)
+    acc_rows = 2 * tile  # one tile of lag: tiles wait for a full batch across band ends (helpers.accumulate)
     model_mpp = float(params["mpp"])
     norm_path = resolve_normalizer(normalizer, model_dir, params)
 
@@ -283,7 +285,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         fp = _fingerprint(slide=file_id(slide_path), model=file_id(Path(params["model_file"])), ds=ds, tile=tile,
                           stride=stride, blend=blend, normalizer=str(norm_path) if norm_path else None,
                           batch=batch_size, n_cls=n_cls, mpp=slide_mpp, min_tissue=min_tissue,
-                          runtime=predict_fn.runtime)
+                          runtime=predict_fn.runtime, acc_rows=acc_rows)
         part = out_dir / PARTIAL_DIR
         state = _load_state(part, fp)
         start_in_place(out_dir, fingerprint, done="prediction.json", record=".predict_params.json")  # inputs are good
@@ -293,13 +295,13 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                 make_dir(part)
                 with disk_full_guard(part / "probabilities.npy"):
                     probs_mm = RowStore(part / "probabilities.npy", (H, W, n_cls), np.uint8, create=True)
-                acc = np.zeros((tile, W, n_cls), np.float32)
-                wsum = np.zeros((tile, W), np.float32)
+                blender = BandAccumulator(W, n_cls, tile, weights, acc_rows)
                 start_band, tiles_done, seconds_before = 0, 0, 0.0
             else:
                 probs_mm = RowStore(part / "probabilities.npy")
-                acc, wsum = np.load(part / "acc.npy"), np.load(part / "wsum.npy")
                 start_band, tiles_done, seconds_before = state["next_band"], state["tiles_done"], state["seconds"]
+                blender = BandAccumulator(W, n_cls, tile, weights, acc_rows, top=ys[start_band] if start_band < len(ys) else H,
+                                          acc=np.load(part / "acc.npy"), wsum=np.load(part / "wsum.npy"))
                 log.info("%s: resuming at band %d of %d (%d tiles done)", slide.name, start_band, len(ys), tiles_done)
 
             from tqdm.auto import tqdm
@@ -310,48 +312,53 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             tm = dict.fromkeys(("read", "normalize", "wait", "model", "blend", "write", "checkpoint"), 0.0)
             last_ckpt = time.perf_counter()
             tiles_now = 0
-            pend_x: list[int] = []
+            pend_yx: list[tuple[int, int]] = []  # tiles waiting for a full model batch, across band ends
             pend_t: list[np.ndarray] = []
+
+            def run_batch(n: int) -> None:
+                nonlocal tiles_now
+                yx_b, tiles_b = pend_yx[:n], np.stack(pend_t[:n])
+                del pend_yx[:n], pend_t[:n]
+                t0 = time.perf_counter()
+                probs = predict_fn(tiles_b)
+                t1 = time.perf_counter()
+                for (ty, tx), p in zip(yx_b, probs):
+                    blender.add(ty, tx, p)
+                tm["model"] += t1 - t0
+                tm["blend"] += time.perf_counter() - t1
+                tiles_now += n
+                bar.update(n)
+
             try:
                 t_mark = time.perf_counter()
                 for b, y, row_x, batch, band_end in _prefetch(read_bands(slide, ys, tissue, tile, ds, norm_fn,
                                                                           start_band, timings=tm), prefetch):
                     tm["wait"] += time.perf_counter() - t_mark
-                    # full model batches across runs of the band; the float32 outputs held are one batch
-                    pend_x.extend(row_x)
+                    pend_yx.extend((y, x) for x in row_x)
                     pend_t.extend(batch)
-                    while len(pend_x) >= batch_size or (band_end and pend_x):
-                        xs_b, tiles_b = pend_x[:batch_size], np.stack(pend_t[:batch_size])
-                        del pend_x[:batch_size], pend_t[:batch_size]
-                        t0 = time.perf_counter()
-                        probs = predict_fn(tiles_b)
-                        t1 = time.perf_counter()
-                        for x, p in zip(xs_b, probs):
-                            p *= weights[..., None]
-                            acc[:, x:x + tile] += p
-                            wsum[:, x:x + tile] += weights
-                        tm["model"] += t1 - t0
-                        tm["blend"] += time.perf_counter() - t1
-                        del probs, tiles_b
-                        tiles_now += len(xs_b)
-                        bar.update(len(xs_b))
+                    while len(pend_yx) >= batch_size:
+                        run_batch(batch_size)
                     if not band_end:
                         t_mark = time.perf_counter()
                         continue
                     t0 = time.perf_counter()
-                    # rows above the next band's top are final
                     y_next = ys[b + 1] if b + 1 < len(ys) else H
-                    done = y_next - y
-                    with disk_full_guard(part / "probabilities.npy"):
-                        probs_mm.write(y, _finalize(acc[:done], wsum[:done], bg))
-                    _shift_rows(acc, done)
-                    _shift_rows(wsum, done)
+                    last = b + 1 == len(ys)
+                    checkpoint = last or time.perf_counter() - last_ckpt >= checkpoint_seconds
+                    # rows above the oldest waiting tile and the next band are final; the waiting tiles run
+                    # now only if the next band would not fit in the buffer, or at a checkpoint (saved state
+                    # holds no waiting tiles)
+                    if pend_yx and (checkpoint or y_next + tile > pend_yx[0][0] + blender.rows):
+                        run_batch(len(pend_yx))
+                    row0, rows = blender.finish(min(y_next, pend_yx[0][0]) if pend_yx else y_next, bg)
+                    if len(rows):
+                        with disk_full_guard(part / "probabilities.npy"):
+                            probs_mm.write(row0, rows)
                     t1 = time.perf_counter()
                     tm["write"] += t1 - t0
-                    last = b + 1 == len(ys)
-                    if last or time.perf_counter() - last_ckpt >= checkpoint_seconds:
+                    if checkpoint:
                         elapsed = seconds_before + time.perf_counter() - t_loop
-                        _save_state(part, fp, probs_mm, acc, wsum, b + 1, tiles_done + tiles_now, elapsed)
+                        _save_state(part, fp, probs_mm, blender.acc, blender.wsum, b + 1, tiles_done + tiles_now, elapsed)
                         last_ckpt = time.perf_counter()
                     tm["checkpoint"] += time.perf_counter() - t1
                     _band_done(b)
@@ -360,7 +367,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                 bar.close()
         loop_seconds = time.perf_counter() - t_loop
         probs_mm.flush()
-        del acc, wsum  # the pyramid writer's buffers take their place, not add to them
+        blender = None  # the pyramid writer's buffers take their place, not add to them
         t_pyr = time.perf_counter()
 
         meta = {"slide": slide.name, "classes": cmap.names, "overlap": overlap, "blend": blend, "tile_size": tile}
@@ -389,38 +396,6 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         if probs_mm is not None:
             probs_mm.close()
         slide.close()
-
-
-def _finalize(acc: np.ndarray, wsum: np.ndarray, bg: int, chunk_rows: int = 64) -> np.ndarray:
-    """Blended probabilities -> uint8 0-255; pixels no tile covered are background.
-
-    Works ``chunk_rows`` rows at a time, so its float temporaries are a few rows, not the band.
-    """
-    out = np.empty(acc.shape, np.uint8)
-    for r in range(0, acc.shape[0], chunk_rows):
-        a, w = acc[r:r + chunk_rows], wsum[r:r + chunk_rows]
-        covered = w > 0
-        q = a / np.where(covered, w, 1.0)[..., None]
-        q[~covered] = 0.0
-        q[~covered, bg] = 1.0
-        q *= 255.0
-        np.rint(q, out=q)
-        np.clip(q, 0, 255, out=q)
-        out[r:r + chunk_rows] = q
-    return out
-
-
-def _shift_rows(buf: np.ndarray, done: int, chunk_rows: int = 64) -> None:
-    """Move rows ``done:`` of a band buffer to the top and zero the rest, in place (no band-sized copy)."""
-    n = buf.shape[0]
-    if done >= n:
-        buf[:] = 0
-        return
-    step = max(1, min(chunk_rows, done))  # destination chunks never overlap their source
-    for r in range(0, n - done, step):
-        e = min(r + step, n - done)
-        buf[r:e] = buf[done + r:done + e]
-    buf[n - done:] = 0
 
 
 def _load_state(part: Path, fp: str) -> dict | None:

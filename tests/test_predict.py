@@ -42,6 +42,31 @@ def test_stitched_probabilities_equal_whole_image_prediction(setup, overlap, ble
     assert not (out / ".partial").exists()
 
 
+@pytest.mark.parametrize("overlap", [16, 4, 1])
+def test_tiles_wait_for_full_batches_across_band_ends(setup, monkeypatch, overlap):
+    """Every model call but the last is a full batch: a band's last tiles wait for the next band's (no glass padding)."""
+    import helpers.runtime as runtime
+    from helpers.predict import predict_slide, read_probabilities
+
+    d, _, _ = setup
+    sizes: list[int] = []
+    make = runtime.make_predictor
+
+    def counting(*a, **k):
+        pred = make(*a, **k)
+        inner = pred.predict
+        pred.predict = lambda tiles: (sizes.append(len(tiles)), inner(tiles))[1]
+        return pred
+
+    monkeypatch.setattr(runtime, "make_predictor", counting)
+    out = d / f"batches_{overlap}"
+    res = predict_slide(d / "slide.tiff", d / "model", out, overlap=overlap, batch_size=8, progress=False,
+                        checkpoint_seconds=1e9)
+    assert sum(sizes) == res.tiles_tissue
+    assert len(sizes) == -(-res.tiles_tissue // 8), sizes  # ceil(tiles / batch): only the slide's last batch is short
+    assert np.abs(read_probabilities(out) - _model_on_whole(d, d / "slide.tiff")).max() <= 1.5 / 255
+
+
 def test_resume_after_interruption_gives_same_result(setup, monkeypatch):
     import helpers.predict as predict
 

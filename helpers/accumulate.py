@@ -1,0 +1,97 @@
+"""Blending tile predictions into a rolling band of rows, and handing finished rows on.
+
+:func:`helpers.predict.predict_slide` walks the slide in bands of tiles, top to bottom.
+Overlapping tiles are summed (with blending weights) into a buffer of
+``tile + lag`` rows starting at the first unfinished row (``top``); rows that no
+pending or future tile can reach any more are finished: divided by the summed weights,
+turned into uint8 and written, and the buffer moves down.
+
+The ``lag`` rows let tiles wait for a full model batch across band ends. Without them
+every band's last, partial batch was padded with glass: at overlap 16 on a 4096^2 slide
+that was 108 model calls for 769 tiles (11 % of the model's work spent on padding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def finalize_rows(acc: np.ndarray, wsum: np.ndarray, bg: int, chunk_rows: int = 64) -> np.ndarray:
+    """Blended probabilities -> uint8 0-255; pixels no tile covered are background.
+
+    Works ``chunk_rows`` rows at a time, so its float temporaries are a few rows, not the band.
+    """
+    out = np.empty(acc.shape, np.uint8)
+    for r in range(0, acc.shape[0], chunk_rows):
+        a, w = acc[r:r + chunk_rows], wsum[r:r + chunk_rows]
+        covered = w > 0
+        q = a / np.where(covered, w, 1.0)[..., None]
+        q[~covered] = 0.0
+        q[~covered, bg] = 1.0
+        q *= 255.0
+        np.rint(q, out=q)
+        np.clip(q, 0, 255, out=q)
+        out[r:r + chunk_rows] = q
+    return out
+
+
+def shift_rows(buf: np.ndarray, done: int, chunk_rows: int = 64) -> None:
+    """Move rows ``done:`` of a band buffer to the top and zero the rest, in place (no band-sized copy)."""
+    n = buf.shape[0]
+    if done >= n:
+        buf[:] = 0
+        return
+    step = max(1, min(chunk_rows, done))  # destination chunks never overlap their source
+    for r in range(0, n - done, step):
+        e = min(r + step, n - done)
+        buf[r:e] = buf[done + r:done + e]
+    buf[n - done:] = 0
+
+
+class BandAccumulator:
+    """Weighted sums of tile probabilities over rows ``[top, top + rows)`` of a raster ``width`` wide.
+
+    Args:
+        width: Raster width in pixels.
+        n_cls: Classes (channels) per pixel.
+        tile: Tile side in pixels.
+        weights: ``(tile, tile)`` blending weights.
+        rows: Buffer height; at least ``tile``. Rows beyond ``tile`` let tiles of earlier
+            bands wait for a full model batch.
+        top: Raster row of the buffer's first row.
+        acc, wsum: Buffers of an interrupted run (resuming), else zeros.
+    """
+
+    def __init__(self, width: int, n_cls: int, tile: int, weights: np.ndarray, rows: int, top: int = 0,
+                 acc: np.ndarray | None = None, wsum: np.ndarray | None = None) -> None:
+        if rows < tile:
+            raise ValueError(f"rows={rows} must be at least the tile ({tile})")
+        self.tile, self.weights, self.top = tile, weights, top
+        self.acc = acc if acc is not None else np.zeros((rows, width, n_cls), np.float32)
+        self.wsum = wsum if wsum is not None else np.zeros((rows, width), np.float32)
+
+    @property
+    def rows(self) -> int:
+        """Buffer height in rows."""
+        return int(self.acc.shape[0])
+
+    def fits(self, y: int) -> bool:
+        """Whether a tile whose top is raster row ``y`` lies inside the buffer."""
+        return self.top <= y and y + self.tile <= self.top + self.rows
+
+    def add(self, y: int, x: int, probs: np.ndarray) -> None:
+        """Add one tile's probabilities (``(tile, tile, n_cls)``, scaled in place by the weights)."""
+        r = y - self.top
+        probs *= self.weights[..., None]
+        self.acc[r:r + self.tile, x:x + self.tile] += probs
+        self.wsum[r:r + self.tile, x:x + self.tile] += self.weights
+
+    def finish(self, until: int, bg: int) -> tuple[int, np.ndarray]:
+        """Finish rows ``[top, until)``: ``(their first row, uint8 probabilities)``; the buffer moves down."""
+        done = max(0, min(until, self.top + self.rows) - self.top)
+        start = self.top
+        out = finalize_rows(self.acc[:done], self.wsum[:done], bg)
+        shift_rows(self.acc, done)
+        shift_rows(self.wsum, done)
+        self.top += done
+        return start, out
