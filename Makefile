@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# byte-compile the installed packages once: where PYTHONDONTWRITEBYTECODE is set (as on the CI image)
+	@# pip leaves no .pyc and every kernel re-compiles TensorFlow, matplotlib... (imports 7.6 s -> 3.7 s)
+	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	@touch $(STAMP)
 
 # the project's Jupyter kernel "Histo-UNet (.venv)" (quiet TensorFlow start-up); rewritten
