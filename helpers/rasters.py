@@ -203,7 +203,9 @@ def write_pyramid_tiff(
     if compression == "jpeg":
         codec["compressionargs"] = {"level": int(quality)}
     elif compression == "zlib":
-        codec["compressionargs"] = {"level": 6}
+        # level 1: 3x faster than 6 for ~10 % more bytes (2048^2 x 4 probabilities: 0.058 vs 0.165 CPU-s,
+        # 2.9 vs 2.7 MB); the pyramid is written on the slide's critical path (benchmarks/bench_inference.py)
+        codec["compressionargs"] = {"level": 1}
         codec["predictor"] = np.issubdtype(dtype, np.integer) and kind != "labels"
     bar = tqdm(total=n_tiles, desc=f"writing {path.name}", unit="tile", disable=not progress, leave=False)
 
