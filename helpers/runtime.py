@@ -151,7 +151,11 @@ def openvino_predict_fn(onnx: str | Path, batch_size: int, tile: int, n_cls: int
     core = ov.Core()
     model = core.read_model(str(onnx))
     model.reshape([batch_size, tile, tile, 3])
-    request = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}).create_infer_request()
+    # no CPU pinning: a pinned thread waits for its own core when another process runs there, and the
+    # other thread waits for it (model only, 2 cores shared with a training run, load 3.5-4.7:
+    # pinned 4.9-8.9 tiles/s, unpinned 11.7-12.9, ONNX Runtime 6.3-11.9)
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision, "ENABLE_CPU_PINNING": False}
+    request = core.compile_model(model, "CPU", config).create_infer_request()
 
     predict = fixed_batches(lambda chunk: request.infer({0: np.ascontiguousarray(chunk)})[0], batch_size, tile, n_cls)
     last = model.outputs[0].get_partial_shape()[-1]
