@@ -245,7 +245,7 @@ def one_case(tmp: Path, size: int, overlap: int, tile: int, batch: int, normaliz
     out_dir = tmp / "predictions" / f"{slide.stem}_o{overlap}"
     load0 = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
-    res = predict_slide(slide, model_dir, out_dir, overlap=overlap, blend="gaussian", batch_size=batch,
+    res = predict_slide(slide, model_dir, out_dir, overlap=overlap, blend="mean", batch_size=batch,
                         normalizer="auto" if normalizer else None, overwrite=True, progress=False, runtime=runtime)
     t_pred = time.perf_counter() - t0
     t0 = time.perf_counter()

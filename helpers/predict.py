@@ -151,7 +151,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | Path, *, mpp: float | None = None,
-                  normalizer: str | Path | None = "auto", overlap: int = 16, blend: str = "gaussian",
+                  normalizer: str | Path | None = "auto", overlap: int = 16, blend: str = "mean",
                   tile_size: int | None = None, batch_size: int = 8, class_map: ClassMap | str | Path | None = None,
                   overwrite: bool = False, progress: bool = True, prefetch: int = 2,
                   checkpoint_seconds: float = 30.0, min_tissue: float = 0.0, runtime: str = "keras") -> PredictionResult:
@@ -164,7 +164,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         mpp: Level-0 um/px override (required when the slide stores none).
         normalizer: ``"auto"`` (what training used), a ``normalizer.json`` path, or None.
         overlap: 1, 4 or 16 tiles over each pixel (stride tile, tile/2, tile/4).
-        blend: ``"gaussian"`` (weights fall off towards tile borders) or ``"mean"``.
+        blend: ``"mean"`` (default: best of 08's variants study, README) or ``"gaussian"`` (weights fall off
+            towards tile borders).
         tile_size: Model input side in pixels (default: the training tile size).
         batch_size: Tiles per model call.
         class_map: Optional class map to check against the model's classes.

@@ -44,7 +44,7 @@ def cohort(tmp_path_factory, class_map_, shared_data):
     shutil.copy(shared_data / "slides" / "broken.svs", slides / "broken.svs")
     for i in range(2):  # the sequential run: what notebook 07 does, in this process, one slide after another
         out = d / "reference" / f"s{i}"
-        predict_slide(slides / f"s{i}.tiff", d / "wd" / "model", out, overlap=1, blend="gaussian", batch_size=4,
+        predict_slide(slides / f"s{i}.tiff", d / "wd" / "model", out, overlap=1, blend="mean", batch_size=4,
                       class_map=class_map_, progress=False, runtime="auto")  # 07's defaults: blend, runtime
         export_prediction(out, class_map=class_map_, smoothing="gaussian", smoothing_size=4.0, min_area_um2=100.0,
                           object_type="annotation", overwrite=True)
