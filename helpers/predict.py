@@ -342,7 +342,6 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                     if not band_end:
                         t_mark = time.perf_counter()
                         continue
-                    t0 = time.perf_counter()
                     y_next = ys[b + 1] if b + 1 < len(ys) else H
                     last = b + 1 == len(ys)
                     checkpoint = last or time.perf_counter() - last_ckpt >= checkpoint_seconds
@@ -351,6 +350,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                     # holds no waiting tiles)
                     if pend_yx and (checkpoint or y_next + tile > pend_yx[0][0] + blender.rows):
                         run_batch(len(pend_yx))
+                    t0 = time.perf_counter()
                     row0, rows = blender.finish(min(y_next, pend_yx[0][0]) if pend_yx else y_next, bg)
                     if len(rows):
                         with disk_full_guard(part / "probabilities.npy"):
