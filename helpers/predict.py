@@ -236,7 +236,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                              f"got {tile}")
     stride = tile // OVERLAP_STRIDE[overlap]
     weights = blend_weights(tile, blend)
-    acc_rows = 2 * tile  # one tile of lag: tiles wait for a full batch across band ends (helpers.accumulate)
+    acc_rows = tile + stride  # one band of lag: tiles wait for a full batch across band ends (helpers.accumulate)
     model_mpp = float(params["mpp"])
     norm_path = resolve_normalizer(normalizer, model_dir, params)
 
