@@ -35,11 +35,18 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_map: ClassMap, alpha: f
     return out.round().astype(np.uint8)
 
 
-def legend_handles(class_map: ClassMap, include_unlabelled: bool = False) -> list:
-    """Matplotlib patches for a legend of the class colours."""
+def legend_handles(class_map: ClassMap, include_unlabelled: bool = False, hidden: Sequence[int] = ()) -> list:
+    """Matplotlib patches for a legend of the class colours.
+
+    Classes in ``hidden`` (labels the picture leaves clear, e.g. glass) get an empty swatch
+    and "(not drawn)": a solid swatch would claim a colour the picture never shows (the
+    demo's grey Background swatch looked like Stroma's green blended over pink tissue).
+    """
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=np.array(c.color) / 255, label=f"{c.label} {c.name}") for c in class_map.classes]
+    handles = [Patch(facecolor="none", edgecolor="0.4", hatch="//", label=f"{c.label} {c.name} (not drawn)")
+               if c.label in hidden else Patch(color=np.array(c.color) / 255, label=f"{c.label} {c.name}")
+               for c in class_map.classes]
     if include_unlabelled:
         handles.insert(0, Patch(color="black", label="0 unlabelled"))
     return handles

@@ -223,3 +223,26 @@ def test_fast_overlay_png_has_save_figures_pixels(tmp_path, class_map_):
     ref, fast = iio.imread(tmp_path / "ref.png"), iio.imread(tmp_path / "fast.png")
     assert ref.shape == fast.shape and ref.shape[0] > 300
     assert np.array_equal(ref, fast)
+
+
+def test_overlay_legend_marks_the_class_left_clear(class_map_):
+    """07's overlay leaves glass (background) clear: its legend entry says so and has no colour swatch."""
+    import matplotlib.pyplot as plt
+
+    from helpers.model import background_index
+    from helpers.views.predict import overlay_figure
+
+    rng = np.random.default_rng(0)
+    thumb = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    labels = rng.integers(1, class_map_.n_classes + 1, (60, 80), dtype=np.uint8)
+    fig = overlay_figure(thumb, labels, class_map_)
+    legend = fig.axes[1].get_legend()
+    entries = {t.get_text(): p for t, p in zip(legend.get_texts(), legend.get_patches())}
+    plt.close(fig)
+    bg = class_map_.classes[background_index(class_map_)]
+    drawn = [c for c in class_map_.classes if c.label != bg.label]
+    assert f"{bg.label} {bg.name} (not drawn)" in entries
+    assert entries[f"{bg.label} {bg.name} (not drawn)"].get_facecolor()[3] == 0  # empty swatch
+    for c in drawn:  # the drawn classes keep their solid colour
+        face = entries[f"{c.label} {c.name}"].get_facecolor()
+        assert np.allclose(face[:3], np.array(c.color) / 255) and face[3] == 1

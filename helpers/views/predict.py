@@ -35,7 +35,7 @@ def overlay_figure(thumb: np.ndarray, labels: np.ndarray, cmap: ClassMap, title:
     axes[1].set_title("prediction")
     for ax in axes:
         ax.axis("off")
-    axes[1].legend(handles=legend_handles(cmap), loc="lower right", fontsize=8, framealpha=0.8)
+    axes[1].legend(handles=legend_handles(cmap, hidden=(bg_label,)), loc="lower right", fontsize=8, framealpha=0.8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -276,6 +276,8 @@ def geojson_figure(pred_dir: str | Path, max_size: int = 1024):
                 n_holes += 1
     ax.set_title(f"{info['slide']}.geojson: {len(fc['features'])} regions, {n_holes} holes (dashed)")
     ax.axis("off")
-    ax.legend(handles=legend_handles(cmap), loc="lower right", fontsize=8, framealpha=0.8)
+    drawn = {f["properties"]["classification"]["name"] for f in fc["features"]}
+    ax.legend(handles=legend_handles(cmap, hidden=[c.label for c in cmap.classes if c.name not in drawn]),
+              loc="lower right", fontsize=8, framealpha=0.8)
     fig.tight_layout()
     return fig
