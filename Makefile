@@ -52,9 +52,11 @@ bench: $(STAMP)
 # make bench-real [DATA=folder]: issue 11's real-data benchmark (chain 01-07 per source, held-out IoU);
 # DATA holds one sub-folder of image + mask pairs per source, each described by a YAML
 # (<source>/bench_real.yaml or benchmarks/real/<source>.yaml). Table -> benchmarks/results/real.csv
+# SEEDS="0 1": several annotator seeds (mean +- sd per source; one draw is not a measurement here)
 DATA ?= ../shared/data/real
+SEEDS ?= 0
 bench-real: $(STAMP)
-	$(PY) -m benchmarks.bench_real --data $(DATA)
+	$(PY) -m benchmarks.bench_real --data $(DATA) --seeds $(SEEDS)
 
 # make batch SLIDES=path/to/slides [WORKERS=n] [SCHEDULER=tcp://host:8786] [MPP=0.5] [PARAMS=p.yaml] [WORKDIR=runs/demo]
 #   07_infer_slide on every slide, one Dask task per slide (LocalCluster by default; WORKERS=0: no Dask)
