@@ -270,6 +270,7 @@ def write_pyramid_tiff(
                     subfiletype=0 if level == 0 else 1,  # OpenSlide needs REDUCEDIMAGE on lower levels
                     metadata=None,
                     software="histo-unet",
+                    maxworkers=_cores(),  # tifffile's default is half the cores: 1 of 2, while the other waits
                     **codec,
                     **extra,
                 )
@@ -279,6 +280,16 @@ def write_pyramid_tiff(
         bar.close()
     log.info("wrote %s (%dx%d, %d levels, %s)", path, width, height, len(shapes), kind)
     return path
+
+
+def _cores() -> int:
+    """CPU cores this process may use (threads for tile compression)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _open_tiff(path: Path):
