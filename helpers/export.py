@@ -111,14 +111,23 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
                 if st is not None:
                     st.close()
             meta = {"slide": slide_name, "classes": cmap.names}
-            write_raster(outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds, meta=meta, overwrite=True)
-            parts = {"labels": time.perf_counter() - t0}  # post-processing + labels.tiff
-            features = iter_label_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
-                                           mpp=info["slide_mpp"], exclude=exclude_classes,
-                                           band_rows=EXPORT_BAND_ROWS, streamed=True, spool_dir=scratch_dir)
-            with disk_full_guard(outputs["geojson"]):
-                n_features = write_features_stream(features, outputs["geojson"], overwrite=True)
-            parts["geojson"] = time.perf_counter() - t0 - parts["labels"]
+            parts = {"labels": time.perf_counter() - t0}  # post-processing (+ labels.tiff, below)
+            # labels.tiff is written in a second thread while the GeoJSON is traced: both only read
+            # the finished labels, and their compression / tracing release the GIL (2 cores busy)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(1) as pool:
+                tiff = pool.submit(write_raster, outputs["labels"], labels, kind="labels", mpp=mpp, downsample=ds,
+                                   meta=meta, overwrite=True)
+                t1 = time.perf_counter()
+                features = iter_label_features(labels, cmap, ds, probabilities=probs, object_type=object_type,
+                                               mpp=info["slide_mpp"], exclude=exclude_classes,
+                                               band_rows=EXPORT_BAND_ROWS, streamed=True, spool_dir=scratch_dir)
+                with disk_full_guard(outputs["geojson"]):
+                    n_features = write_features_stream(features, outputs["geojson"], overwrite=True)
+                parts["geojson"] = time.perf_counter() - t1
+                tiff.result()  # its errors (e.g. a full disk) surface here
+            parts["labels"] += time.perf_counter() - t1 - parts["geojson"]  # waiting for labels.tiff after the GeoJSON
             t1 = time.perf_counter()
             summary = summarize(labels, cmap, mpp)
             parts["summary"] = time.perf_counter() - t1

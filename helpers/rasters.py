@@ -372,21 +372,35 @@ def _read_page_region(tif, page, x0: int, y0: int, x1: int, y1: int, fill: float
     rows = range(max(0, y0) // th, (min(h, y1) - 1) // th + 1) if y1 > 0 and y0 < h else range(0)
     cols = range(max(0, x0) // tw, (min(w, x1) - 1) // tw + 1) if x1 > 0 and x0 < w else range(0)
     # A plain handle of our own: tifffile reads tags lazily through its shared one.
+    jobs = []
     with open(tif.filehandle.path, "rb") as fh:
         for ty in rows:
             for tx in cols:
                 index = ty * across + tx
                 offset, count = page.dataoffsets[index], page.databytecounts[index]
-                if not count:
-                    continue
-                fh.seek(offset)
-                segment, _, _ = page.decode(fh.read(count), index, jpegtables=jpegtables)
-                segment = segment.reshape(th, tw, channels)
-                # Overlap of this tile with the requested window, clipped to the page.
-                gx0, gy0 = max(x0, tx * tw), max(y0, ty * th)
-                gx1, gy1 = min(x1, (tx + 1) * tw, w), min(y1, (ty + 1) * th, h)
-                out[gy0 - y0:gy1 - y0, gx0 - x0:gx1 - x0] = \
-                    segment[gy0 - ty * th:gy1 - ty * th, gx0 - tx * tw:gx1 - tx * tw]
+                if count:
+                    fh.seek(offset)
+                    jobs.append((index, tx, ty, fh.read(count)))
+
+    def decode(job: tuple[int, int, int, bytes]) -> tuple[int, int, np.ndarray]:
+        index, tx, ty, data = job
+        segment, _, _ = page.decode(data, index, jpegtables=jpegtables)
+        return tx, ty, segment.reshape(th, tw, channels)
+
+    workers = min(_cores(), len(jobs))
+    if workers > 1:  # zlib and JPEG decoding release the GIL: one thread per core
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            decoded = list(pool.map(decode, jobs))
+    else:
+        decoded = [decode(j) for j in jobs]
+    for tx, ty, segment in decoded:
+        # Overlap of this tile with the requested window, clipped to the page.
+        gx0, gy0 = max(x0, tx * tw), max(y0, ty * th)
+        gx1, gy1 = min(x1, (tx + 1) * tw, w), min(y1, (ty + 1) * th, h)
+        out[gy0 - y0:gy1 - y0, gx0 - x0:gx1 - x0] = \
+            segment[gy0 - ty * th:gy1 - ty * th, gx0 - tx * tw:gx1 - tx * tw]
     return out
 
 
