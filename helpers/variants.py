@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -251,13 +252,19 @@ def summarize_repeats(table: pd.DataFrame, metric: str = "tumor_iou", tolerance:
     keys = ["overlap", "blend", "kernel"]
     wide = table.pivot_table(index=keys, columns="model", values=metric, aggfunc="mean")
     secs = table.groupby(keys)["seconds"].mean()
+    wide = wide.reindex(secs.index)  # a setting with no value at all (NaN) keeps its row
     out = pd.DataFrame({"n_models": wide.notna().sum(1), "mean": wide.mean(1), "sd": wide.std(1, ddof=1),
                         "seconds": secs}).reset_index()
-    best_i = int(out["mean"].values.argmax())
+    if out["mean"].isna().all():
+        raise ParameterError(f"no setting has a {metric} value (is the headline class absent from the truth?); "
+                             "score on a slide where it occurs")
+    best_i = int(np.nanargmax(out["mean"].values))  # a setting without a value (NaN) is never the best
     best_key = tuple(out.loc[best_i, keys])
     diffs = wide.loc[[best_key]].values - wide.values  # best minus each setting, per model
-    out["diff_vs_best"] = np.nanmean(diffs, 1)
-    out["diff_sd"] = np.nanstd(diffs, 1, ddof=1) if wide.shape[1] > 1 else np.nan
+    with warnings.catch_warnings():  # a setting without values gives NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["diff_vs_best"] = np.nanmean(diffs, 1)
+        out["diff_sd"] = np.nanstd(diffs, 1, ddof=1) if wide.shape[1] > 1 else np.nan
     worse = out["diff_vs_best"] > out["diff_sd"].fillna(np.inf)
     out["verdict"] = np.where(worse, "worse", "within noise")
     out.loc[best_i, "verdict"] = "best"

@@ -296,6 +296,19 @@ def test_repeats_separate_signal_from_noise():
     assert set(one["verdict"]) == {"best", "within noise"}
 
 
+def test_repeats_ignore_a_setting_without_a_value():
+    """A setting whose headline IoU is undefined (NaN: class absent) is never the best; all NaN is a clear error."""
+    from helpers.errors import ParameterError
+
+    rows = [{"model": m, "overlap": o, "blend": "mean", "kernel": "none", "tumor_iou": v, "seconds": 1.0}
+            for m in ("m1", "m2") for o, v in ((1, float("nan")), (4, 0.7), (16, 0.8))]
+    summary = V.summarize_repeats(pd.DataFrame(rows))
+    assert summary.iloc[0]["overlap"] == 16 and summary.iloc[0]["verdict"] == "best"
+    assert len(summary) == 3
+    with pytest.raises(ParameterError, match="no setting has a tumor_iou"):
+        V.summarize_repeats(pd.DataFrame([{**r, "tumor_iou": float("nan")} for r in rows]))
+
+
 def test_evaluate_workdir_dense_and_sparse(class_map, tmp_path):
     from shapely.geometry import box
 
