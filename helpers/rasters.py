@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from helpers.cohort import cpu_count
 from helpers.errors import ParameterError, RasterError
 from helpers.io import atomic_path, check_writable
 
@@ -270,7 +271,7 @@ def write_pyramid_tiff(
                     subfiletype=0 if level == 0 else 1,  # OpenSlide needs REDUCEDIMAGE on lower levels
                     metadata=None,
                     software="histo-unet",
-                    maxworkers=_cores(),  # tifffile's default is half the cores: 1 of 2, while the other waits
+                    maxworkers=cpu_count(),  # tifffile's default is half the cores: 1 of 2, while the other waits
                     **codec,
                     **extra,
                 )
@@ -280,16 +281,6 @@ def write_pyramid_tiff(
         bar.close()
     log.info("wrote %s (%dx%d, %d levels, %s)", path, width, height, len(shapes), kind)
     return path
-
-
-def _cores() -> int:
-    """CPU cores this process may use (threads for tile compression)."""
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _open_tiff(path: Path):
@@ -387,7 +378,7 @@ def _read_page_region(tif, page, x0: int, y0: int, x1: int, y1: int, fill: float
         segment, _, _ = page.decode(data, index, jpegtables=jpegtables)
         return tx, ty, segment.reshape(th, tw, channels)
 
-    workers = min(_cores(), len(jobs))
+    workers = min(cpu_count(), len(jobs))
     if workers > 1:  # zlib and JPEG decoding release the GIL: one thread per core
         from concurrent.futures import ThreadPoolExecutor
 
