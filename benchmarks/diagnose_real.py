@@ -19,6 +19,9 @@ Reads each source's work folder (``model/split.csv``, ``model/history.csv``,
 * with ``--bn``: validation IoU of ``best.keras`` in inference mode (batch-norm moving
   statistics) vs training mode (the batch's own statistics): a large gap means the moving
   statistics, not the weights, are what fails.
+* with ``--checkpoint last`` only: held-out headline IoU of ``best.keras`` (what 07 predicted) and of
+  another checkpoint of the same run (``last.keras``), predicted again with 07's recipe settings into
+  ``<run>/checkpoint_last/`` (the run's own outputs are left alone).
 * with ``--post`` only: held-out IoU of the stored probabilities under post-processing variants
   (:data:`POST_VARIANTS`: 07's ``fill_holes_um2`` sizes, and Background holes enclosed by the
   headline class filled with it, :func:`fill_enclosed_background`), without predicting again.
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bn", action="store_true", help="also compare batch-norm inference vs training mode")
     ap.add_argument("--rules", action="store_true", help="only: 03's rule sets (RULE_SETS) against the dense truth")
     ap.add_argument("--post", action="store_true", help="only: post-processing variants (POST_VARIANTS), held-out IoU")
+    ap.add_argument("--checkpoint", default=None, metavar="NAME",
+                    help="only: held-out IoU of best.keras vs model/NAME.keras (e.g. last), predicted with 07's recipe")
     ap.add_argument("--ensemble", nargs="*", default=None, metavar="RUN",
                     help="only: held-out IoU of the mean probabilities of --workdir and these runs (same sources)")
     args = ap.parse_args(argv)
@@ -154,6 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
     base = Path(args.workdir)
     result = {}
     for wd in sorted(p for p in base.iterdir() if p.is_dir() and (not args.sources or p.name in args.sources)):
+        if args.checkpoint and (wd / "model" / f"{args.checkpoint}.keras").is_file():
+            res = checkpoint_scores(wd, cmap, args.checkpoint)
+            print(f"{wd.name}: held-out headline IoU best.keras {res['best']:.3f}, {args.checkpoint}.keras "
+                  f"{res[args.checkpoint]:.3f}", flush=True)
+            result[wd.name] = res
+            continue
         if args.ensemble is not None and (wd / "predictions").is_dir():
             runs = [wd, *(Path(r) / wd.name for r in args.ensemble)]
             pv = postprocess_variants(wd, cmap, {"07 recipe": ({}, None)}, others=runs[1:])
@@ -199,6 +210,49 @@ def main(argv: list[str] | None = None) -> dict:
         result[wd.name] = res
     return result
 
+
+
+def checkpoint_scores(wd: Path, cmap, which: str = "last", recipe: Path = ROOT / "data" / "params" / "real") -> dict:
+    """Held-out headline IoU of the run's ``best.keras`` (its own predictions) and of ``model/<which>.keras``.
+
+    The other checkpoint is predicted and exported like 07 (``<recipe>/07_infer_slide.yaml``) into
+    ``<wd>/checkpoint_<which>/`` (a model folder whose ``best.keras`` is that checkpoint, and predictions).
+    """
+    import shutil
+
+    import yaml
+
+    from benchmarks.bench_real import score_image
+    from helpers.export import export_prediction
+    from helpers.model import headline_index
+    from helpers.predict import predict_slide
+
+    p07 = yaml.safe_load((recipe / "07_infer_slide.yaml").read_text()) or {}
+    tmp = wd / f"checkpoint_{which}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "model").mkdir(parents=True)
+    for d in ("truth", "slides", "stain"):  # the normalizer path is relative to the model folder's parent
+        if (wd / d).exists():
+            (tmp / d).symlink_to(wd / d)
+    for f in (wd / "model").iterdir():
+        if f.is_file() and f.suffix != ".keras" and not f.name.startswith("model.onnx"):
+            shutil.copy(f, tmp / "model" / f.name)
+    shutil.copy(wd / "model" / f"{which}.keras", tmp / "model" / "best.keras")
+    stems = sorted(s.stem for s in (wd / "slides").glob("*.tiff"))
+    for stem in stems:
+        d = tmp / "predictions" / stem
+        predict_slide(wd / "slides" / f"{stem}.tiff", tmp / "model", d, normalizer="auto", class_map=cmap,
+                      overlap=p07.get("overlap", 16), blend=p07.get("blend", "mean"), batch_size=8,
+                      overwrite=True, progress=False)
+        export_prediction(d, class_map=cmap, smoothing=p07.get("smoothing", "gaussian"),
+                          smoothing_size=p07.get("smoothing_size", 4.0), fill_holes_um2=p07.get("fill_holes_um2"),
+                          min_area_um2=p07.get("min_area_um2"), overwrite=True)
+    h = headline_index(cmap)
+
+    def headline(run: Path) -> float:
+        c = sum(score_image(run, stem, cmap.n_classes) for stem in stems)
+        return float(c[h, h] / max(1, c[h].sum() + c[:, h].sum() - c[h, h]))
+    return {"best": headline(wd), which: headline(tmp)}
 
 
 def white_predictions(wd: Path, cmap, min_area_um2: float = 100.0) -> pd.DataFrame:
