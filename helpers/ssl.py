@@ -220,7 +220,7 @@ def plot_ssl(net, images: list[np.ndarray], history: list[dict], cfg: SSLConfig,
         return np.clip(a * IMAGENET_STD + IMAGENET_MEAN, 0, 1)
 
     fig = Figure(figsize=(12, 3 * len(shown)))
-    grid = fig.add_gridspec(len(shown), 4)
+    grid = fig.add_gridspec(len(shown), 4, wspace=0.35, width_ratios=(1, 1, 1, 1.3))
     for r in range(len(shown)):
         for c, (img, title) in enumerate(((y[r, ..., :3], "original"), (x[r], "masked"), (filled[r], "reconstructed"))):
             ax = fig.add_subplot(grid[r, c])
