@@ -8,6 +8,9 @@ backbone and decoder with a 3-channel linear head learns to restore the hidden p
 (mean squared error over the hidden pixels only). Light augmentation: 90-degree rotations
 and flips. Every weight whose layer name and shape match is then copied into the
 segmentation model: encoder and decoder, everything but the final convolution.
+``region`` (05's ``ssl_region``) limits what the pre-training sees to a box per slide: pixels
+outside it are blanked in the input and never a target (the real-data benchmark keeps its
+held-out half out this way; 01's tiles reach into it).
 
 :func:`pretrain_into` is the hook :func:`helpers.train.train_model` calls when
 ``ssl_epochs`` > 0 and the network starts from random weights.
@@ -16,6 +19,7 @@ segmentation model: encoder and decoder, everything but the final convolution.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Layers never transferred: the segmentation head (its output channels are the classes).
 HEAD_LAYERS = ("final_conv",)
-#: Tiles drawn on the figure and used for the fixed before/after reconstruction loss.
-N_SHOWN = 3
-N_EVAL = 8
+#: Tiles drawn on the figure / used for the fixed before-after reconstruction loss.
+N_SHOWN, N_EVAL = 3, 8
 
 
 @dataclass
@@ -47,19 +50,18 @@ class SSLConfig:
     backbone: str = "efficientnetb0"
     decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
     bn_momentum: float = 0.9
+    region: str | None = None  # JSON {slide: [x0, y0, x1, y1]} (level-0 px): only these pixels are seen
 
     def check(self) -> None:
         """Raise :class:`ParameterError` (one line) for a value out of range."""
-        if self.epochs < 0:
-            raise ParameterError(f"ssl_epochs={self.epochs}: must be >= 0 (0 = no self-supervised pre-training)")
-        if self.steps_per_epoch < 1:
-            raise ParameterError(f"ssl_steps_per_epoch={self.steps_per_epoch}: must be >= 1")
-        if not self.learning_rate > 0:
-            raise ParameterError(f"ssl_learning_rate={self.learning_rate}: must be > 0")
-        if self.block_size < 1:
-            raise ParameterError(f"ssl_block_size={self.block_size}: must be >= 1 pixel")
-        if not 0 < self.mask_fraction < 1:
-            raise ParameterError(f"ssl_mask_fraction={self.mask_fraction}: must be between 0 and 1 (e.g. 0.5)")
+        for name, value, ok, need in (("epochs", self.epochs, self.epochs >= 0, ">= 0 (0 = off)"),
+                                      ("steps_per_epoch", self.steps_per_epoch, self.steps_per_epoch >= 1, ">= 1"),
+                                      ("learning_rate", self.learning_rate, self.learning_rate > 0, "> 0"),
+                                      ("block_size", self.block_size, self.block_size >= 1, ">= 1 pixel"),
+                                      ("mask_fraction", self.mask_fraction, 0 < self.mask_fraction < 1,
+                                       "between 0 and 1 (e.g. 0.5)")):
+            if not ok:
+                raise ParameterError(f"ssl_{name}={value}: must be {need}")
 
 
 def config_from_train(cfg) -> SSLConfig:
@@ -68,17 +70,12 @@ def config_from_train(cfg) -> SSLConfig:
                      batch_size=int(cfg.batch_size), learning_rate=float(cfg.ssl_learning_rate),
                      block_size=int(cfg.ssl_block_size), mask_fraction=float(cfg.ssl_mask_fraction),
                      seed=int(cfg.seed), backbone=cfg.backbone, decoder_filters=tuple(cfg.decoder_filters),
-                     bn_momentum=float(cfg.bn_momentum))
+                     bn_momentum=float(cfg.bn_momentum), region=cfg.ssl_region)
 
 
 def block_mask(shape: tuple[int, int], block_size: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """A boolean ``(H, W)`` mask (True = hidden) of square blocks covering ``fraction`` of the area.
-
-    The tile is cut into a grid of ``block_size`` cells; ``round(fraction * cells)`` cells,
-    chosen at random, are hidden, and the grid is shifted by a random offset (wrapping
-    round), so blocks do not always sit on the same lines. When the sides are multiples of
-    ``block_size`` exactly that fraction is hidden.
-    """
+    """A boolean ``(H, W)`` mask (True = hidden): ``round(fraction * cells)`` random cells of a ``block_size`` grid,
+    the grid shifted by a random offset (wrapping round); exact when the sides are multiples of ``block_size``."""
     h, w = int(shape[0]), int(shape[1])
     gh, gw = -(-h // block_size), -(-w // block_size)
     cells = np.zeros(gh * gw, bool)
@@ -89,12 +86,8 @@ def block_mask(shape: tuple[int, int], block_size: int, fraction: float, rng: np
 
 
 def masked_mse(y_true, y_pred):
-    """Mean squared error over the hidden pixels only.
-
-    Args:
-        y_true: ``(N, H, W, 4)``: the original preprocessed tile (3 channels) and the mask (1 = hidden).
-        y_pred: ``(N, H, W, 3)``: the reconstruction.
-    """
+    """Mean squared error over the hidden pixels only: ``y_true`` ``(N, H, W, 4)`` is the original
+    preprocessed tile and the mask (1 = hidden), ``y_pred`` ``(N, H, W, 3)`` the reconstruction."""
     from keras import ops
 
     y_true = ops.cast(y_true, "float32")
@@ -104,17 +97,22 @@ def masked_mse(y_true, y_pred):
 
 
 def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random 90-degree rotation and flip of an ``(H, W, 3)`` tile."""
+    """A random 90-degree rotation and flip of an ``(H, W, C)`` tile."""
     image = np.rot90(image, int(rng.integers(4)))
     return np.ascontiguousarray(image[:, ::-1] if rng.random() < 0.5 else image)
 
 
 def make_batch(images: list[np.ndarray], cfg: SSLConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``(masked input, target + mask)`` for uint8 RGB tiles of one size (see :func:`masked_mse`)."""
+    """``(masked input, target + mask)`` for uint8 tiles of one size (see :func:`masked_mse`).
+
+    RGBA tiles: alpha 0 marks pixels outside the region, blanked (0) in input and target, never hidden.
+    """
     from helpers.model import preprocess
 
-    x = preprocess(np.stack(images))
-    mask = np.stack([block_mask(x.shape[1:3], cfg.block_size, cfg.mask_fraction, rng) for _ in images])
+    arr = np.stack(images)
+    seen = arr[..., 3] > 0 if arr.shape[-1] == 4 else np.ones(arr.shape[:3], bool)
+    x = np.where(seen[..., None], preprocess(arr[..., :3]), 0.0).astype(np.float32)
+    mask = np.stack([block_mask(x.shape[1:3], cfg.block_size, cfg.mask_fraction, rng) for _ in images]) & seen
     masked = np.where(mask[..., None], 0.0, x).astype(np.float32)
     return masked, np.concatenate([x, mask[..., None].astype(np.float32)], -1)
 
@@ -131,10 +129,44 @@ def build_reconstruction_net(cfg: SSLConfig):
 
 
 def _tile(item) -> np.ndarray:
-    """A tile given as a uint8 array or as the path of an image file (read when needed)."""
+    """A uint8 tile from an array, an image path, or ``(path, (c0, r0, c1, r1))``: RGBA, alpha 255 inside that box."""
     from helpers.dataset import fit_multiple, read_image_tile
 
-    return item if isinstance(item, np.ndarray) else fit_multiple(read_image_tile(str(item)))
+    if isinstance(item, np.ndarray):
+        return item
+    path, box = item if isinstance(item, tuple) else (item, None)
+    img = read_image_tile(str(path))
+    if box is not None:
+        alpha = np.zeros(img.shape[:2], np.uint8)
+        alpha[box[1]:box[3], box[0]:box[2]] = 255
+        img = np.dstack([img, alpha])
+    return fit_multiple(img)
+
+
+def tile_items(tiles, region: str | None = None) -> list:
+    """What :func:`pretrain` reads from a tile table (``image_path``, ``slide``, ``x``, ``y``, ``w``, ``h``, ``downsample``).
+
+    The image paths, or with ``region`` (JSON ``{slide: [x0, y0, x1, y1]}``, level-0 px) ``(path, box in
+    tile px)`` for the tiles with pixels inside their slide's box (slides not listed give none).
+    """
+    if region is None:
+        return list(tiles["image_path"])
+    import json
+
+    try:
+        boxes = json.loads(Path(region).read_text())
+    except (OSError, ValueError) as exc:
+        raise ParameterError(f"ssl_region={region}: not a readable JSON file ({exc}); write {{slide: [x0, y0, x1, y1]}}") from None
+    items = []
+    for r in (r for r in tiles.to_dict("records") if str(r["slide"]) in boxes):
+        ds = float(r.get("downsample", 1.0) or 1.0)
+        x0, y0, x1, y1 = (float(v) for v in boxes[str(r["slide"])])
+        box = (max(0, math.ceil((x0 - r["x"]) / ds)), max(0, math.ceil((y0 - r["y"]) / ds)),
+               min(math.floor((x1 - r["x"]) / ds), round(r["w"] / ds)), min(math.floor((y1 - r["y"]) / ds), round(r["h"] / ds)))
+        if box[2] > box[0] and box[3] > box[1]:
+            items.append((r["image_path"], box))
+    log.info("ssl: %d of %d tiles have pixels inside %s", len(items), len(tiles), region)
+    return items
 
 
 def _same_size(images: list[np.ndarray]) -> list[np.ndarray]:
@@ -149,18 +181,14 @@ def reconstruction_loss(net, images: list[np.ndarray], cfg: SSLConfig, seed: int
 
 
 def pretrain(images: list, cfg: SSLConfig, net=None) -> tuple[object, list[dict]]:
-    """Masked-image-modelling training of a reconstruction U-Net on tiles (uint8 RGB arrays or file paths).
+    """Masked-image-modelling training of a reconstruction U-Net on (at least one) tiles (see :func:`_tile`).
 
     Every step draws ``batch_size`` tiles at random (seeded), reads, augments and masks them.
-
-    Returns:
-        ``(net, history)``: one ``{"epoch", "loss", "seconds", "cpu_seconds"}`` per epoch.
+    Returns ``(net, history)``: one ``{"epoch", "loss", "seconds", "cpu_seconds"}`` per epoch.
     """
     import keras
 
     cfg.check()
-    if not images:
-        raise ParameterError("ssl: no image tiles to pre-train on; export tiles (01) first or set ssl_epochs=0")
     rng = np.random.default_rng(cfg.seed)
     net = net if net is not None else build_reconstruction_net(cfg)
     steps = cfg.epochs * cfg.steps_per_epoch
@@ -183,9 +211,7 @@ def pretrain(images: list, cfg: SSLConfig, net=None) -> tuple[object, list[dict]
 def transfer_weights(source, target, skip: tuple[str, ...] = HEAD_LAYERS) -> dict:
     """Copy every weight of ``source`` whose layer name and shape match into ``target`` (``skip`` layers excepted).
 
-    Returns:
-        ``{"weights": tensors copied, "layers": layers touched, "values": numbers copied,
-        "not_transferred": target layers with weights left as they were}``.
+    Returns ``{"weights": tensors, "layers", "values": numbers copied, "not_transferred": target layers left}``.
     """
     by_name = {layer.name: layer for layer in source.layers}
     n_w = n_l = n_v = 0
@@ -216,9 +242,8 @@ def plot_ssl(net, images: list[np.ndarray], history: list[dict], cfg: SSLConfig,
     pred = np.asarray(net(x, training=False))
     filled = np.where(y[..., 3:] > 0, pred, x)
 
-    def rgb(a: np.ndarray) -> np.ndarray:
+    def rgb(a: np.ndarray) -> np.ndarray:  # preprocessed -> displayable RGB
         return np.clip(a * IMAGENET_STD + IMAGENET_MEAN, 0, 1)
-
     fig = Figure(figsize=(12, 3 * len(shown)))
     grid = fig.add_gridspec(len(shown), 4, wspace=0.35, width_ratios=(1, 1, 1, 1.3))
     for r in range(len(shown)):
@@ -229,31 +254,23 @@ def plot_ssl(net, images: list[np.ndarray], history: list[dict], cfg: SSLConfig,
             ax.set_title(title if r == 0 else "", fontsize=9)
     ax = fig.add_subplot(grid[:, 3])
     ax.plot([h["epoch"] for h in history], [h["loss"] for h in history], "o-")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("masked MSE (training)")
-    ax.set_title(f"{cfg.mask_fraction:.0%} hidden in {cfg.block_size}-px blocks", fontsize=9)
+    ax.set(xlabel="epoch", ylabel="masked MSE (training)", title=f"{cfg.mask_fraction:.0%} hidden, {cfg.block_size}-px blocks")
     return fig
 
 
-def pretrain_into(model, image_paths: list[str], cfg: SSLConfig, out_dir: str | Path | None = None) -> dict:
+def pretrain_into(model, tiles, cfg: SSLConfig, out_dir: str | Path | None = None) -> dict:
     """Pre-train on the tiles, copy the weights into the segmentation ``model``, save ``ssl.png``.
 
-    Args:
-        model: The freshly built segmentation U-Net (same backbone and decoder as ``cfg``).
-        image_paths: The image tiles 05 trains on.
-        cfg: The pre-training parameters.
-        out_dir: Where ``ssl.png`` goes (05's ``model/``); None: no figure.
-
-    Returns:
-        The start record for ``encoder_weights_start`` (``source`` "ssl", epochs, losses,
-        weights transferred, seconds, CPU seconds).
+    ``model`` is the fresh segmentation U-Net (same backbone and decoder as ``cfg``), ``tiles`` the
+    table of the tiles 05 trains on (:func:`tile_items`), ``out_dir`` 05's ``model/`` (None: no figure).
+    Returns the ``encoder_weights_start`` record: source "ssl", losses, weights transferred, (CPU) seconds.
     """
     t0, c0 = time.perf_counter(), time.process_time()
     cfg.check()
-    images = list(image_paths)
+    images = tile_items(tiles, cfg.region)
     if not images:
-        raise ParameterError("ssl: no image tiles to pre-train on; export tiles (01) first or set ssl_epochs=0")
-    fixed = [_tile(images[i]) for i in np.random.default_rng(cfg.seed).permutation(len(images))[:N_EVAL]]
+        raise ParameterError(f"ssl: no image tiles to pre-train on (ssl_region={cfg.region}); check it or set ssl_epochs=0")
+    fixed = [_tile(images[i]) for i in np.random.default_rng(cfg.seed).permutation(len(images))[:N_EVAL]]  # figure, loss
     net = build_reconstruction_net(cfg)
     loss0 = reconstruction_loss(net, fixed, cfg)
     x0, y0 = make_batch(_same_size(fixed), cfg, np.random.default_rng(0))
@@ -267,16 +284,14 @@ def pretrain_into(model, image_paths: list[str], cfg: SSLConfig, out_dir: str | 
         save_figure(plot_ssl(net, fixed, history, cfg), Path(out_dir) / "ssl.png")
     record = {"source": "ssl", "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch,
               "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "block_size": cfg.block_size,
-              "mask_fraction": cfg.mask_fraction, "tiles": len(images),
+              "mask_fraction": cfg.mask_fraction, "tiles": len(images), "region": cfg.region,
               "final_loss": round(history[-1]["loss"], 5) if history else None,
               "loss_history": [round(h["loss"], 5) for h in history],
               "fixed_tiles_loss": {"before": round(loss0, 5), "after": round(loss1, 5), "mean_prediction": round(zero, 5)},
               "weights_transferred": moved["weights"], "layers_transferred": moved["layers"],
               "not_transferred": moved["not_transferred"],
               "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
-    record["text"] = (f"in-domain masked-image pre-training (ssl): {cfg.epochs} epochs x {cfg.steps_per_epoch} steps "
-                      f"on {len(images)} tiles, masked MSE {loss0:.3f} -> {loss1:.3f}, {moved['weights']} weights "
-                      f"transferred")
+    record["text"] = (f"in-domain masked-image pre-training (ssl): {cfg.epochs} x {cfg.steps_per_epoch} steps on "
+                      f"{len(images)} tiles, masked MSE {loss0:.3f} -> {loss1:.3f}, {moved['weights']} weights transferred")
     log.info("%s; %.0f s (%.0f CPU-s)", record["text"], record["seconds"], record["cpu_seconds"])
-    del net
     return record

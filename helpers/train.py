@@ -75,6 +75,7 @@ class TrainConfig:
     ssl_learning_rate: float = 1e-3
     ssl_block_size: int = 32
     ssl_mask_fraction: float = 0.5
+    ssl_region: str | None = None  # JSON {slide: [x0, y0, x1, y1]}: pre-train only on tile pixels inside (level 0)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -382,8 +383,7 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
         if cfg.ssl_epochs and encoder_used is None:  # random start: pre-train on the training tiles first
             from helpers.ssl import pretrain_into
 
-            trainer.encoder_weights_start = pretrain_into(trainer.model, list(trainer.train_df["image_path"]),
-                                                          ssl_config(cfg), out)
+            trainer.encoder_weights_start = pretrain_into(trainer.model, trainer.train_df, ssl_config(cfg), out)
     warmup = cfg.warmup_epochs if not cfg.init_model else 0  # a fine-tuned decoder needs no warm-up
     if warmup and encoder_used is None:
         log.warning("warm-up with a frozen encoder skipped: the encoder has no ImageNet or file weights")

@@ -65,6 +65,32 @@ def test_masked_loss_counts_only_hidden_pixels():
     assert np.allclose(y[..., :3], preprocess(np.stack(tiles)))
 
 
+def test_region_keeps_pixels_outside_unseen(tmp_path):
+    """ssl_region: tiles wholly outside are left out; outside pixels are blanked in input and target, never hidden."""
+    import pandas as pd
+
+    from helpers.io import write_image
+
+    tiles = _tiles(3, 64)
+    rows = []
+    for i, (x, im) in enumerate(zip((0, 64, 192), tiles)):  # level-0 = 2 tile px (downsample 2)
+        write_image(im, tmp_path / f"t{i}.png")
+        rows.append(dict(image_path=str(tmp_path / f"t{i}.png"), slide="s", x=x, y=0, w=128, h=128, downsample=2.0))
+    table = pd.DataFrame(rows + [dict(rows[0], slide="other")])
+    (tmp_path / "region.json").write_text('{"s": [0, 0, 160, 128]}')  # tile 0 whole, tile 1 its left 48 px, tile 2 none
+    items = S.tile_items(table, str(tmp_path / "region.json"))
+    assert [(p.split("/")[-1], box) for p, box in items] == [("t0.png", (0, 0, 64, 64)), ("t1.png", (0, 0, 48, 64))]
+    assert S.tile_items(table) == list(table["image_path"])  # no region: every tile, whole
+    tile = S._tile(items[1])
+    assert tile.shape == (64, 64, 4) and (tile[:, :48, 3] == 255).all() and (tile[:, 48:, 3] == 0).all()
+    cfg = S.SSLConfig(epochs=1, block_size=16, mask_fraction=0.5)
+    x, y = S.make_batch([tile, S._tile(items[0])], cfg, np.random.default_rng(0))
+    assert np.all(x[0, :, 48:] == 0) and np.all(y[0, :, 48:, :3] == 0) and not y[0, :, 48:, 3].any()
+    assert y[0, :, :48, 3].any() and not np.all(x[0, :, :48] == 0)
+    with pytest.raises(ParameterError, match="ssl_region"):
+        S.tile_items(table, str(tmp_path / "missing.json"))
+
+
 @pytest.mark.slow
 def test_pretraining_lowers_the_reconstruction_loss():
     import keras
@@ -113,11 +139,13 @@ def test_train_model_pretrains_records_and_resumes_without_again(tmp_path, monke
     wd = make_synthetic_workdir(tmp_path, n=4, tile=64)
     cfg = T.TrainConfig(epochs=1, warmup_epochs=1, batch_size=2, steps_per_epoch=2, val_fraction=0.3, split_by="pixels",
                         encoder_weights=None, decoder_filters=SMALL, gif_tiles=2, augment=False, learning_rate=1e-3,
-                        seed=1, ssl_epochs=1, ssl_steps_per_epoch=2, ssl_block_size=16)
+                        seed=1, ssl_epochs=1, ssl_steps_per_epoch=2, ssl_block_size=16,
+                        ssl_region=str(tmp_path / "region.json"))
+    (tmp_path / "region.json").write_text('{"s1": [0, 0, 128, 256]}')  # the left half of the 256-px slide
     params = T.train_model(wd, cfg, frames=False)
     start = params["encoder_weights_start"]
     assert start["source"] == "ssl" and start["epochs"] == 1 and np.isfinite(start["final_loss"])
-    assert start["weights_transferred"] > 100 and start["tiles"] == params["split"]["n_train"]
+    assert start["weights_transferred"] > 100 and params["split"]["n_train"] == 16 and start["tiles"] == 8
     assert start["cpu_seconds"] > 0 and start["seconds"] > 0
     assert params["timings"]["ssl_cpu_s"] == start["cpu_seconds"] <= params["timings"]["total_cpu_s"]
     assert params["warmup_epochs_run"] == 0  # no frozen-encoder warm-up after ssl
@@ -143,3 +171,22 @@ def test_bad_ssl_parameters_are_one_line_errors(field, value):
     TrainConfig(ssl_epochs=2).check()  # the good values pass
     with pytest.raises(ParameterError, match=field):
         TrainConfig(**{field: value}).check()
+
+
+def test_bench_real_passes_the_training_part_as_ssl_region(tmp_path):
+    """bench_real: with ssl on, 05 pre-trains only on the training part (the prepared region file); off: no region."""
+    import yaml
+
+    from benchmarks import bench_real as B
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "05_train_model.yaml").write_text("epochs: 2\n")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / B.SSL_REGION).write_text('{"img": [0, 0, 10, 20]}')
+    B.write_params(base, wd / "params", {"05_train_model": {"ssl_epochs": 3}})
+    values = yaml.safe_load((wd / "params" / "05_train_model.yaml").read_text())
+    assert values["ssl_epochs"] == 3 and values["ssl_region"] == str((wd / B.SSL_REGION).resolve())
+    B.write_params(base, wd / "params")
+    assert "ssl_region" not in yaml.safe_load((wd / "params" / "05_train_model.yaml").read_text())
