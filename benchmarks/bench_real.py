@@ -86,6 +86,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "real.csv"
 CHAIN = ["01", "02", "03", "04", "05", "06", "07"]
 #: Optional file of the parameter folder: one self-training round after 07 (threshold + 05's round-2 values).
 SELFTRAIN = "selftrain.yaml"
+#: Level-0 box of each image's training part (``{image: [x0, y0, x1, y1]}``), 05's ``ssl_region``.
+SSL_REGION = "ssl_region.json"
 #: Hard ceiling of the annotated share of the training part's tissue (issue 11).
 MAX_FRACTION = 0.15
 log = logging.getLogger("bench_real")
@@ -342,6 +344,7 @@ def prepare(source: Source, workdir: Path, class_map, seed: int = 0) -> dict:
     from helpers.qupath import write_feature_collection
 
     out: dict[str, dict] = {}
+    boxes: dict[str, list[int]] = {}  # the training part per image: all 05's self-supervised pre-training may see
     for sub in ("slides", "truth", "annotations"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     for stem, img_path, mask_path in source.pairs():
@@ -351,12 +354,15 @@ def prepare(source: Source, workdir: Path, class_map, seed: int = 0) -> dict:
 
             raise HistoUNetError(f"{mask_path}: mask {mask.shape} and image {image.shape[:2]} differ in size")
         truth = dense_truth(image, mask, source, class_map)
+        part = train_part(mask.shape)
+        boxes[stem] = [0, 0, int(np.flatnonzero(part[0]).max()) + 1, mask.shape[0]]
         write_slide(workdir / "slides" / f"{stem}.tiff", image, source.mpp)
         write_truth(workdir / "truth" / f"{stem}.tiff", truth, source.mpp, class_map)
         labels, stats = simulate_annotations(truth, class_map, source.mpp, source.annotator, seed, stem)
         write_feature_collection(annotation_features(labels, class_map), workdir / "annotations" / f"{stem}.geojson",
                                  overwrite=True)
         out[stem] = stats
+    (workdir / SSL_REGION).write_text(json.dumps(boxes))
     return out
 
 
@@ -373,6 +379,8 @@ def write_params(base: Path, dest: Path, overrides: dict[str, dict] | None = Non
     values.setdefault("05_train_model", {})["encoder_weights"] = "none"
     for nb, kv in (overrides or {}).items():
         values.setdefault(nb, {}).update(kv)
+    if values["05_train_model"].get("ssl_epochs") and (dest.parent / SSL_REGION).is_file():  # held-out part unseen
+        values["05_train_model"].setdefault("ssl_region", str((dest.parent / SSL_REGION).resolve()))
     for nb, kv in values.items():
         (dest / f"{nb}.yaml").write_text(f"# written by benchmarks/bench_real.py from {base}\n"
                                          + yaml.safe_dump(kv, sort_keys=False))

@@ -159,7 +159,7 @@ def split_pixels(df: pd.DataFrame, read_label, out_dir, val_fraction: float = 0.
         held &= lab > 0
         train = np.where(held, 0, lab).astype(np.uint8)
         path = out_dir / f"{r['tile_id']}-labelled.png"
-        write_image(train, path)
+        write_image(train, path, overwrite=True)  # derived from the labels: a resumed run rewrites the same file
         paths.append(str(path))
         px_val.append(int(held.sum()))
         held_all.append(np.where(held, lab, 0).astype(np.uint8))

@@ -30,6 +30,7 @@ from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
 from helpers.losses import class_weights_from_counts, make_loss
 from helpers.metrics import confusion_matrix, headline_name, iou_scores
 from helpers.split import SPLIT_COLUMN, split_pixels, split_tiles
+from helpers.ssl import config_from_train as ssl_config
 from helpers.steps import (DONE, fingerprint_of, guard_output, latest_tile_manifest, mark_done, record_fingerprint,
                            reuse_or_guard, step_dir)
 
@@ -69,6 +70,12 @@ class TrainConfig:
     seed: int = 42
     init_model: str | None = None  # a previous model folder: fine-tune from its best.keras (round 2 of 09)
     checkpoint_metric: str = "headline"  # validation IoU picking best.keras: "headline" or "mean"
+    ssl_epochs: int = 0  # > 0: masked-image pre-training of a random network on the training tiles (helpers.ssl)
+    ssl_steps_per_epoch: int = 20
+    ssl_learning_rate: float = 1e-3
+    ssl_block_size: int = 32
+    ssl_mask_fraction: float = 0.5
+    ssl_region: str | None = None  # JSON {slide: [x0, y0, x1, y1]}: pre-train only on tile pixels inside (level 0)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -86,6 +93,7 @@ class TrainConfig:
             raise ParameterError(f"checkpoint_metric={self.checkpoint_metric!r}: use 'headline' or 'mean'")
         if self.class_weights not in (None, "auto", "none"):
             raise ParameterError(f"class_weights={self.class_weights!r}: use 'auto' or None")
+        ssl_config(self).check()
 
 
 def set_seeds(seed: int) -> None:
@@ -292,6 +300,8 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     at ``learning_rate``. After every epoch: validation IoU on labelled pixels,
     ``last.keras``, ``best.keras`` (best headline/tumour IoU), ``history.csv``, a GIF frame.
     The folder's done marker (:func:`helpers.steps.mark_done`) is written at the end.
+    ``ssl_epochs`` > 0 with a random start: :mod:`helpers.ssl` pre-trains the network on the
+    training tiles first (no warm-up then: its batch-norm statistics come from masked tiles).
 
     Args:
         workdir: The work folder (reads ``labels/``, writes ``model/``).
@@ -370,9 +380,13 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
         encoder_used = trainer.model.encoder_weights_used
         trainer.encoder_weights_start = trainer.model.encoder_weights_start
         set_batchnorm_momentum(trainer.model, cfg.bn_momentum)
+        if cfg.ssl_epochs and encoder_used is None:  # random start: pre-train on the training tiles first
+            from helpers.ssl import pretrain_into
+
+            trainer.encoder_weights_start = pretrain_into(trainer.model, trainer.train_df, ssl_config(cfg), out)
     warmup = cfg.warmup_epochs if not cfg.init_model else 0  # a fine-tuned decoder needs no warm-up
     if warmup and encoder_used is None:
-        log.warning("warm-up with a frozen encoder skipped: the encoder has no pre-trained weights")
+        log.warning("warm-up with a frozen encoder skipped: the encoder has no ImageNet or file weights")
         warmup = 0
     from helpers.io import write_json
 
@@ -455,6 +469,7 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
         "last_val": {k: v for k, v in last_row.items() if str(k).startswith("val_")},
         "timings": {"total_s": round(time.perf_counter() - t_start, 1), "fit_s": round(fit_s, 1),
                     "total_cpu_s": round(time.process_time() - c_start, 1), "fit_cpu_s": round(fit_cpu_s, 1),
+                    "ssl_cpu_s": (trainer.encoder_weights_start or {}).get("cpu_seconds"),
                     "load_average_1min": round(os.getloadavg()[0], 1),
                     "epoch_s": [round(s, 1) for s in trainer.epoch_seconds],
                     "val_s_per_epoch": round(float(np.mean(trainer.val_seconds)), 2) if trainer.val_seconds else None,
