@@ -222,7 +222,7 @@ def checkpoint_scores(wd: Path, cmap, which: str = "last", recipe: Path = ROOT /
 
     import yaml
 
-    from benchmarks.bench_real import score_image
+    from benchmarks.bench_real import score_image, scores
     from helpers.export import export_prediction
     from helpers.model import headline_index
     from helpers.predict import predict_slide
@@ -250,8 +250,7 @@ def checkpoint_scores(wd: Path, cmap, which: str = "last", recipe: Path = ROOT /
     h = headline_index(cmap)
 
     def headline(run: Path) -> float:
-        c = sum(score_image(run, stem, cmap.n_classes) for stem in stems)
-        return float(c[h, h] / max(1, c[h].sum() + c[:, h].sum() - c[h, h]))
+        return float(scores(sum(score_image(run, stem, cmap.n_classes) for stem in stems))["iou"][h])
     return {"best": headline(wd), which: headline(tmp)}
 
 
