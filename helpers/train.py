@@ -60,6 +60,11 @@ class TrainConfig:
     ce_weight: float = 1.0
     dice_weight: float = 1.0
     focal_gamma: float = 0.0
+    crf_weight: float = 0.0  # > 0: local CRF term on all pixels (helpers.losses.local_crf_loss)
+    crf_sigma_rgb: float = 0.1
+    crf_sigma_xy: float = 3.0
+    crf_radius: int = 4
+    crf_downscale: int = 2
     encoder_weights: str | None = "imagenet"
     encoder_weights_fallback: str = "error"
     backbone: str = "efficientnetb0"
@@ -91,6 +96,13 @@ class TrainConfig:
             raise ParameterError(f"lr_schedule={self.lr_schedule!r}: use 'cosine' or 'constant'")
         if self.checkpoint_metric not in ("headline", "mean"):
             raise ParameterError(f"checkpoint_metric={self.checkpoint_metric!r}: use 'headline' or 'mean'")
+        if self.crf_weight < 0 or self.crf_sigma_rgb <= 0 or self.crf_sigma_xy <= 0:
+            raise ParameterError(f"crf_weight={self.crf_weight}, crf_sigma_rgb={self.crf_sigma_rgb}, "
+                                 f"crf_sigma_xy={self.crf_sigma_xy}: the weight must be >= 0 (0 = off) and the "
+                                 "sigmas > 0 (e.g. 0.1 and 3.0)")
+        if self.crf_radius < 1 or self.crf_downscale < 1:
+            raise ParameterError(f"crf_radius={self.crf_radius}, crf_downscale={self.crf_downscale}: both must be "
+                                 ">= 1 (e.g. 4 and 2)")
         if self.class_weights not in (None, "auto", "none"):
             raise ParameterError(f"class_weights={self.class_weights!r}: use 'auto' or None")
         ssl_config(self).check()
@@ -214,7 +226,8 @@ class Trainer:
     def datasets(self):
         self.augmentation = load_augmentation(self.workdir, self.cfg.augment)
         return make_dataset(list(self.train_df["image_path"]), list(self.train_df["label_path"]),
-                            self.cfg.batch_size, True, self.augmentation, self.cfg.crop_size, self.cfg.seed)
+                            self.cfg.batch_size, True, self.augmentation, self.cfg.crop_size, self.cfg.seed,
+                            image_in_target=self.cfg.crf_weight > 0)
 
     # ---- evaluation
     def predict_labels(self, images: list[np.ndarray], batch_size: int | None = None) -> list[np.ndarray]:
@@ -361,7 +374,8 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     done = trainer.load_state()
     split_df.drop(columns=["image_path", "label_path"]).to_csv(out / "split.csv", index=False)
     cmap.save(out / "classes.yaml")
-    loss = make_loss(cmap.n_classes, cfg.ce_weight, cfg.dice_weight, cfg.focal_gamma, trainer.class_weights)
+    loss = make_loss(cmap.n_classes, cfg.ce_weight, cfg.dice_weight, cfg.focal_gamma, trainer.class_weights,
+                     cfg.crf_weight, cfg.crf_sigma_rgb, cfg.crf_sigma_xy, cfg.crf_radius, cfg.crf_downscale)
 
     if done:
         log.info("resuming from %s after epoch %d", out / "last.keras", done)

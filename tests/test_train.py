@@ -122,6 +122,64 @@ def test_loss_all_unlabelled_is_finite():
     assert np.isfinite(float(loss(y, _random_softmax(np.random.default_rng(0), (1, 8, 8, 4)))))
 
 
+def _two_colour_image(side: int = 32) -> np.ndarray:
+    img = np.zeros((1, side, side, 3), np.float32)
+    img[:, :, : side // 2] = (0.55, 0.25, 0.60)  # purple left (nuclei-rich)
+    img[:, :, side // 2:] = (0.90, 0.65, 0.80)  # pink right (stroma)
+    return img
+
+
+def test_crf_term_prefers_borders_on_colour_edges():
+    img = _two_colour_image()
+    follows = np.zeros((1, 32, 32), int)
+    follows[:, :, 16:] = 1  # border on the colour edge
+    cuts = np.zeros((1, 32, 32), int)
+    cuts[:, 16:, :] = 1  # border across uniform colour
+    onehot = np.eye(4, dtype=np.float32)
+    f = float(L.local_crf_loss(onehot[follows], img, radius=3, downscale=1))
+    c = float(L.local_crf_loss(onehot[cuts], img, radius=3, downscale=1))
+    const = float(L.local_crf_loss(onehot[np.zeros((1, 32, 32), int)], img, radius=3, downscale=1))
+    uniform = float(L.local_crf_loss(np.full((1, 32, 32, 4), 0.25, np.float32), img, radius=3, downscale=1))
+    assert const == pytest.approx(0.0, abs=1e-7)
+    assert f < 1e-3 < c  # colours 0.4 apart at sigma 0.1: the edge is nearly free
+    assert c < uniform <= 0.75  # an undecided map costs most (1 - 1/4 of the same-colour pairs)
+    assert len(L.crf_offsets(3)) == (7 * 7 - 1) // 2
+
+
+def test_crf_term_reaches_unlabelled_pixels_and_needs_the_image():
+    rng = np.random.default_rng(0)
+    img = _two_colour_image(16)
+    lab = np.zeros((1, 16, 16), np.float32)
+    lab[:, 2:5, 2:5] = 2  # a small stroke; the rest is unlabelled
+    target = np.concatenate([lab[..., None], img], -1)
+    plain = L.make_loss(4)
+    crf = L.make_loss(4, crf_weight=1.0, crf_radius=2, crf_downscale=1)
+    p1 = _random_softmax(rng, (1, 16, 16, 4))
+    p2 = p1.copy()
+    p2[:, 10:, 10:] = _random_softmax(rng, (6, 6, 4))  # change unlabelled pixels only
+    assert float(plain(lab, p1)) == pytest.approx(float(plain(lab, p2)), abs=1e-6)
+    assert float(plain(target, p1)) == pytest.approx(float(plain(lab, p1)), abs=1e-6)  # image channels ignored
+    assert abs(float(crf(target, p1)) - float(crf(target, p2))) > 1e-4
+    import tensorflow as tf
+
+    p = tf.Variable(p1)
+    with tf.GradientTape() as tape:
+        value = crf(target, p)
+    grad = tape.gradient(value, p).numpy()
+    assert np.abs(grad[0, 12, 12]).sum() > 0  # an unlabelled pixel gets a gradient
+    with pytest.raises(ValueError, match="image_in_target"):
+        crf(lab, p1)
+    restored = type(crf).from_config(crf.get_config())
+    assert restored.crf_weight == 1.0 and restored.crf_radius == 2
+
+
+def test_crf_parameters_are_checked():
+    with pytest.raises(ParameterError, match="crf_weight"):
+        T.TrainConfig(crf_weight=-1.0).check()
+    with pytest.raises(ParameterError, match="crf_radius"):
+        T.TrainConfig(crf_weight=1.0, crf_radius=0).check()
+
+
 def test_class_weights_favour_rare_classes():
     w = L.class_weights_from_counts(np.array([1000, 10, 500, 0]))
     assert w[1] > w[2] > w[0]
@@ -169,6 +227,15 @@ def test_dataset_yields_preprocessed_batches(tmp_path):
     assert x.shape == (4, 32, 32, 3) and x.dtype.name == "float32"
     assert y.shape == (4, 32, 32) and y.dtype.name == "uint8"
     assert float(x.numpy().mean()) < 3 and set(np.unique(y.numpy())) <= {0, 1, 2, 3}
+    # with the image in the target (the CRF term): label, then the same tile as RGB 0..1
+    ds = D.make_dataset([str(wd / p) for p in df.image], [str(wd / p) for p in df.label], 2, False,
+                        image_in_target=True)
+    x, y = next(iter(ds))
+    assert y.shape == (2, 64, 64, 4) and y.dtype.name == "float32"
+    assert set(np.unique(y.numpy()[..., 0])) <= {0, 1, 2, 3}
+    from helpers.model import preprocess
+
+    np.testing.assert_allclose(preprocess(np.round(y.numpy()[..., 1:] * 255)), x.numpy(), atol=1e-4)
 
 
 # ---------------------------------------------------------------- training run + resume
@@ -210,3 +277,19 @@ def test_two_step_training_then_resume(tmp_path):
 
     model, p = load_trained(out)
     assert p["epochs"] == 3 and model.output_shape[-1] == 4
+
+
+def test_training_with_the_crf_term(tmp_path):
+    """The CRF term's plumbing in a real run: the image reaches the loss, the loss is finite and saved."""
+    import keras
+
+    wd = make_synthetic_workdir(tmp_path, n=4, tile=64)
+    cfg = T.TrainConfig(epochs=1, warmup_epochs=0, batch_size=2, steps_per_epoch=2, val_fraction=0.3,
+                        block_size=128, encoder_weights=None, decoder_filters=(32, 16, 16, 8, 8), gif_tiles=1,
+                        augment=False, learning_rate=1e-3, seed=1, crf_weight=2.0, crf_radius=2)
+    params = T.train_model(wd, cfg, frames=False)
+    hist = pd.read_csv(wd / "model" / "history.csv")
+    assert np.isfinite(hist["loss"]).all()
+    assert params["config"]["crf_weight"] == 2.0
+    loss = keras.models.load_model(wd / "model" / "last.keras", compile=True).loss
+    assert loss.crf_weight == 2.0 and loss.crf_radius == 2  # a resumed run keeps the term
