@@ -538,8 +538,8 @@ def seed_summary(rows: list[dict]) -> pd.DataFrame | None:
     wide = heads.pivot_table(index="source", columns="seed", values="iou", aggfunc="first")
     wide.columns = [f"seed {c}" for c in wide.columns]
     out = wide.copy()
-    out["mean"], out["sd"] = wide.mean(1), wide.std(1, ddof=1)
-    mean_row = pd.DataFrame([wide.mean(0).tolist() + [wide.mean(0).mean(), wide.mean(0).std(ddof=1)]],
+    out["mean"], out["sd"] = wide.mean(axis=1), wide.std(axis=1, ddof=1)
+    mean_row = pd.DataFrame([wide.mean(axis=0).tolist() + [wide.mean(axis=0).mean(), wide.mean(axis=0).std(ddof=1)]],
                             columns=out.columns, index=["mean over sources"])
     return pd.concat([out, mean_row])
 
