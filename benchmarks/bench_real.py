@@ -4,7 +4,7 @@ Usage (what ``make bench-real [DATA=folder]`` runs)::
 
     python -m benchmarks.bench_real [--data ../shared/data/real] [--sources ocdc_oral ...]
         [--workdir runs/bench_real] [--params data/params/real] [--set 05_train_model.epochs=12 ...]
-        [--seed 0] [--prepare-only]
+        [--seed 0 | --seeds 0 1 2] [--fraction 0.10 | --dense] [--prepare-only]
         [--out benchmarks/results/real.csv]
     python -m benchmarks.bench_real --merge results/real_a.csv results/real_b.csv   # table of separate runs
 
@@ -53,6 +53,11 @@ run slightly over a border. Per image, only in the training part (left half, min
   ``spill_um``, not to the core, so it runs up to ``spill_um`` over the class border;
 * patches are added while the annotated area stays within ``fraction`` (default 0.10,
   never above 0.15) of the tissue area of the training part.
+
+``--fraction F`` sets every source's budget (at most 0.15). ``--dense`` is not an annotator
+but the ceiling: every truth pixel of the training part (minus the margin) is labelled,
+so the run shows what the recipe learns from this tissue with full labels; its labelled
+fraction is about 1 (Background glass counts in the numerator, not in the tissue).
 
 The patches are traced into QuPath GeoJSON annotations (classification name and colour)
 with :func:`helpers.qupath.labels_to_features`, the project's own tracer.
@@ -105,6 +110,9 @@ class Annotator:
     imperfect_prob: float = 0.2
     region_fraction: float = 0.6
     margin_um: float = 16.0
+    #: Not an annotator: every truth pixel of the training part (minus the margin) is labelled, the
+    #: ceiling of what the recipe can learn from this tissue (``--dense``; not sparse, not a target run).
+    dense: bool = False
 
 
 @dataclass
@@ -247,6 +255,10 @@ def simulate_annotations(truth: np.ndarray, class_map, mpp: float, ann: Annotato
     tissue = train_part(truth.shape) & (truth > 0) & (truth != bg)  # the fraction's denominator
     part = train_part(truth.shape)
     part[:, max(0, w // 2 - margin):] = False  # strokes keep margin_um from the held-out half
+    if ann.dense:  # the oracle: the whole training part, exactly as the truth says
+        labels = np.where(part, truth, 0).astype(np.uint8)
+        return labels, _annotation_stats(labels, truth, tissue, {class_map.by_label(int(c)).name: 1 for c in
+                                                                 np.unique(labels[labels > 0])}, 0)
     budget = min(ann.fraction, MAX_FRACTION) * max(1, int(tissue.sum()))
     r_px, e_px, s_px = ann.radius_um * um, max(1, round(ann.erode_um * um)), max(0, round(ann.spill_um * um))
     k_erode = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * e_px + 1, 2 * e_px + 1))
@@ -306,12 +318,16 @@ def simulate_annotations(truth: np.ndarray, class_map, mpp: float, ann: Annotato
                 break
             if not placed:
                 active.remove(c)
+    return labels, _annotation_stats(labels, truth, tissue, stats["patches"], stats["imperfect"])
+
+
+def _annotation_stats(labels: np.ndarray, truth: np.ndarray, tissue: np.ndarray, patches: dict[str, int],
+                      imperfect: int) -> dict:
     annotated = labels > 0
-    stats.update({"tissue_px": int(tissue.sum()), "annotated_px": int(annotated.sum()),
-                  "fraction": float(annotated.sum() / max(1, tissue.sum())),
-                  "wrong_fraction": float((labels[annotated] != truth[annotated]).mean()) if annotated.any() else 0.0,
-                  "outside_train_part": int((annotated & ~train_part(truth.shape)).sum())})
-    return labels, stats
+    return {"patches": patches, "imperfect": imperfect, "tissue_px": int(tissue.sum()),
+            "annotated_px": int(annotated.sum()), "fraction": float(annotated.sum() / max(1, tissue.sum())),
+            "wrong_fraction": float((labels[annotated] != truth[annotated]).mean()) if annotated.any() else 0.0,
+            "outside_train_part": int((annotated & ~train_part(truth.shape)).sum())}
 
 
 def annotation_features(labels: np.ndarray, class_map) -> list[dict]:
@@ -594,6 +610,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="several annotator seeds, run one after the other (work folders <workdir>/seed<k>/<source>); "
                          "prints mean +- sd per source")
+    ap.add_argument("--fraction", type=float, default=None,
+                    help=f"annotator budget, share of the training part's tissue (default: the YAML's, else 0.10; "
+                         f"at most {MAX_FRACTION})")
+    ap.add_argument("--dense", action="store_true",
+                    help="not sparse: label every truth pixel of the training part (the ceiling of the recipe "
+                         "on this tissue; the labelled fraction column shows it)")
     ap.add_argument("--out", default=str(RESULTS), help="results CSV")
     ap.add_argument("--prepare-only", action="store_true", help="write slides, truth and annotations; do not run the chain")
     ap.add_argument("--score-only", action="store_true", help="only score the finished runs in --workdir")
@@ -617,12 +639,18 @@ def main(argv: list[str] | None = None) -> dict:
     cmap = load_class_map()
     rows: list[dict] = []
     try:
+        if args.fraction is not None and not 0 < args.fraction <= MAX_FRACTION:
+            raise HistoUNetError(f"--fraction {args.fraction}: must be in (0, {MAX_FRACTION}] (issue 11's ceiling); "
+                                 "use --dense for fully labelled training halves")
         overrides = parse_overrides(args.set)
         seeds = args.seeds or [args.seed]
         for seed in seeds:
             base = Path(args.workdir) / f"seed{seed}" if len(seeds) > 1 else Path(args.workdir)
             for name in args.sources or list_sources(data):
                 src = load_source(data, name)
+                if args.fraction is not None:
+                    src.annotator.fraction = args.fraction
+                src.annotator.dense = args.dense
                 print(f"\n==== {name} (annotator seed {seed}): {len(src.pairs())} images from {src.folder} "
                       f"({src.yaml_path})", flush=True)
                 new_rows = run_source(src, base / name, Path(args.params), seed, cmap, overrides=overrides,

@@ -148,3 +148,31 @@ def test_seeds_prepare_one_work_folder_per_annotator_seed(ocdc, tmp_path):
     geo = [sorted((tmp_path / "wd" / f"seed{k}" / "ocdc_oral" / "annotations").glob("*.geojson")) for k in (0, 1)]
     assert geo[0] and [p.name for p in geo[0]] == [p.name for p in geo[1]]
     assert any(a.read_text() != b.read_text() for a, b in zip(*geo))  # different strokes per seed
+
+
+def test_dense_oracle_labels_the_whole_training_part_and_nothing_else(ocdc, class_map):
+    """``--dense`` (the ceiling run): every truth pixel of the training part, none of the held-out half."""
+    src, stem, _, _, truth = ocdc
+    dense = br.Annotator(dense=True, margin_um=0)
+    lab, stats = br.simulate_annotations(truth, class_map, src.mpp, dense, seed=0, name=stem)
+    part = br.train_part(truth.shape)
+    assert np.array_equal(lab[part], truth[part])
+    assert not lab[~part].any()
+    assert stats["wrong_fraction"] == 0 and stats["fraction"] > 0.9
+    sparse, _ = br.simulate_annotations(truth, class_map, src.mpp, src.annotator, seed=0, name=stem)
+    assert (lab > 0).sum() > 5 * (sparse > 0).sum()
+
+
+def test_fraction_option_changes_the_budget_and_refuses_above_the_ceiling(ocdc, tmp_path):
+    import json
+
+    runs = {}
+    for f in (0.05, 0.15):
+        wd = tmp_path / f"f{f}"
+        br.main(["--sources", "ocdc_oral", "--fraction", str(f), "--prepare-only", "--workdir", str(wd),
+                 "--out", str(tmp_path / "real.csv")])
+        ann = json.loads((wd / "ocdc_oral" / "bench_real.json").read_text())["annotator"]
+        runs[f] = sum(a["annotated_px"] for a in ann.values()) / sum(a["tissue_px"] for a in ann.values())
+    assert runs[0.05] <= 0.05 + 1e-6 and runs[0.15] > 1.5 * runs[0.05]
+    with pytest.raises(SystemExit, match="--fraction 0.2: must be in"):
+        br.main(["--sources", "ocdc_oral", "--fraction", "0.2", "--prepare-only", "--workdir", str(tmp_path / "x")])
