@@ -397,6 +397,8 @@ def write_params(base: Path, dest: Path, overrides: dict[str, dict] | None = Non
         values.setdefault(nb, {}).update(kv)
     if values["05_train_model"].get("ssl_epochs") and (dest.parent / SSL_REGION).is_file():  # held-out part unseen
         values["05_train_model"].setdefault("ssl_region", str((dest.parent / SSL_REGION).resolve()))
+    if values["05_train_model"].get("consistency_weight") and (dest.parent / SSL_REGION).is_file():  # same box
+        values["05_train_model"].setdefault("consistency_region", str((dest.parent / SSL_REGION).resolve()))
     for nb, kv in values.items():
         (dest / f"{nb}.yaml").write_text(f"# written by benchmarks/bench_real.py from {base}\n"
                                          + yaml.safe_dump(kv, sort_keys=False))

@@ -8,6 +8,10 @@ weakly-supervised segmentation: Tang et al. 2018, "On regularized losses for
 weakly-supervised CNN segmentation"; Obukhov et al. 2019, "Gated CRF loss").
 For it the target carries the image: ``y_true`` is ``(B, H, W, 4)`` = label, then RGB in 0..1
 (:func:`helpers.dataset.make_dataset` with ``image_in_target=True``).
+A fourth, ``consistency_weight`` > 0, is the FixMatch term of :mod:`helpers.consistency`: the
+batch then holds the weak views, then the strong views of the same tiles; the labelled terms
+and the CRF term see the weak half, the consistency term compares the two halves on the
+unlabelled pixels. Label 255 (:data:`helpers.consistency.IGNORE`) counts in no term.
 """
 
 from __future__ import annotations
@@ -85,14 +89,17 @@ def local_crf_loss(probs, image, sigma_rgb: float = 0.1, sigma_xy: float = 3.0, 
 
 def make_loss(n_classes: int, ce_weight: float = 1.0, dice_weight: float = 1.0, focal_gamma: float = 0.0,
               class_weights: list[float] | None = None, crf_weight: float = 0.0, crf_sigma_rgb: float = 0.1,
-              crf_sigma_xy: float = 3.0, crf_radius: int = 4, crf_downscale: int = 2):
+              crf_sigma_xy: float = 3.0, crf_radius: int = 4, crf_downscale: int = 2,
+              consistency_weight: float = 0.0, consistency_threshold: float = 0.9):
     """The sparse-label loss: (focal) cross-entropy + soft Dice over **labelled pixels only**.
 
     ``y_true`` holds label values (0 unlabelled, 1..N); ``y_pred`` the softmax (N channels).
     Pixels with label 0 are masked out of both terms, so any prediction there leaves them
     unchanged. ``class_weights`` weight both terms per class. ``crf_weight`` > 0 adds
     :func:`local_crf_loss` over all pixels (labelled or not); ``y_true`` must then carry the
-    image in channels 1..3 (RGB 0..1).
+    image in channels 1..3 (RGB 0..1). ``consistency_weight`` > 0 adds
+    :func:`helpers.consistency.consistency_loss`; the batch must then be weak views then strong
+    views (:func:`helpers.consistency.pair_views`).
 
     Returns:
         A ``keras.losses.Loss`` (serialisable, so ``last.keras`` resumes with its optimizer).
@@ -100,7 +107,8 @@ def make_loss(n_classes: int, ce_weight: float = 1.0, dice_weight: float = 1.0, 
     return _loss_class()(n_classes=n_classes, ce_weight=ce_weight, dice_weight=dice_weight,
                          focal_gamma=focal_gamma, class_weights=class_weights, crf_weight=crf_weight,
                          crf_sigma_rgb=crf_sigma_rgb, crf_sigma_xy=crf_sigma_xy, crf_radius=crf_radius,
-                         crf_downscale=crf_downscale)
+                         crf_downscale=crf_downscale, consistency_weight=consistency_weight,
+                         consistency_threshold=consistency_threshold)
 
 
 _LOSS_CLS = None
@@ -118,7 +126,8 @@ def _loss_class():
         def __init__(self, n_classes: int, ce_weight: float = 1.0, dice_weight: float = 1.0,
                      focal_gamma: float = 0.0, class_weights: list[float] | None = None,
                      crf_weight: float = 0.0, crf_sigma_rgb: float = 0.1, crf_sigma_xy: float = 3.0,
-                     crf_radius: int = 4, crf_downscale: int = 2, name: str = "sparse_label_loss", **kwargs):
+                     crf_radius: int = 4, crf_downscale: int = 2, consistency_weight: float = 0.0,
+                     consistency_threshold: float = 0.9, name: str = "sparse_label_loss", **kwargs):
             kwargs.pop("reduction", None)
             super().__init__(name=name, reduction="sum_over_batch_size", **kwargs)
             self.n_classes = int(n_classes)
@@ -131,6 +140,8 @@ def _loss_class():
             self.crf_sigma_xy = float(crf_sigma_xy)
             self.crf_radius = int(crf_radius)
             self.crf_downscale = int(crf_downscale)
+            self.consistency_weight = float(consistency_weight)
+            self.consistency_threshold = float(consistency_threshold)
 
         def call(self, y_true, y_pred):
             y_pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0 - 1e-7)
@@ -140,7 +151,12 @@ def _loss_class():
             labels = tf.cast(tf.round(tf.cast(y_true, tf.float32)), tf.int32)
             if labels.shape.rank == y_pred.shape.rank:
                 labels = labels[..., 0]
-            mask = tf.cast(labels > 0, tf.float32)[..., None]
+            strong = None
+            if self.consistency_weight:  # weak views, then strong views of the same tiles
+                half = tf.shape(y_pred)[0] // 2
+                y_pred, strong, labels = y_pred[:half], y_pred[half:], labels[:half]
+                image = None if image is None else image[:half]
+            mask = tf.cast((labels > 0) & (labels <= self.n_classes), tf.float32)[..., None]
             onehot = tf.one_hot(labels - 1, self.n_classes, dtype=tf.float32) * mask  # label 0 -> all zeros
             cw = tf.constant(self.class_weights if self.class_weights else [1.0] * self.n_classes, tf.float32)
             total = tf.constant(0.0)
@@ -164,6 +180,11 @@ def _loss_class():
                     raise ValueError("crf_weight > 0 needs the image in the target: make_dataset(image_in_target=True)")
                 total = total + self.crf_weight * local_crf_loss(y_pred, image, self.crf_sigma_rgb, self.crf_sigma_xy,
                                                                  self.crf_radius, self.crf_downscale)
+            if self.consistency_weight:
+                from helpers.consistency import consistency_loss
+
+                total = total + self.consistency_weight * consistency_loss(y_pred, strong, labels,
+                                                                           self.consistency_threshold)
             return total
 
         def get_config(self):
@@ -171,7 +192,9 @@ def _loss_class():
                     "dice_weight": self.dice_weight, "focal_gamma": self.focal_gamma,
                     "class_weights": self.class_weights, "crf_weight": self.crf_weight,
                     "crf_sigma_rgb": self.crf_sigma_rgb, "crf_sigma_xy": self.crf_sigma_xy,
-                    "crf_radius": self.crf_radius, "crf_downscale": self.crf_downscale}
+                    "crf_radius": self.crf_radius, "crf_downscale": self.crf_downscale,
+                    "consistency_weight": self.consistency_weight,
+                    "consistency_threshold": self.consistency_threshold}
 
     _LOSS_CLS = SparseLabelLoss
     return _LOSS_CLS

@@ -65,6 +65,9 @@ class TrainConfig:
     crf_sigma_xy: float = 3.0
     crf_radius: int = 4
     crf_downscale: int = 2
+    consistency_weight: float = 0.0  # > 0: FixMatch term on unlabelled pixels (helpers.consistency)
+    consistency_threshold: float = 0.9
+    consistency_region: str | None = None  # JSON {slide: [x0, y0, x1, y1]}: the term only inside (level 0)
     encoder_weights: str | None = "imagenet"
     encoder_weights_fallback: str = "error"
     backbone: str = "efficientnetb0"
@@ -103,6 +106,10 @@ class TrainConfig:
         if self.crf_radius < 1 or self.crf_downscale < 1:
             raise ParameterError(f"crf_radius={self.crf_radius}, crf_downscale={self.crf_downscale}: both must be "
                                  ">= 1 (e.g. 4 and 2)")
+        if self.consistency_weight < 0 or not 0 < self.consistency_threshold < 1:
+            raise ParameterError(f"consistency_weight={self.consistency_weight}, consistency_threshold="
+                                 f"{self.consistency_threshold}: the weight must be >= 0 (0 = off) and the threshold "
+                                 "between 0 and 1 (e.g. 1.0 and 0.9)")
         if self.class_weights not in (None, "auto", "none"):
             raise ParameterError(f"class_weights={self.class_weights!r}: use 'auto' or None")
         ssl_config(self).check()
@@ -180,6 +187,7 @@ class Trainer:
     def prepare_data(self) -> pd.DataFrame:
         cfg = self.cfg
         df, self.source_step = read_tiles(self.workdir, self.cm)
+        df["label_path_orig"] = df["label_path"]  # the pixel split rewrites label_path (consistency: IGNORE there)
         split_file = self.out / "split.csv"
         if cfg.split_by == "pixels":  # every tile trains; held-out pixel blocks validate (deterministic)
             df, held_rows, held_labels = split_pixels(df, read_label_tile, self.out / "train_labels", cfg.val_fraction,
@@ -225,9 +233,14 @@ class Trainer:
 
     def datasets(self):
         self.augmentation = load_augmentation(self.workdir, self.cfg.augment)
-        return make_dataset(list(self.train_df["image_path"]), list(self.train_df["label_path"]),
+        labels = list(self.train_df["label_path"])
+        if self.cfg.consistency_weight > 0:
+            from helpers.consistency import consistency_labels
+
+            labels = consistency_labels(self.train_df, self.out / "consistency_labels", self.cfg.consistency_region)
+        return make_dataset(list(self.train_df["image_path"]), labels,
                             self.cfg.batch_size, True, self.augmentation, self.cfg.crop_size, self.cfg.seed,
-                            image_in_target=self.cfg.crf_weight > 0)
+                            image_in_target=self.cfg.crf_weight > 0, paired=self.cfg.consistency_weight > 0)
 
     # ---- evaluation
     def predict_labels(self, images: list[np.ndarray], batch_size: int | None = None) -> list[np.ndarray]:
@@ -372,10 +385,11 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     trainer = Trainer(workdir, cfg, cmap, overwrite, resume)
     split_df = trainer.prepare_data()
     done = trainer.load_state()
-    split_df.drop(columns=["image_path", "label_path"]).to_csv(out / "split.csv", index=False)
+    split_df.drop(columns=["image_path", "label_path", "label_path_orig"]).to_csv(out / "split.csv", index=False)
     cmap.save(out / "classes.yaml")
     loss = make_loss(cmap.n_classes, cfg.ce_weight, cfg.dice_weight, cfg.focal_gamma, trainer.class_weights,
-                     cfg.crf_weight, cfg.crf_sigma_rgb, cfg.crf_sigma_xy, cfg.crf_radius, cfg.crf_downscale)
+                     cfg.crf_weight, cfg.crf_sigma_rgb, cfg.crf_sigma_xy, cfg.crf_radius, cfg.crf_downscale,
+                     cfg.consistency_weight, cfg.consistency_threshold)
 
     if done:
         log.info("resuming from %s after epoch %d", out / "last.keras", done)
