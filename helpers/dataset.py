@@ -156,15 +156,16 @@ def make_sample_fn(augmentation=None, crop_size: int | None = None, flips: bool 
 
 def make_dataset(image_paths: list[str], label_paths: list[str], batch_size: int, training: bool,
                  augmentation=None, crop_size: int | None = None, seed: int = 0, parallel: int | None = None,
-                 image_in_target: bool = False, paired: bool = False):
+                 image_in_target: bool = False, pair=None):
     """A ``tf.data`` pipeline of ``(preprocess(image), label)`` batches from tile files.
 
     Training: infinite, shuffled, augmented (albumentations in ``tf.numpy_function``, in
     parallel), random crops of ``crop_size``. Validation: one ordered pass, no augmentation.
     ``image_in_target``: the target is ``(B, H, W, 4)`` float32, the label then the (augmented)
     image as RGB in 0..1, for the loss's local CRF term (:func:`helpers.losses.local_crf_loss`).
-    ``paired`` (training): each batch of B tiles becomes 2B, the tiles then their strong views
-    (:func:`helpers.consistency.pair_views`), for the loss's consistency term.
+    ``pair`` (training): a ``(x, y) -> (x, y)`` map applied to each batch before preprocessing,
+    e.g. :func:`helpers.consistency.pair_views` (B tiles become 2B, the tiles then their strong
+    views) for the loss's consistency term.
     """
     import tensorflow as tf
 
@@ -192,10 +193,8 @@ def make_dataset(image_paths: list[str], label_paths: list[str], batch_size: int
     if image_in_target:
         ds = ds.map(lambda x, y: (x, tf.concat([tf.cast(y, tf.float32)[..., None], tf.cast(x, tf.float32) / 255.0], -1)),
                     num_parallel_calls=tf.data.AUTOTUNE)
-    if paired:
-        from helpers.consistency import pair_views
-
-        ds = ds.map(pair_views, num_parallel_calls=tf.data.AUTOTUNE)
+    if pair is not None:
+        ds = ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda x, y: (preprocess(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 

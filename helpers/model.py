@@ -316,3 +316,27 @@ def background_index(cmap) -> int:
 def headline_index(cmap) -> int | None:
     """Model channel of the map's headline class (e.g. tumour), None when no class has that role."""
     return _role_channel(cmap, "headline")
+
+
+def init_from_model(model_dir: str | Path, class_map, mpp: float, tile_size: int, out: Path):
+    """Round 2 of the annotation loop: start from a previous model folder's ``best.keras``.
+
+    The folder must be another one than ``out`` (copy or rename the previous ``model/``
+    first, e.g. to ``model_round1``) and match the classes, resolution and tile size.
+
+    Returns:
+        ``(model, encoder_weights_used)``: the weights recorded as ``init:<file>``.
+    """
+    model_dir = Path(model_dir)
+    if model_dir.resolve() == Path(out).resolve():
+        raise ParameterError(f"init_model={model_dir}: is this run's own output folder; rename the previous model "
+                             "folder (e.g. to model_round1) and pass that")
+    model, params, model_cmap = load_model_and_classes(model_dir)
+    check_class_map(model_cmap, class_map)
+    src = model_dir / "training_params.yaml"
+    if abs(float(params["mpp"]) - float(mpp)) > 1e-6 * max(1.0, float(mpp)):
+        raise ParameterError(f"{src}: model trained at {params['mpp']} um/px but the tiles are {mpp} um/px; "
+                             "export tiles (01) at the model's resolution or train afresh (init_model=None)")
+    log.info("fine-tuning from %s (trained at %s um/px, tile %s px; tiles now %s px)", params["model_file"],
+             params["mpp"], params["tile_size"], tile_size)
+    return model, f"init:{params['model_file']}"

@@ -233,14 +233,15 @@ class Trainer:
 
     def datasets(self):
         self.augmentation = load_augmentation(self.workdir, self.cfg.augment)
-        labels = list(self.train_df["label_path"])
+        labels, pair = list(self.train_df["label_path"]), None
         if self.cfg.consistency_weight > 0:
-            from helpers.consistency import consistency_labels
+            from helpers.consistency import consistency_labels, pair_views
 
             labels = consistency_labels(self.train_df, self.out / "consistency_labels", self.cfg.consistency_region)
+            pair = pair_views
         return make_dataset(list(self.train_df["image_path"]), labels,
                             self.cfg.batch_size, True, self.augmentation, self.cfg.crop_size, self.cfg.seed,
-                            image_in_target=self.cfg.crf_weight > 0, paired=self.cfg.consistency_weight > 0)
+                            image_in_target=self.cfg.crf_weight > 0, pair=pair)
 
     # ---- evaluation
     def predict_labels(self, images: list[np.ndarray], batch_size: int | None = None) -> list[np.ndarray]:
@@ -344,7 +345,7 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     import keras
 
     from helpers.io import write_yaml
-    from helpers.model import build_model, set_batchnorm_momentum
+    from helpers.model import build_model, init_from_model, set_batchnorm_momentum
 
     cfg = cfg or TrainConfig()
     cfg.check()
@@ -527,31 +528,3 @@ def preview_split(workdir: str | Path, cfg: TrainConfig | None = None, class_map
         df[SPLIT_COLUMN], df["group"] = "train", "pixels"  # every tile trains; pixel blocks validate
         return df
     return split_tiles(df, cfg.val_fraction, cfg.split_by, cfg.block_size, cfg.seed, cmap.names, margin=cfg.split_margin)
-
-
-
-
-def init_from_model(model_dir: str | Path, class_map: ClassMap, mpp: float, tile_size: int, out: Path):
-    """Round 2 of the annotation loop: start from a previous model folder's ``best.keras``.
-
-    The folder must be another one than ``out`` (copy or rename the previous ``model/``
-    first, e.g. to ``model_round1``) and match the classes, resolution and tile size.
-
-    Returns:
-        ``(model, encoder_weights_used)``: the weights recorded as ``init:<file>``.
-    """
-    from helpers.model import check_class_map, load_model_and_classes
-
-    model_dir = Path(model_dir)
-    if model_dir.resolve() == Path(out).resolve():
-        raise ParameterError(f"init_model={model_dir}: is this run's own output folder; rename the previous model "
-                             "folder (e.g. to model_round1) and pass that")
-    model, params, model_cmap = load_model_and_classes(model_dir)
-    check_class_map(model_cmap, class_map)
-    src = model_dir / "training_params.yaml"
-    if abs(float(params["mpp"]) - float(mpp)) > 1e-6 * max(1.0, float(mpp)):
-        raise ParameterError(f"{src}: model trained at {params['mpp']} um/px but the tiles are {mpp} um/px; "
-                             "export tiles (01) at the model's resolution or train afresh (init_model=None)")
-    log.info("fine-tuning from %s (trained at %s um/px, tile %s px; tiles now %s px)", params["model_file"],
-             params["mpp"], params["tile_size"], tile_size)
-    return model, f"init:{params['model_file']}"

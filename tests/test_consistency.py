@@ -153,6 +153,7 @@ def test_training_with_the_consistency_term(tmp_path):
 
 
 def test_paired_dataset_doubles_the_batch(tmp_path):
+    from helpers.consistency import pair_views
     from helpers.dataset import make_dataset
     from helpers.io import write_image
 
@@ -163,7 +164,7 @@ def test_paired_dataset_doubles_the_batch(tmp_path):
     write_image(img, tmp_path / "i.png")
     write_image(lab, tmp_path / "l.png")
     paths = [str(tmp_path / "i.png")] * 3, [str(tmp_path / "l.png")] * 3
-    x, y = next(iter(make_dataset(*paths, batch_size=3, training=True, paired=True, image_in_target=True)))
+    x, y = next(iter(make_dataset(*paths, batch_size=3, training=True, pair=pair_views, image_in_target=True)))
     assert x.shape[0] == 6 and y.shape == (6, 64, 64, 4)
     x, y = x.numpy(), y.numpy()
     assert np.array_equal(y[:3], y[3:])  # the strong half keeps the weak half's labels and image
