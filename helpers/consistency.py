@@ -35,16 +35,29 @@ log = logging.getLogger(__name__)
 IGNORE = 255
 
 
-def read_region(region: str | Path) -> dict[str, list[float]]:
-    """``{slide: [x0, y0, x1, y1]}`` (level-0 px) from a JSON file, or a one-line ParameterError."""
+def read_region(region: str | Path, parameter: str = "consistency_region") -> dict[str, list[float]]:
+    """``{slide: [x0, y0, x1, y1]}`` (level-0 px) from a JSON file, or a one-line ParameterError.
+
+    ``parameter`` names the notebook parameter in the error (05's ``consistency_region`` or ``ssl_region``).
+    """
     try:
         boxes = json.loads(Path(region).read_text())
         if not isinstance(boxes, dict) or not all(len(v) == 4 for v in boxes.values()):
             raise ValueError("not a {slide: [x0, y0, x1, y1]} mapping")
     except (OSError, ValueError, TypeError) as exc:
-        raise ParameterError(f"consistency_region={region}: not a readable JSON file of boxes ({exc}); "
+        raise ParameterError(f"{parameter}={region}: not a readable JSON file of boxes ({exc}); "
                              "write {slide: [x0, y0, x1, y1]} in level-0 px, or set it to None") from None
     return {str(k): [float(v) for v in b] for k, b in boxes.items()}
+
+
+def box_in_tile(row: dict, box: list[float], ds: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """A level-0 box in a tile's pixels (``x``, ``y`` of ``row``; ``ds`` level-0 px per tile px), clipped to it.
+
+    Returns ``(c0, r0, c1, r1)``; empty when ``c1 <= c0`` or ``r1 <= r0``.
+    """
+    x0, y0, x1, y1 = box
+    return (max(0, math.ceil((x0 - row["x"]) / ds)), max(0, math.ceil((y0 - row["y"]) / ds)),
+            min(width, math.floor((x1 - row["x"]) / ds)), min(height, math.floor((y1 - row["y"]) / ds)))
 
 
 def region_mask(row: dict, shape: tuple[int, int], boxes: dict[str, list[float]] | None) -> np.ndarray:
@@ -58,10 +71,7 @@ def region_mask(row: dict, shape: tuple[int, int], boxes: dict[str, list[float]]
     box = boxes.get(str(row["slide"]))
     if box is None:
         return np.zeros(shape, bool)
-    ds = float(row["w"]) / shape[1]
-    x0, y0, x1, y1 = box
-    c0, r0 = max(0, math.ceil((x0 - row["x"]) / ds)), max(0, math.ceil((y0 - row["y"]) / ds))
-    c1, r1 = min(shape[1], math.floor((x1 - row["x"]) / ds)), min(shape[0], math.floor((y1 - row["y"]) / ds))
+    c0, r0, c1, r1 = box_in_tile(row, box, float(row["w"]) / shape[1], shape[1], shape[0])
     inside[:] = False
     if c1 > c0 and r1 > r0:
         inside[r0:r1, c0:c1] = True

@@ -19,7 +19,6 @@ held-out half out this way; 01's tiles reach into it).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,18 +150,13 @@ def tile_items(tiles, region: str | None = None) -> list:
     """
     if region is None:
         return list(tiles["image_path"])
-    import json
+    from helpers.consistency import box_in_tile, read_region
 
-    try:
-        boxes = json.loads(Path(region).read_text())
-    except (OSError, ValueError) as exc:
-        raise ParameterError(f"ssl_region={region}: not a readable JSON file ({exc}); write {{slide: [x0, y0, x1, y1]}}") from None
+    boxes = read_region(region, "ssl_region")
     items = []
     for r in (r for r in tiles.to_dict("records") if str(r["slide"]) in boxes):
         ds = float(r.get("downsample", 1.0) or 1.0)
-        x0, y0, x1, y1 = (float(v) for v in boxes[str(r["slide"])])
-        box = (max(0, math.ceil((x0 - r["x"]) / ds)), max(0, math.ceil((y0 - r["y"]) / ds)),
-               min(math.floor((x1 - r["x"]) / ds), round(r["w"] / ds)), min(math.floor((y1 - r["y"]) / ds), round(r["h"] / ds)))
+        box = box_in_tile(r, boxes[str(r["slide"])], ds, round(r["w"] / ds), round(r["h"] / ds))
         if box[2] > box[0] and box[3] > box[1]:
             items.append((r["image_path"], box))
     log.info("ssl: %d of %d tiles have pixels inside %s", len(items), len(tiles), region)
