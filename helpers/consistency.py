@@ -157,7 +157,12 @@ def pair_views(x, y):
     return tf.concat([tf.cast(x, tf.float32), strong_view(x)], 0), tf.concat([y, y], 0)
 
 
-def consistency_loss(probs_weak, probs_strong, labels, threshold: float = 0.9):
+#: Values of ``consistency_balance`` (05): how the term keeps a majority class from swallowing a minority.
+BALANCES = ("none", "align", "class")
+
+
+def consistency_loss(probs_weak, probs_strong, labels, threshold: float = 0.9, balance: str = "none",
+                     prior=None):
     """FixMatch term on the unlabelled pixels (label 0) of the weak view (TensorFlow).
 
     Args:
@@ -165,6 +170,14 @@ def consistency_loss(probs_weak, probs_strong, labels, threshold: float = 0.9):
         probs_strong: ``(B, H, W, C)`` softmax of the strong views.
         labels: ``(B, H, W)`` int labels: 0 unlabelled, 1..C classes, :data:`IGNORE` neither.
         threshold: Weak-view confidence from which a pixel's argmax becomes the strong view's target.
+        balance: ``"none"``; ``"align"``: distribution alignment (ReMixMatch, Berthelot et al.
+            2020): the weak probabilities are multiplied by ``prior`` / (their mean over the
+            batch's unlabelled pixels) and renormalised before the threshold, so a class the
+            network over-predicts loses confidence and one it under-predicts gains;
+            ``"class"``: every class among the confident targets weighs the same in total
+            (a target pixel of class c weighs ``n / (k n_c)``: n confident pixels, k classes
+            present, n_c of them of class c).
+        prior: ``(C,)`` class shares of the labelled training pixels (``"align"`` only).
 
     Returns:
         Cross-entropy summed over the confident unlabelled pixels, divided by all unlabelled pixels.
@@ -174,7 +187,22 @@ def consistency_loss(probs_weak, probs_strong, labels, threshold: float = 0.9):
     pw = tf.stop_gradient(tf.cast(probs_weak, tf.float32))
     ps = tf.clip_by_value(tf.cast(probs_strong, tf.float32), 1e-7, 1.0)
     unlabelled = tf.cast(tf.equal(labels, 0), tf.float32)
+    n_unlabelled = tf.maximum(tf.reduce_sum(unlabelled), 1.0)
+    if balance == "align":
+        if prior is None:
+            raise ValueError("consistency balance 'align' needs the labelled class shares (prior)")
+        mean = tf.reduce_sum(pw * unlabelled[..., None], [0, 1, 2]) / n_unlabelled
+        pw = pw * tf.constant(prior, tf.float32) / tf.maximum(mean, 1e-6)
+        pw = pw / tf.maximum(tf.reduce_sum(pw, -1, keepdims=True), 1e-12)
+    elif balance not in ("none", "class"):
+        raise ValueError(f"consistency balance {balance!r}: use one of {BALANCES}")
     confident = tf.cast(tf.reduce_max(pw, -1) >= threshold, tf.float32) * unlabelled
     target = tf.one_hot(tf.argmax(pw, -1), tf.shape(pw)[-1], dtype=tf.float32)
     ce = -tf.math.log(tf.reduce_sum(target * ps, -1))
-    return tf.reduce_sum(confident * ce) / tf.maximum(tf.reduce_sum(unlabelled), 1.0)
+    weight = confident
+    if balance == "class":
+        per_class = tf.reduce_sum(target * confident[..., None], [0, 1, 2])  # confident targets per class
+        present = tf.maximum(tf.reduce_sum(tf.cast(per_class > 0, tf.float32)), 1.0)
+        w_class = tf.math.divide_no_nan(tf.reduce_sum(per_class), present * per_class)
+        weight = confident * tf.reduce_sum(target * w_class, -1)
+    return tf.reduce_sum(weight * ce) / n_unlabelled

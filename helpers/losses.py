@@ -90,7 +90,8 @@ def local_crf_loss(probs, image, sigma_rgb: float = 0.1, sigma_xy: float = 3.0, 
 def make_loss(n_classes: int, ce_weight: float = 1.0, dice_weight: float = 1.0, focal_gamma: float = 0.0,
               class_weights: list[float] | None = None, crf_weight: float = 0.0, crf_sigma_rgb: float = 0.1,
               crf_sigma_xy: float = 3.0, crf_radius: int = 4, crf_downscale: int = 2,
-              consistency_weight: float = 0.0, consistency_threshold: float = 0.9):
+              consistency_weight: float = 0.0, consistency_threshold: float = 0.9,
+              consistency_balance: str = "none", consistency_prior: list[float] | None = None):
     """The sparse-label loss: (focal) cross-entropy + soft Dice over **labelled pixels only**.
 
     ``y_true`` holds label values (0 unlabelled, 1..N); ``y_pred`` the softmax (N channels).
@@ -99,7 +100,8 @@ def make_loss(n_classes: int, ce_weight: float = 1.0, dice_weight: float = 1.0, 
     :func:`local_crf_loss` over all pixels (labelled or not); ``y_true`` must then carry the
     image in channels 1..3 (RGB 0..1). ``consistency_weight`` > 0 adds
     :func:`helpers.consistency.consistency_loss`; the batch must then be weak views then strong
-    views (:func:`helpers.consistency.pair_views`).
+    views (:func:`helpers.consistency.pair_views`), with ``consistency_balance`` and
+    ``consistency_prior`` passed on to it.
 
     Returns:
         A ``keras.losses.Loss`` (serialisable, so ``last.keras`` resumes with its optimizer).
@@ -108,7 +110,8 @@ def make_loss(n_classes: int, ce_weight: float = 1.0, dice_weight: float = 1.0, 
                          focal_gamma=focal_gamma, class_weights=class_weights, crf_weight=crf_weight,
                          crf_sigma_rgb=crf_sigma_rgb, crf_sigma_xy=crf_sigma_xy, crf_radius=crf_radius,
                          crf_downscale=crf_downscale, consistency_weight=consistency_weight,
-                         consistency_threshold=consistency_threshold)
+                         consistency_threshold=consistency_threshold,
+                         consistency_balance=consistency_balance, consistency_prior=consistency_prior)
 
 
 _LOSS_CLS = None
@@ -127,7 +130,8 @@ def _loss_class():
                      focal_gamma: float = 0.0, class_weights: list[float] | None = None,
                      crf_weight: float = 0.0, crf_sigma_rgb: float = 0.1, crf_sigma_xy: float = 3.0,
                      crf_radius: int = 4, crf_downscale: int = 2, consistency_weight: float = 0.0,
-                     consistency_threshold: float = 0.9, name: str = "sparse_label_loss", **kwargs):
+                     consistency_threshold: float = 0.9, consistency_balance: str = "none",
+                     consistency_prior: list[float] | None = None, name: str = "sparse_label_loss", **kwargs):
             kwargs.pop("reduction", None)
             super().__init__(name=name, reduction="sum_over_batch_size", **kwargs)
             self.n_classes = int(n_classes)
@@ -142,6 +146,8 @@ def _loss_class():
             self.crf_downscale = int(crf_downscale)
             self.consistency_weight = float(consistency_weight)
             self.consistency_threshold = float(consistency_threshold)
+            self.consistency_balance = str(consistency_balance)
+            self.consistency_prior = None if consistency_prior is None else [float(v) for v in consistency_prior]
 
         def call(self, y_true, y_pred):
             y_pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0 - 1e-7)
@@ -184,7 +190,9 @@ def _loss_class():
                 from helpers.consistency import consistency_loss
 
                 total = total + self.consistency_weight * consistency_loss(y_pred, strong, labels,
-                                                                           self.consistency_threshold)
+                                                                           self.consistency_threshold,
+                                                                           self.consistency_balance,
+                                                                           self.consistency_prior)
             return total
 
         def get_config(self):
@@ -194,7 +202,9 @@ def _loss_class():
                     "crf_sigma_rgb": self.crf_sigma_rgb, "crf_sigma_xy": self.crf_sigma_xy,
                     "crf_radius": self.crf_radius, "crf_downscale": self.crf_downscale,
                     "consistency_weight": self.consistency_weight,
-                    "consistency_threshold": self.consistency_threshold}
+                    "consistency_threshold": self.consistency_threshold,
+                    "consistency_balance": self.consistency_balance,
+                    "consistency_prior": self.consistency_prior}
 
     _LOSS_CLS = SparseLabelLoss
     return _LOSS_CLS

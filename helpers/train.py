@@ -27,6 +27,7 @@ import pandas as pd
 from helpers.config import ClassMap, load_class_map
 from helpers.dataset import fit_multiple, load_augmentation, make_dataset, read_image_tile, read_label_tile, read_tiles
 from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
+from helpers.consistency import BALANCES
 from helpers.losses import class_weights_from_counts, make_loss
 from helpers.metrics import confusion_matrix, headline_name, iou_scores
 from helpers.split import SPLIT_COLUMN, split_pixels, split_tiles
@@ -67,6 +68,7 @@ class TrainConfig:
     crf_downscale: int = 2
     consistency_weight: float = 0.0  # > 0: FixMatch term on unlabelled pixels (helpers.consistency)
     consistency_threshold: float = 0.9
+    consistency_balance: str = "none"  # "align" (distribution alignment) or "class" (class-balanced targets)
     consistency_region: str | None = None  # JSON {slide: [x0, y0, x1, y1]}: the term only inside (level 0)
     encoder_weights: str | None = "imagenet"
     encoder_weights_fallback: str = "error"
@@ -110,6 +112,8 @@ class TrainConfig:
             raise ParameterError(f"consistency_weight={self.consistency_weight}, consistency_threshold="
                                  f"{self.consistency_threshold}: the weight must be >= 0 (0 = off) and the threshold "
                                  "between 0 and 1 (e.g. 1.0 and 0.9)")
+        if self.consistency_balance not in BALANCES:
+            raise ParameterError(f"consistency_balance={self.consistency_balance!r}: use one of {', '.join(BALANCES)}")
         if self.class_weights not in (None, "auto", "none"):
             raise ParameterError(f"class_weights={self.class_weights!r}: use 'auto' or None")
         ssl_config(self).check()
@@ -223,6 +227,7 @@ class Trainer:
                  cfg.split_by, len(self.train_df), len(self.val_df), int((df[SPLIT_COLUMN] == "excluded").sum()),
                  int((df["px_labelled"] == 0).sum()))
         counts = self.train_df[[f"px_{n}" for n in self.cm.names]].sum().to_numpy()
+        self.class_prior = (counts / max(counts.sum(), 1)).tolist()  # labelled class shares (consistency 'align')
         self.class_weights = (class_weights_from_counts(counts).tolist()
                               if cfg.class_weights == "auto" else None)
         # validation tiles are few: keep them decoded in memory
@@ -390,7 +395,8 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     cmap.save(out / "classes.yaml")
     loss = make_loss(cmap.n_classes, cfg.ce_weight, cfg.dice_weight, cfg.focal_gamma, trainer.class_weights,
                      cfg.crf_weight, cfg.crf_sigma_rgb, cfg.crf_sigma_xy, cfg.crf_radius, cfg.crf_downscale,
-                     cfg.consistency_weight, cfg.consistency_threshold)
+                     cfg.consistency_weight, cfg.consistency_threshold, cfg.consistency_balance,
+                     trainer.class_prior if cfg.consistency_balance == "align" else None)
 
     if done:
         log.info("resuming from %s after epoch %d", out / "last.keras", done)

@@ -68,6 +68,54 @@ def test_the_loss_splits_a_paired_batch():
     assert restored.consistency_weight == 2.0 and restored.consistency_threshold == 0.8
 
 
+def _two_class_batch():
+    """Unlabelled 8x8: 48 pixels confidently class 1 (majority), 16 confidently class 2; all equally wrong in the strong view."""
+    weak = np.full((1, 8, 8, 4), 0.01, np.float32)
+    weak[0, :6, :, 0] = 0.97
+    weak[0, 6:, :, 1] = 0.97
+    strong = np.full((1, 8, 8, 4), 0.25, np.float32)  # -log(0.25) everywhere
+    return weak, strong, np.zeros((1, 8, 8), np.int32)
+
+
+def test_class_balance_weighs_each_predicted_class_the_same():
+    weak, strong, labels = _two_class_batch()
+    ce = -np.log(0.25)
+    assert float(C.consistency_loss(weak, strong, labels, 0.9)) == pytest.approx(ce, rel=1e-5)
+    balanced = float(C.consistency_loss(weak, strong, labels, 0.9, balance="class"))
+    assert balanced == pytest.approx(ce, rel=1e-5)  # the total is kept, only shared out differently
+    import tensorflow as tf
+
+    s = tf.Variable(strong)
+    grads = {}
+    for mode in ("none", "class"):
+        with tf.GradientTape() as tape:
+            value = C.consistency_loss(weak, s, labels, 0.9, balance=mode)
+        g = tape.gradient(value, s).numpy()
+        grads[mode] = abs(g[0, 7, 0, 1]) / abs(g[0, 0, 0, 0])  # minority pixel's pull / majority pixel's
+    assert grads["none"] == pytest.approx(1.0, rel=1e-4)
+    assert grads["class"] == pytest.approx(3.0, rel=1e-4)  # 48 vs 16 pixels: each class weighs half
+
+
+def test_distribution_alignment_moves_confidence_to_the_labelled_shares():
+    weak, strong, labels = _two_class_batch()
+    weak[0, 6:] = [0.12, 0.86, 0.01, 0.01]  # the minority is predicted, but below the threshold
+    assert float(C.consistency_loss(weak, strong, labels, 0.9)) == pytest.approx(-np.log(0.25) * 48 / 64, rel=1e-5)
+    # the network predicts class 1 on ~77 % of the unlabelled pixels; the labels say 50 / 50
+    aligned = float(C.consistency_loss(weak, strong, labels, 0.9, balance="align", prior=[0.5, 0.5, 0.0, 0.0]))
+    assert aligned == pytest.approx(-np.log(0.25), rel=1e-5)  # class 2 pixels now pass the threshold
+    # labelled shares that agree with the predictions change nothing
+    mean = weak[0].reshape(-1, 4).mean(0)
+    same = float(C.consistency_loss(weak, strong, labels, 0.9, balance="align", prior=(mean / mean.sum()).tolist()))
+    assert same == pytest.approx(-np.log(0.25) * 48 / 64, rel=1e-5)
+    with pytest.raises(ValueError, match="prior"):
+        C.consistency_loss(weak, strong, labels, 0.9, balance="align")
+    with pytest.raises(ValueError, match="balance"):
+        C.consistency_loss(weak, strong, labels, 0.9, balance="median")
+    loss = L.make_loss(4, consistency_weight=1.0, consistency_balance="align", consistency_prior=[0.5, 0.5, 0, 0])
+    restored = type(loss).from_config(loss.get_config())
+    assert restored.consistency_balance == "align" and restored.consistency_prior == [0.5, 0.5, 0.0, 0.0]
+
+
 def test_strong_view_keeps_geometry_and_changes_colour():
     import tensorflow as tf
 
@@ -126,6 +174,8 @@ def test_consistency_parameters_are_checked():
         T.TrainConfig(consistency_weight=-1.0).check()
     with pytest.raises(ParameterError, match="consistency_threshold"):
         T.TrainConfig(consistency_weight=1.0, consistency_threshold=1.0).check()
+    with pytest.raises(ParameterError, match="consistency_balance"):
+        T.TrainConfig(consistency_weight=1.0, consistency_balance="median").check()
 
 
 def test_training_with_the_consistency_term(tmp_path):
