@@ -15,6 +15,7 @@ moved to e.g. ``model_round1``) and 07 again.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -89,7 +90,7 @@ def pseudo_label_tiles(workdir: str | Path, threshold: float = 0.9, *, predictio
     from helpers.dataset import read_label_tile
     from helpers.io import write_image
     from helpers.predict import read_prediction_info, read_probabilities
-    from helpers.split import holdout_blocks
+    from helpers.split import VAL_BLOCKS, holdout_blocks
     from helpers.steps import DONE, mark_done, step_dir
 
     workdir = Path(workdir)
@@ -106,6 +107,8 @@ def pseudo_label_tiles(workdir: str | Path, threshold: float = 0.9, *, predictio
     cols = [c for c in df.columns if c.startswith("px_") and c != "px_unlabelled"]
     if class_names is not None:
         cols = [f"px_{n}" for n in class_names]
+    blocks_file = step_dir(workdir, "model") / "train_labels" / VAL_BLOCKS  # 05's blocks added for rare classes
+    extra = json.loads(blocks_file.read_text()) if blocks_file.is_file() else {}
     out_dir = labels_dir / "pseudo"
     out_dir.mkdir(parents=True, exist_ok=True)
     cache: dict[str, tuple[np.ndarray, float]] = {}
@@ -124,8 +127,8 @@ def pseudo_label_tiles(workdir: str | Path, threshold: float = 0.9, *, predictio
         if abs(tile_ds - ds) > 0.01 * ds:  # level-0 tile sides are whole pixels
             raise HistoUNetError(f"{pred_root / slide}: predicted at downsample {ds}, tiles are {tile_ds}; "
                                  "predict at the model's resolution (07) again")
-        keep_out = (holdout_blocks(slide, r["x"], r["y"], r["w"], r["h"], lab.shape, block_size, val_fraction, seed)
-                    if val_fraction else np.zeros(lab.shape, bool))
+        keep_out = (holdout_blocks(slide, r["x"], r["y"], r["w"], r["h"], lab.shape, block_size, val_fraction, seed,
+                                   extra.get(slide)) if val_fraction else np.zeros(lab.shape, bool))
         if allowed is not None:
             keep_out |= ~allowed(r, lab.shape)
         new = pseudo_label(lab, _tile_probs(probs, r["x"], r["y"], lab.shape, ds), threshold, keep_out)

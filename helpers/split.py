@@ -6,6 +6,8 @@ tiles that overlap, touch or come near a validation tile are marked ``excluded``
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -13,6 +15,8 @@ from helpers.errors import ParameterError
 
 #: Column of the split table holding ``train`` / ``val`` / ``excluded``.
 SPLIT_COLUMN = "split"
+#: File (in 05's training-label folder) of the blocks :func:`rare_class_blocks` added to validation.
+VAL_BLOCKS = "val_blocks.json"
 
 
 def split_tiles(df: pd.DataFrame, val_fraction: float = 0.25, by: str = "auto", block_size: float | None = None,
@@ -104,25 +108,88 @@ def _touching(df: pd.DataFrame, margin: float = 0.0) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- held-out pixels
-def holdout_blocks(slide: str, x: int, y: int, w: int, h: int, shape: tuple[int, int], block_size: float,
-                   val_fraction: float, seed: int = 0) -> np.ndarray:
-    """Boolean ``shape`` mask of a tile's pixels that lie in held-out (validation) blocks.
-
-    The slide is cut into square blocks of ``block_size`` level-0 pixels; a block is held
-    out when a hash of (slide, block, seed) falls below ``val_fraction``. The draw depends
-    on level-0 coordinates only, so overlapping tiles agree on every pixel.
-    """
-    import zlib
-
+def _block_grid(x: float, y: float, w: float, h: float, shape: tuple[int, int], block_size: float):
+    """Block column of each tile column and block row of each tile row (level-0 blocks of ``block_size``)."""
     th, tw = shape
     gx = ((x + (np.arange(tw) + 0.5) * w / tw) // block_size).astype(np.int64)
     gy = ((y + (np.arange(th) + 0.5) * h / th) // block_size).astype(np.int64)
+    return gx, gy
+
+
+def _block_draw(slide: str, gx: np.ndarray, gy: np.ndarray, seed: int) -> np.ndarray:
+    """Uniform 0..1 draw of each block ``(gy[:, None], gx[None, :])``: a hash of (slide, block, seed)."""
+    import zlib
+
     salt = (zlib.crc32(str(slide).encode()) + 7919 * int(seed)) % 2**31
     hx = (gx * 73856093) % 2**31
     hy = (gy * 19349663) % 2**31
     key = (hy[:, None] ^ hx[None, :] ^ salt).astype(np.uint64)
     key = (key * np.uint64(2654435761)) % np.uint64(2**32)  # Knuth multiplicative hash
-    return (key.astype(np.float64) / 2**32) < val_fraction
+    return key.astype(np.float64) / 2**32
+
+
+def holdout_blocks(slide: str, x: int, y: int, w: int, h: int, shape: tuple[int, int], block_size: float,
+                   val_fraction: float, seed: int = 0, extra=None) -> np.ndarray:
+    """Boolean ``shape`` mask of a tile's pixels that lie in held-out (validation) blocks.
+
+    The slide is cut into square blocks of ``block_size`` level-0 pixels; a block is held
+    out when a hash of (slide, block, seed) falls below ``val_fraction``, or when it is one
+    of ``extra`` (``(column, row)`` blocks of this slide, :func:`split_pixels`' top-up for
+    rare classes). The draw depends on level-0 coordinates only, so overlapping tiles agree
+    on every pixel.
+    """
+    gx, gy = _block_grid(x, y, w, h, shape, block_size)
+    held = _block_draw(slide, gx, gy, seed) < val_fraction
+    for bx, by in extra or ():
+        held[np.ix_(gy == by, gx == bx)] = True
+    return held
+
+
+def rare_class_blocks(df: pd.DataFrame, read_label, val_fraction: float, block_size: float, seed: int = 0,
+                      n_classes: int | None = None) -> dict[str, list[tuple[int, int]]]:
+    """Blocks to hold out as well, so every labelled class reaches validation.
+
+    The hashed draw of :func:`holdout_blocks` holds out about ``val_fraction`` of all
+    labelled pixels, but a class drawn in one or two strokes can miss every held-out
+    block, and then no epoch's validation sees it (05's checkpoint picks blindly for it).
+    For each class whose held-out share falls below half of ``val_fraction``, blocks
+    holding it are added in the order of their draw (deterministic) until its share
+    reaches ``val_fraction``; overlapping tiles count each block's pixels once.
+
+    Returns:
+        ``{slide: [(column, row), ...]}`` of added blocks (empty when none are needed).
+    """
+    counts: dict[tuple[str, int, int], np.ndarray] = {}
+    for r in df.to_dict("records"):
+        lab = np.asarray(read_label(r["label_path"]))
+        gx, gy = _block_grid(r["x"], r["y"], r["w"], r["h"], lab.shape[:2], block_size)
+        nc = int(n_classes or max(int(lab.max()), 1))
+        for by in np.unique(gy):
+            for bx in np.unique(gx):
+                key = (str(r["slide"]), int(bx), int(by))
+                part = lab[np.ix_(gy == by, gx == bx)]
+                c = np.bincount(part.ravel(), minlength=nc + 1)[1:nc + 1]
+                if c.any() and (key not in counts or c.sum() > counts[key].sum()):
+                    counts[key] = c  # the tile that sees most of the block
+    if not counts:
+        return {}
+    keys = sorted(counts)
+    n = max(len(v) for v in counts.values())
+    table = np.array([np.pad(counts[k], (0, n - len(counts[k]))) for k in keys])
+    draw = np.array([_block_draw(k[0], np.array([k[1]]), np.array([k[2]]), seed)[0, 0] for k in keys])
+    held = draw < val_fraction
+    added: dict[str, list[tuple[int, int]]] = {}
+    for c in range(n):
+        total = table[:, c].sum()
+        if not total or table[held, c].sum() >= 0.5 * val_fraction * total:
+            continue
+        for i in np.argsort(draw):
+            if table[held, c].sum() >= val_fraction * total:
+                break
+            if not held[i] and table[i, c]:
+                held[i] = True
+                added.setdefault(keys[i][0], []).append((keys[i][1], keys[i][2]))
+    return added
 
 
 def split_pixels(df: pd.DataFrame, read_label, out_dir, val_fraction: float = 0.15, block_size: float | None = None,
@@ -133,6 +200,8 @@ def split_pixels(df: pd.DataFrame, read_label, out_dir, val_fraction: float = 0.
     quarter tile width, level-0 px) are removed from the training labels (written to
     ``out_dir/<tile_id>-labelled.png``) and form the validation labels; nothing else is
     lost. For small annotation sets, where a tile split leaves a third of the labels unused.
+    A class the hashed blocks leave out of validation gets blocks of its own
+    (:func:`rare_class_blocks`); they are written to ``out_dir/val_blocks.json``.
     Each held-out pixel is validated once, in one tile, however much the tiles overlap.
 
     Returns:
@@ -153,9 +222,12 @@ def split_pixels(df: pd.DataFrame, read_label, out_dir, val_fraction: float = 0.
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, px_val, held_all = [], [], []
     cols = [f"px_{n}" for n in (class_names or []) if f"px_{n}" in df.columns]
+    extra = rare_class_blocks(df, read_label, val_fraction, block_size, seed, len(class_names) if class_names else None)
+    (out_dir / VAL_BLOCKS).write_text(json.dumps({k: [list(b) for b in v] for k, v in extra.items()}))
     for i, r in enumerate(df.to_dict("records")):
         lab = read_label(r["label_path"])
-        held = holdout_blocks(r["slide"], r["x"], r["y"], r["w"], r["h"], lab.shape[:2], block_size, val_fraction, seed)
+        held = holdout_blocks(r["slide"], r["x"], r["y"], r["w"], r["h"], lab.shape[:2], block_size, val_fraction, seed,
+                              extra.get(str(r["slide"])))
         held &= lab > 0
         train = np.where(held, 0, lab).astype(np.uint8)
         path = out_dir / f"{r['tile_id']}-labelled.png"

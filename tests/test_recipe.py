@@ -59,6 +59,39 @@ def test_split_pixels_keeps_every_tile_and_holds_out_blocks(tmp_path, class_map)
         split_pixels(df, read_label_tile, tmp_path / "x", val_fraction=1.5)
 
 
+def test_split_pixels_gives_a_rare_class_validation_blocks(tmp_path, class_map):
+    """A class drawn in one small stroke that the hashed blocks miss still reaches validation."""
+    import json
+
+    from helpers.split import VAL_BLOCKS, holdout_blocks, rare_class_blocks
+
+    bs, frac = 8, 0.15
+    free = holdout_blocks("s", 0, 0, 128, 64, (64, 128), bs, frac, seed=0)
+    # a block the draw keeps in training: the rare class (3) lives only there
+    by, bx = next((r, c) for r in range(0, 64, bs) for c in range(0, 128, bs) if not free[r, c])
+    rows = []
+    for i in range(2):
+        lab = np.zeros((64, 64), np.uint8)
+        lab[:, :] = 1 + i  # plenty of classes 1 and 2
+        p = tmp_path / f"t{i}.png"
+        if i == bx // 64:
+            lab[by:by + bs, bx % 64:bx % 64 + bs] = 3
+        write_image(lab, p)
+        rows.append({"tile_id": f"t{i}", "slide": "s", "x": 64 * i, "y": 0, "w": 64, "h": 64, "label_path": str(p)})
+    df = pd.DataFrame(rows)
+    assert rare_class_blocks(df, read_label_tile, frac, bs, seed=0, n_classes=4) == {"s": [(bx // bs, by // bs)]}
+    out, val_rows, val_labels = split_pixels(df, read_label_tile, tmp_path / "train", frac, bs, seed=0,
+                                             class_names=class_map.names)
+    held = np.concatenate([v.ravel() for v in val_labels])
+    assert (held == 3).sum() == bs * bs  # the rare class is validated ...
+    assert (held == 1).any() and (held == 2).any()  # ... and the common ones keep their hashed blocks only
+    assert json.loads((tmp_path / "train" / VAL_BLOCKS).read_text()) == {"s": [[bx // bs, by // bs]]}
+    for r in out.itertuples():
+        assert not (read_image(r.label_path) == 3).any()  # and none of it trains
+    # a class the draw already validates gets nothing added
+    assert rare_class_blocks(df.iloc[[1 - bx // 64]], read_label_tile, frac, bs, seed=0, n_classes=4) == {}
+
+
 def test_glass_in_tissue_unlabelled_and_open_glass_only(class_map):
     img, lab, lumen = _tile()
     off = dict(min_region=0, border_band=0, glass_in_annotations=False, free_glass=False)
