@@ -139,6 +139,9 @@ def test_seed_summary_gives_mean_and_sd_over_annotator_seeds(tmp_path, capsys):
     br.main(["--merge", str(tmp_path / "s0.csv"), str(tmp_path / "s1.csv"), "--out", str(tmp_path / "all.csv")])
     out = capsys.readouterr().out
     assert "Headline IoU per annotator seed" in out and "0.400" in out
+    table = out.split("pooled per source:")[1].split("headline IoU: mean")[0].splitlines()
+    rows_a = [line for line in table if line.startswith("a ")]
+    assert len(rows_a) == 2 and "a s1" in rows_a[1] and rows_a[1].count("Stroma") == 1  # one row per seed
 
 
 def test_seeds_prepare_one_work_folder_per_annotator_seed(ocdc, tmp_path):
