@@ -108,7 +108,10 @@ def pseudo_label_tiles(workdir: str | Path, threshold: float = 0.9, *, predictio
     if class_names is not None:
         cols = [f"px_{n}" for n in class_names]
     blocks_file = step_dir(workdir, "model") / "train_labels" / VAL_BLOCKS  # 05's blocks added for rare classes
-    extra = json.loads(blocks_file.read_text()) if blocks_file.is_file() else {}
+    try:
+        extra = json.loads(blocks_file.read_text()) if blocks_file.is_file() else {}
+    except ValueError:
+        raise HistoUNetError(f"{blocks_file}: unreadable; run 05_train_model again (it rewrites it)") from None
     out_dir = labels_dir / "pseudo"
     out_dir.mkdir(parents=True, exist_ok=True)
     cache: dict[str, tuple[np.ndarray, float]] = {}

@@ -6,8 +6,6 @@ tiles that overlap, touch or come near a validation tile are marked ``excluded``
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 
@@ -211,7 +209,7 @@ def split_pixels(df: pd.DataFrame, read_label, out_dir, val_fraction: float = 0.
     """
     from pathlib import Path
 
-    from helpers.io import write_image
+    from helpers.io import write_image, write_json
 
     if not 0 < val_fraction < 1:
         raise ParameterError(f"val_fraction={val_fraction}: must be between 0 and 1")
@@ -223,7 +221,7 @@ def split_pixels(df: pd.DataFrame, read_label, out_dir, val_fraction: float = 0.
     paths, px_val, held_all = [], [], []
     cols = [f"px_{n}" for n in (class_names or []) if f"px_{n}" in df.columns]
     extra = rare_class_blocks(df, read_label, val_fraction, block_size, seed, len(class_names) if class_names else None)
-    (out_dir / VAL_BLOCKS).write_text(json.dumps({k: [list(b) for b in v] for k, v in extra.items()}))
+    write_json({k: [list(b) for b in v] for k, v in extra.items()}, out_dir / VAL_BLOCKS, overwrite=True, indent=None)
     for i, r in enumerate(df.to_dict("records")):
         lab = read_label(r["label_path"])
         held = holdout_blocks(r["slide"], r["x"], r["y"], r["w"], r["h"], lab.shape[:2], block_size, val_fraction, seed,
