@@ -531,8 +531,8 @@ def print_table(rows: list[dict]) -> None:
     seeds = "seed" in allrows and allrows["seed"].nunique() > 1  # one row per source and annotator seed
     print(f"{'source':<24} {'headline':<28} {'IoU':>6} {'prec':>6} {'rec':>6}  per-class IoU"
           f"{'':<40} {'ann%':>5} {'train s':>8} {'CPU s':>6} {'chain s':>8} {'load':>5}")
-    for key, g in allrows.groupby(["source", "seed"] if seeds else "source", sort=False):
-        src = f"{key[0]} s{key[1]}" if seeds else (key[0] if isinstance(key, tuple) else key)
+    for key, g in allrows.groupby(["source", "seed"] if seeds else ["source"], sort=False):
+        src = f"{key[0]} s{key[1]}" if seeds else key[0]
         h = g[g["class"].str.contains(r"\(")].iloc[0]
         per = "  ".join(f"{c.split(' ')[0]} {v:.3f}" for c, v in zip(g["class"], g["iou"]))
         print(f"{src:<24} {h['class']:<28} {h['iou']:6.3f} {h['precision']:6.3f} {h['recall']:6.3f}  {per:<53} "

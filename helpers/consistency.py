@@ -194,7 +194,7 @@ def consistency_loss(probs_weak, probs_strong, labels, threshold: float = 0.9, b
         mean = tf.reduce_sum(pw * unlabelled[..., None], [0, 1, 2]) / n_unlabelled
         pw = pw * tf.constant(prior, tf.float32) / tf.maximum(mean, 1e-6)
         pw = pw / tf.maximum(tf.reduce_sum(pw, -1, keepdims=True), 1e-12)
-    elif balance not in ("none", "class"):
+    elif balance not in BALANCES:
         raise ValueError(f"consistency balance {balance!r}: use one of {BALANCES}")
     confident = tf.cast(tf.reduce_max(pw, -1) >= threshold, tf.float32) * unlabelled
     target = tf.one_hot(tf.argmax(pw, -1), tf.shape(pw)[-1], dtype=tf.float32)

@@ -15,7 +15,6 @@ moved to e.g. ``model_round1``) and 07 again.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -88,7 +87,7 @@ def pseudo_label_tiles(workdir: str | Path, threshold: float = 0.9, *, predictio
         The new tile table (also ``labels/manifest.csv``), with ``px_pseudo`` per tile.
     """
     from helpers.dataset import read_label_tile
-    from helpers.io import write_image
+    from helpers.io import read_json, write_image
     from helpers.predict import read_prediction_info, read_probabilities
     from helpers.split import VAL_BLOCKS, holdout_blocks
     from helpers.steps import DONE, mark_done, step_dir
@@ -109,7 +108,7 @@ def pseudo_label_tiles(workdir: str | Path, threshold: float = 0.9, *, predictio
         cols = [f"px_{n}" for n in class_names]
     blocks_file = step_dir(workdir, "model") / "train_labels" / VAL_BLOCKS  # 05's blocks added for rare classes
     try:
-        extra = json.loads(blocks_file.read_text()) if blocks_file.is_file() else {}
+        extra = read_json(blocks_file) if blocks_file.is_file() else {}
     except ValueError:
         raise HistoUNetError(f"{blocks_file}: unreadable; run 05_train_model again (it rewrites it)") from None
     out_dir = labels_dir / "pseudo"

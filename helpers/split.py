@@ -178,14 +178,15 @@ def rare_class_blocks(df: pd.DataFrame, read_label, val_fraction: float, block_s
     held = draw < val_fraction
     added: dict[str, list[tuple[int, int]]] = {}
     for c in range(n):
-        total = table[:, c].sum()
-        if not total or table[held, c].sum() >= 0.5 * val_fraction * total:
+        total, got = table[:, c].sum(), table[held, c].sum()
+        if not total or got >= 0.5 * val_fraction * total:
             continue
         for i in np.argsort(draw):
-            if table[held, c].sum() >= val_fraction * total:
+            if got >= val_fraction * total:
                 break
             if not held[i] and table[i, c]:
                 held[i] = True
+                got += table[i, c]
                 added.setdefault(keys[i][0], []).append((keys[i][1], keys[i][2]))
     return added
 

@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 from helpers.config import ClassMap, load_class_map
+from helpers.consistency import BALANCES
 from helpers.dataset import fit_multiple, load_augmentation, make_dataset, read_image_tile, read_label_tile, read_tiles
 from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
-from helpers.consistency import BALANCES
 from helpers.losses import class_weights_from_counts, make_loss
 from helpers.metrics import confusion_matrix, headline_name, iou_scores
 from helpers.split import SPLIT_COLUMN, split_pixels, split_tiles
