@@ -29,7 +29,8 @@ Set-up (documented choices):
   ``seconds_by_part`` is predict_slide's breakdown (setup, split into setup_model =
   training parameters and, on the Keras path only, the Keras model; setup_tissue = tissue
   mask and tile grid; setup_normalizer = the slide's stain estimate; setup_session = the
-  runtime, exporting ONNX first when the export is stale; read and normalize run in the
+  wait for the runtime, which is built (exporting ONNX first when the export is stale) in a
+  second thread during the tissue mask and the stain estimate; read and normalize run in the
   reading thread, overlapped with the model; wait = the model loop waiting for tiles;
   blend; write = finished rows to disk; pyramid = probabilities.tiff) plus the export
   (export = its wall clock, imports included; export_labels = post-processing and

@@ -125,7 +125,7 @@ def _instrument() -> dict:
     import helpers.postprocess as pp
     import helpers.predict as predict
     import helpers.qupath as qupath
-    import helpers.views.predict as views
+    import helpers.viz as viz
 
     marks: dict = {}
 
@@ -147,7 +147,7 @@ def _instrument() -> dict:
     wrap(predict, "write_raster", "write_raster")  # predict: probabilities.tiff
     wrap(export, "write_raster", "write_raster")  # export: labels.tiff (one phase per child process)
     wrap(qupath, "write_features_stream", "trace_and_write_geojson")
-    wrap(views, "overlay_figure", "overlay_figure")
+    wrap(viz, "overlay_picture", "overlay_picture")
 
     def band_done(band: int) -> None:
         key = "band0" if band == 0 else "band_last"

@@ -62,8 +62,7 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
     from helpers.pretrained import read_start_record
     from helpers.qupath import iter_label_features, write_features_stream
     from helpers.slides import open_slide
-    from helpers.views.predict import overlay_figure
-    from helpers.viz import save_figure
+    from helpers.viz import overlay_picture, save_png
 
     pred_dir = Path(pred_dir)
     info = read_prediction_info(pred_dir)
@@ -143,12 +142,10 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
     with open_slide(info["slide_path"], mpp=info["slide_mpp"]) as slide:
         thumb, tds = slide.thumbnail(thumbnail_size)
     small = np.asarray(read_raster(outputs["labels"], downsample=tds))  # the pyramid's low level, not the image
-    fig = overlay_figure(thumb, small, cmap, title=f"{slide_name}: predicted classes")
+    bg_label = cmap.classes[background_index(cmap)].label  # glass is left clear
+    picture = overlay_picture(thumb, small, cmap, title=f"{slide_name}: predicted classes", hidden=(bg_label,))
     with disk_full_guard(outputs["overlay"]):
-        save_figure(fig, outputs["overlay"], overwrite=True, compress_level=1)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+        save_png(picture, outputs["overlay"], overwrite=True)
     parts["overlay"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     summary.update({

@@ -242,6 +242,15 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
 
     slide = open_slide(slide_path, mpp=mpp)
     probs_mm: RowStore | None = None
+    # The runtime session (ONNX export check, OpenVINO compilation: ~0.3 s, mostly outside the GIL) is
+    # built in a second thread while the tissue mask and the slide's stain estimate are computed. A stale
+    # ONNX export is refreshed in the model folder even when the slide is then refused: it is the model's
+    # cache, not a result of this slide.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers.runtime import make_predictor
+
+    session_pool = ThreadPoolExecutor(1, thread_name_prefix="runtime-session")
     try:
         slide_mpp = slide.require_mpp()
         ds = slide.downsample_for(model_mpp)
@@ -250,6 +259,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             raise SlideError(f"{slide_path}: {W}x{H} px at {model_mpp} um/px is smaller than one {tile} px tile; "
                              "use a smaller tile_size or a larger slide")
         t0 = time.perf_counter()
+        session = session_pool.submit(make_predictor, model, model_dir, params["model_file"], runtime=runtime,
+                                      batch_size=batch_size, tile=tile, n_cls=n_cls, load_model=load_model)
         mask, mask_ds = slide_tissue_mask(slide)
         xs, ys = grid_positions(W, tile, stride), grid_positions(H, tile, stride)
         f = ds / mask_ds  # mask pixels per raster pixel
@@ -273,11 +284,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
 
         t1 = time.perf_counter()
         norm_fn = _slide_normalizer(norm_path, slide, tissue, ys, tile, ds)
-        from helpers.runtime import make_predictor  # after the input checks: a refused run writes nothing
-
         t2 = time.perf_counter()
-        predict_fn = make_predictor(model, model_dir, params["model_file"], runtime=runtime, batch_size=batch_size,
-                                    tile=tile, n_cls=n_cls, load_model=load_model)
+        predict_fn = session.result()  # setup_session: only the wait left after the mask and the stain estimate
         if predict_fn.channels is not None:
             check_outputs(predict_fn.channels, model_classes, params, model_dir)
         setup.update(setup_tissue=t1 - t0, setup_normalizer=t2 - t1, setup_session=time.perf_counter() - t2)
@@ -394,6 +402,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         log.info("%s: %d tiles in %.1f s (%.1f tiles/s)", slide.name, n_tissue, seconds, result.tiles_per_second)
         return result
     finally:
+        session_pool.shutdown(wait=True)
         if probs_mm is not None:
             probs_mm.close()
         slide.close()

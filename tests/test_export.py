@@ -205,44 +205,55 @@ def test_summary_fractions_follow_the_roles(tmp_path):
 
 
 
-def test_fast_overlay_png_has_save_figures_pixels(tmp_path, class_map_):
-    """07's overlay.png at zlib level 1 decodes to exactly the pixels of helpers.viz.save_figure's PNG."""
-    import imageio.v3 as iio
-    import matplotlib.pyplot as plt
+def _find(picture: np.ndarray, part: np.ndarray) -> tuple[int, int]:
+    """Top-left corner where ``part`` occurs in ``picture`` pixel for pixel (AssertionError if nowhere)."""
+    h, w = part.shape[:2]
+    patch = part[:2, :8]
+    views = np.lib.stride_tricks.sliding_window_view(picture, patch.shape)[..., 0, :, :, :]
+    for y, x in zip(*np.nonzero(np.all(views == patch, axis=(-3, -2, -1)))):
+        if np.array_equal(picture[y:y + h, x:x + w], part):
+            break
+    else:
+        raise AssertionError("not found unchanged in the picture")
+    return x, y
 
-    from helpers.views.predict import overlay_figure
-    from helpers.viz import save_figure
+
+def test_overlay_picture_holds_the_slide_and_the_overlay_unchanged(tmp_path, class_map_):
+    """07's overlay.png: the thumbnail's pixels, beside helpers.viz.overlay's (the legend aside), under a title."""
+    import imageio.v3 as iio
+
+    from helpers.viz import overlay, overlay_picture, save_png
 
     rng = np.random.default_rng(0)
     thumb = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
     labels = rng.integers(1, class_map_.n_classes + 1, (150, 200), dtype=np.uint8)
-    fig = overlay_figure(thumb, labels, class_map_, title="slide: predicted classes")
-    save_figure(fig, tmp_path / "ref.png")
-    save_figure(fig, tmp_path / "fast.png", compress_level=1)
-    plt.close(fig)
-    ref, fast = iio.imread(tmp_path / "ref.png"), iio.imread(tmp_path / "fast.png")
-    assert ref.shape == fast.shape and ref.shape[0] > 300
-    assert np.array_equal(ref, fast)
+    pic = overlay_picture(thumb, labels, class_map_, title="slide: predicted classes", hidden=(1,))
+    save_png(pic, tmp_path / "overlay.png")
+    back = iio.imread(tmp_path / "overlay.png")
+    assert np.array_equal(back, pic)  # PNG is lossless at any zlib level
+    assert pic.shape[1] > 800 and pic.shape[0] > 300 + 20  # two panels side by side, a title band above
+    x0, y0 = _find(pic, thumb)
+    right = overlay(thumb, labels, class_map_, hidden=(1,))
+    assert not np.array_equal(right, thumb)
+    x1, y1 = _find(pic, right[:150])  # the upper half: the legend sits in the lower right corner
+    assert y1 == y0 and x1 >= x0 + 400  # side by side, the slide first
+    assert not np.array_equal(pic[y0 + 150:y0 + 300, x1:x1 + 400], right[150:])  # the legend is drawn over it
 
 
 def test_overlay_legend_marks_the_class_left_clear(class_map_):
-    """07's overlay leaves glass (background) clear: its legend entry says so and has no colour swatch."""
-    import matplotlib.pyplot as plt
-
+    """07's overlay leaves glass (background) clear: its legend swatch is empty, the drawn classes' are solid."""
     from helpers.model import background_index
-    from helpers.views.predict import overlay_figure
+    from helpers.viz import overlay_picture
 
-    rng = np.random.default_rng(0)
-    thumb = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
-    labels = rng.integers(1, class_map_.n_classes + 1, (60, 80), dtype=np.uint8)
-    fig = overlay_figure(thumb, labels, class_map_)
-    legend = fig.axes[1].get_legend()
-    entries = {t.get_text(): p for t, p in zip(legend.get_texts(), legend.get_patches())}
-    plt.close(fig)
+    thumb = np.full((240, 320, 3), 128, np.uint8)  # blending over grey never gives a class colour exactly
+    labels = np.repeat(np.arange(1, class_map_.n_classes + 1, dtype=np.uint8), 80 // class_map_.n_classes + 1)[None]
     bg = class_map_.classes[background_index(class_map_)]
-    drawn = [c for c in class_map_.classes if c.label != bg.label]
-    assert f"{bg.label} {bg.name} (not drawn)" in entries
-    assert entries[f"{bg.label} {bg.name} (not drawn)"].get_facecolor()[3] == 0  # empty swatch
-    for c in drawn:  # the drawn classes keep their solid colour
-        face = entries[f"{c.label} {c.name}"].get_facecolor()
-        assert np.allclose(face[:3], np.array(c.color) / 255) and face[3] == 1
+    pic = overlay_picture(thumb, np.repeat(labels[:, :80], 60, 0), class_map_, hidden=(bg.label,))
+
+    def solid(color) -> int:
+        return int(np.all(pic == np.array(color, np.uint8), axis=-1).sum())
+
+    assert solid(bg.color) < 20  # neither painted in the panel nor as a swatch (a few anti-aliased text pixels)
+    for c in class_map_.classes:
+        if c.label != bg.label:
+            assert solid(c.color) >= 100, c.name  # a solid swatch of the class colour

@@ -19,30 +19,6 @@ from helpers.model import background_index, check_class_map, class_map_from_para
 from helpers.predict import probabilities_path, read_prediction_info
 
 
-def overlay_figure(thumb: np.ndarray, labels: np.ndarray, cmap: ClassMap, title: str = "", alpha: float = 0.45):
-    """Figure: slide thumbnail | class overlay (the background class left clear), with a legend."""
-    import cv2
-    import matplotlib.pyplot as plt
-
-    from helpers.viz import legend_handles, overlay
-
-    small = cv2.resize(labels, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_NEAREST)
-    bg_label = cmap.classes[background_index(cmap)].label
-    fig, axes = plt.subplots(1, 2, figsize=(12, 6 * thumb.shape[0] / max(1, thumb.shape[1]) + 0.8))
-    axes[0].imshow(thumb)
-    axes[0].set_title("slide")
-    axes[1].imshow(overlay(thumb, small, cmap, alpha=alpha, hidden=(bg_label,)))
-    axes[1].set_title("prediction")
-    for ax in axes:
-        ax.axis("off")
-    axes[1].legend(handles=legend_handles(cmap, hidden=(bg_label,)), loc="lower right", fontsize=8, framealpha=0.8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-
 def before_after_figure(image: np.ndarray | None, before: np.ndarray, after: np.ndarray, class_map,
                         titles: tuple[str, str] = ("raw argmax", "post-processed"), max_size: int = 1024):
     """Figure: before | after label overlays (on ``image`` when given), with changed pixels counted."""
