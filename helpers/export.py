@@ -85,21 +85,25 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
             with contextlib.suppress(FileNotFoundError):
                 marker.unlink()
     t0 = time.perf_counter()
-    # Bounded memory: probabilities are read in bands of rows (twice: labels, then region
-    # means); labels go to row files on disk (page cache, not this process's memory),
-    # except when hole filling / small-object removal need the whole uint8 label image.
-    probs = RasterRows(probabilities_path(pred_dir))
-    if probs.ndim == 2:
+    # Bounded memory: the probability TIFF is decoded once, band by band, into a row file in the
+    # scratch folder (page cache, not this process's memory; the size of predict_slide's own row
+    # file), which post-processing (with its halo rows) and the region means of every class then
+    # read without decoding again; labels go to row files too.
+    tiff_rows = RasterRows(probabilities_path(pred_dir))
+    if tiff_rows.ndim == 2:
         raise HistoUNetError(f"{probabilities_path(pred_dir)}: one channel only; run predict_slide again")
     ds, mpp = float(info["downsample"]), float(info["mpp"])
-    H, W = probs.shape[:2]
+    H, W = tiff_rows.shape[:2]
     with disk_full_guard(pred_dir), tempfile.TemporaryDirectory(prefix=".export.", dir=pred_dir) as scratch_dir:
+        probs = RowStore(Path(scratch_dir) / "probabilities.npy", tiff_rows.shape, tiff_rows.dtype, create=True)
         out_store = RowStore(Path(scratch_dir) / "labels.npy", (H, W), np.uint8, create=True)
         areas = bool(fill_holes_um2 or min_area_um2)  # area filters work band by band between row stores
         tmp_store = RowStore(Path(scratch_dir) / "smoothed.npy", (H, W), np.uint8, create=True) \
             if (opening_px or closing_px or areas) else None
         extra_store = RowStore(Path(scratch_dir) / "areas.npy", (H, W), np.uint8, create=True) if areas else None
         try:
+            for y in range(0, H, 4 * EXPORT_BAND_ROWS):
+                probs.write(y, tiff_rows.read(y, y + 4 * EXPORT_BAND_ROWS))
             labels, _ = pp.postprocess_labels(probs, mpp=info["mpp"], smoothing=smoothing,
                                               smoothing_size=smoothing_size, opening_px=opening_px,
                                               closing_px=closing_px, fill_holes_um2=fill_holes_um2,
@@ -131,6 +135,7 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
             summary = summarize(labels, cmap, mpp)
             parts["summary"] = time.perf_counter() - t1
         finally:
+            probs.close()
             out_store.close()
             for st in (tmp_store, extra_store):
                 if st is not None:

