@@ -143,6 +143,55 @@ def holdout_blocks(slide: str, x: int, y: int, w: int, h: int, shape: tuple[int,
     return held
 
 
+def _block_counts(df: pd.DataFrame, read_label, block_size: float,
+                  n_classes: int | None = None) -> dict[tuple[str, int, int], np.ndarray]:
+    """Labelled pixels per class of every block holding any: ``{(slide, column, row): counts}``.
+
+    Overlapping tiles count each block's pixels once: the tile that sees most of it.
+    """
+    counts: dict[tuple[str, int, int], np.ndarray] = {}
+    for r in df.to_dict("records"):
+        lab = np.asarray(read_label(r["label_path"]))
+        gx, gy = _block_grid(r["x"], r["y"], r["w"], r["h"], lab.shape[:2], block_size)
+        nc = int(n_classes or max(int(lab.max()), 1))
+        for by in np.unique(gy):
+            for bx in np.unique(gx):
+                key = (str(r["slide"]), int(bx), int(by))
+                part = lab[np.ix_(gy == by, gx == bx)]
+                c = np.bincount(part.ravel(), minlength=nc + 1)[1:nc + 1]
+                if c.any() and (key not in counts or c.sum() > counts[key].sum()):
+                    counts[key] = c  # the tile that sees most of the block
+    return counts
+
+
+def pixel_split_blocks(df: pd.DataFrame, read_label, val_fraction: float = 0.15, block_size: float | None = None,
+                       seed: int = 0, class_names: list[str] | None = None) -> pd.DataFrame:
+    """The blocks ``split_by="pixels"`` will train on and hold out, without writing anything (05's preview).
+
+    One row per block holding labelled pixels: ``slide``, ``x``, ``y``, ``w``, ``h`` (level-0
+    px), ``split`` (``val`` when :func:`split_pixels` holds it out, rare-class blocks
+    included, else ``train``), ``group`` = ``"pixels"`` and ``px_<class>`` (labelled pixels,
+    each counted once however much the tiles overlap).
+    """
+    if not 0 < val_fraction < 1:
+        raise ParameterError(f"val_fraction={val_fraction}: must be between 0 and 1")
+    if block_size is None:
+        block_size = float(np.median(df["w"])) / 4
+    n = len(class_names) if class_names else None
+    counts = _block_counts(df, read_label, block_size, n)
+    extra = rare_class_blocks(df, read_label, val_fraction, block_size, seed, n)
+    names = list(class_names or [f"class{i + 1}" for i in range(max((len(c) for c in counts.values()), default=0))])
+    rows = []
+    for (slide, bx, by), c in sorted(counts.items()):
+        held = _block_draw(slide, np.array([bx]), np.array([by]), seed)[0, 0] < val_fraction \
+            or (bx, by) in {tuple(b) for b in extra.get(slide, ())}
+        row = {"slide": slide, "x": bx * block_size, "y": by * block_size, "w": block_size, "h": block_size,
+               "split": "val" if held else "train", "group": "pixels"}
+        row.update({f"px_{name}": int(c[i]) if i < len(c) else 0 for i, name in enumerate(names)})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["slide", "x", "y", "w", "h", "split", "group", *[f"px_{m}" for m in names]])
+
+
 def rare_class_blocks(df: pd.DataFrame, read_label, val_fraction: float, block_size: float, seed: int = 0,
                       n_classes: int | None = None) -> dict[str, list[tuple[int, int]]]:
     """Blocks to hold out as well, so every labelled class reaches validation.
@@ -157,18 +206,7 @@ def rare_class_blocks(df: pd.DataFrame, read_label, val_fraction: float, block_s
     Returns:
         ``{slide: [(column, row), ...]}`` of added blocks (empty when none are needed).
     """
-    counts: dict[tuple[str, int, int], np.ndarray] = {}
-    for r in df.to_dict("records"):
-        lab = np.asarray(read_label(r["label_path"]))
-        gx, gy = _block_grid(r["x"], r["y"], r["w"], r["h"], lab.shape[:2], block_size)
-        nc = int(n_classes or max(int(lab.max()), 1))
-        for by in np.unique(gy):
-            for bx in np.unique(gx):
-                key = (str(r["slide"]), int(bx), int(by))
-                part = lab[np.ix_(gy == by, gx == bx)]
-                c = np.bincount(part.ravel(), minlength=nc + 1)[1:nc + 1]
-                if c.any() and (key not in counts or c.sum() > counts[key].sum()):
-                    counts[key] = c  # the tile that sees most of the block
+    counts = _block_counts(df, read_label, block_size, n_classes)
     if not counts:
         return {}
     keys = sorted(counts)

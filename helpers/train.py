@@ -30,7 +30,7 @@ from helpers.dataset import fit_multiple, load_augmentation, make_dataset, read_
 from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
 from helpers.losses import class_weights_from_counts, make_loss
 from helpers.metrics import confusion_matrix, headline_name, iou_scores
-from helpers.split import SPLIT_COLUMN, split_pixels, split_tiles
+from helpers.split import SPLIT_COLUMN, pixel_split_blocks, split_pixels, split_tiles
 from helpers.ssl import config_from_train as ssl_config
 from helpers.steps import (DONE, fingerprint_of, guard_output, latest_tile_manifest, mark_done, record_fingerprint,
                            reuse_or_guard, step_dir)
@@ -521,16 +521,16 @@ def preview_split(workdir: str | Path, cfg: TrainConfig | None = None, class_map
                   use_saved: bool = True) -> pd.DataFrame:
     """The train/val/excluded split :func:`train_model` will use (same seed), without training.
 
-    A resumed run keeps the split saved in ``model/split.csv`` (``use_saved``).
+    A resumed run keeps the split saved in ``model/split.csv`` (``use_saved``). With
+    ``split_by="pixels"`` every tile trains; the rows are then the blocks of labelled
+    pixels, each marked train or val (:func:`helpers.split.pixel_split_blocks`).
     """
     cfg = cfg or TrainConfig()
     cmap = load_class_map(class_map) if class_map else load_class_map()
+    df, _ = read_tiles(workdir, cmap)
+    if cfg.split_by == "pixels":  # deterministic from the labels and the seed: nothing saved to reuse
+        return pixel_split_blocks(df, read_label_tile, cfg.val_fraction, cfg.block_size, cfg.seed, cmap.names)
     saved = step_dir(workdir, "model") / "split.csv"
     if use_saved and saved.is_file():
         return pd.read_csv(saved)
-    df, _ = read_tiles(workdir, cmap)
-    if cfg.split_by == "pixels":
-        df = df.copy()
-        df[SPLIT_COLUMN], df["group"] = "train", "pixels"  # every tile trains; pixel blocks validate
-        return df
     return split_tiles(df, cfg.val_fraction, cfg.split_by, cfg.block_size, cfg.seed, cmap.names, margin=cfg.split_margin)

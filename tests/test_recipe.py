@@ -92,6 +92,43 @@ def test_split_pixels_gives_a_rare_class_validation_blocks(tmp_path, class_map):
     assert rare_class_blocks(df.iloc[[1 - bx // 64]], read_label_tile, frac, bs, seed=0, n_classes=4) == {}
 
 
+def test_pixel_split_preview_counts_what_split_pixels_holds_out(tmp_path, class_map):
+    """05's preview of split_by=pixels: blocks marked val hold exactly the pixels training holds out, per class,
+    each counted once although the tiles overlap; the rare class's block is among them; the figure says so."""
+    import matplotlib.pyplot as plt
+
+    from helpers.split import pixel_split_blocks
+    from helpers.views.train import plot_split
+
+    bs, frac = 8, 0.15
+    free = holdout_blocks("s", 0, 0, 96, 64, (64, 96), bs, frac, seed=0)
+    by, bx = next((r, c) for r in range(0, 64, bs) for c in range(64, 96, bs) if not free[r, c])
+    full = np.zeros((64, 96), np.uint8)
+    full[:, :48], full[:, 48:] = 1, 2
+    full[by:by + bs, bx:bx + bs] = 3  # one stroke of class 3, in a block the draw keeps in training
+    rows = []
+    for i, x in enumerate((0, 32)):  # two tiles overlapping by half
+        p = tmp_path / f"t{i}.png"
+        write_image(full[:, x:x + 64], p)
+        rows.append({"tile_id": f"t{i}", "slide": "s", "x": x, "y": 0, "w": 64, "h": 64, "label_path": str(p)})
+    df = pd.DataFrame(rows)
+    blocks = pixel_split_blocks(df, read_label_tile, frac, bs, seed=0, class_names=class_map.names)
+    assert len(blocks) == (64 // bs) * (96 // bs)  # every labelled block once
+    px = [f"px_{n}" for n in class_map.names]
+    assert blocks[px].to_numpy().sum() == full.size  # overlapping tiles counted once
+    val = blocks[blocks["split"] == "val"]
+    assert val["px_" + class_map.names[2]].sum() == bs * bs  # the rare class's block is held out
+    _, _, val_labels = split_pixels(df, read_label_tile, tmp_path / "train", frac, bs, seed=0,
+                                    class_names=class_map.names)
+    held = np.concatenate([v.ravel() for v in val_labels])
+    for c, col in enumerate(px):
+        assert val[col].sum() == int((held == c + 1).sum()), col  # what the preview says is what validates
+    fig = plot_split(blocks)
+    title = fig.axes[0].get_title()
+    plt.close(fig)
+    assert "held out:" in title and f"{class_map.names[2]} 100%" in title
+
+
 def test_glass_in_tissue_unlabelled_and_open_glass_only(class_map):
     img, lab, lumen = _tile()
     off = dict(min_region=0, border_band=0, glass_in_annotations=False, free_glass=False)

@@ -49,23 +49,38 @@ def plot_history(history: pd.DataFrame | str | Path, headline: str | None = None
 
 
 def plot_split(split: pd.DataFrame, max_slides: int = 4):
-    """Figure: tile footprints per slide coloured by split (train / val / excluded)."""
+    """Figure: tile footprints per slide coloured by split (train / val / excluded).
+
+    For ``split_by="pixels"`` (rows with ``group == "pixels"``: blocks of labelled pixels,
+    :func:`helpers.train.preview_split`) the blocks are drawn instead, and each title gives
+    every class's held-out share of its labelled pixels: a class at 0 % would never be
+    validated.
+    """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
 
-    colors = {"train": "tab:blue", "val": "tab:orange", "excluded": "lightgrey"}
+    pixels = "group" in split.columns and (split["group"] == "pixels").all() and len(split)
+    colors = {"train": "tab:blue", "val": "tab:orange"} if pixels else \
+        {"train": "tab:blue", "val": "tab:orange", "excluded": "lightgrey"}
+    px_cols = [c for c in split.columns if c.startswith("px_")]
     slides = list(split["slide"].unique())[:max_slides]
-    fig, axes = plt.subplots(1, len(slides), figsize=(5 * len(slides), 5), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(slides)), figsize=(5 * max(1, len(slides)), 5.4), squeeze=False)
     for ax, slide in zip(axes[0], slides):
         sub = split[split["slide"] == slide]
-        for r in sub.itertuples():
+        for r in sub.sort_values(SPLIT_COLUMN, key=lambda s: s.eq("val")).itertuples():  # val drawn on top
             ax.add_patch(Rectangle((r.x, r.y), r.w, r.h, facecolor=colors.get(getattr(r, SPLIT_COLUMN), "white"),
-                                   edgecolor="k", lw=0.3, alpha=0.75))
+                                   edgecolor="none" if pixels else "k", lw=0.3, alpha=0.75))
         ax.set_xlim(sub["x"].min(), (sub["x"] + sub["w"]).max())
         ax.set_ylim((sub["y"] + sub["h"]).max(), sub["y"].min())
         ax.set_aspect("equal")
         counts = sub[SPLIT_COLUMN].value_counts().to_dict()
-        ax.set_title(f"{slide}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), fontsize=9)
+        title = f"{slide}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        if pixels:
+            total = sub[px_cols].sum()
+            held = sub.loc[sub[SPLIT_COLUMN] == "val", px_cols].sum()
+            shares = [f"{c[3:]} {100 * held[c] / total[c]:.0f}%" for c in px_cols if total[c]]
+            title = f"{slide}: {len(sub)} blocks of labelled pixels\nheld out: " + ", ".join(shares)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("x (level-0 px)")
     axes[0][0].legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], loc="upper right", fontsize=8)
     fig.tight_layout()
