@@ -329,11 +329,10 @@ def _class_regions(labels: Any, probs: Any, label: int, connectivity: int, band_
         active: set[int] = set()
         if mask.any():
             regions, n = ndimage.label(mask, structure=structure)
-            sizes = np.bincount(regions.ravel(), minlength=n + 1)
             sums = np.zeros(n + 1, np.float64)
             if probs is not None:
                 for r in range(0, y1 - y0, 256):
-                    band = np.asarray(probs[y0 + r:min(y1, y0 + r + 256), :, label - 1], np.float32)
+                    band = np.asarray(probs[y0 + r:min(y1, y0 + r + 256), :, label - 1], np.float64)  # bincount sums in float64
                     sums += np.bincount(regions[r:r + 256].ravel(), minlength=n + 1, weights=band.ravel())
             seam_ids = set()
             if y0 > 0:
@@ -349,16 +348,19 @@ def _class_regions(labels: Any, probs: Any, label: int, connectivity: int, band_
                 ctx.pins = pinch_keys(np.pad(ext, ((1 - top, 1 - bottom), (0, 0))), y0)
             geoms: dict[int, list] = {}
             transform = Affine(1.0, 0.0, 0.0, 0.0, 1.0, float(y0))
+            sizes: dict[int, float] = {}  # pixel counts: the traced polygons' areas are exact (unit pixels)
             for g, value in rio_features.shapes(regions, mask=mask, connectivity=connectivity, transform=transform):
-                geoms.setdefault(int(value), []).append(shape(g))
+                poly = shape(g)
+                geoms.setdefault(int(value), []).append(poly)
+                sizes[int(value)] = sizes.get(int(value), 0.0) + poly.area
             for rid in sorted(geoms):
                 parts = geoms.pop(rid)
                 if rid in gid:
-                    pieces[gid[rid]] = region_cls.from_piece(parts, (y0, rid), int(sizes[rid]), float(sums[rid]),
+                    pieces[gid[rid]] = region_cls.from_piece(parts, (y0, rid), round(sizes[rid]), float(sums[rid]),
                                                              gid[rid], ctx)
                     parent[gid[rid]] = gid[rid]
                 else:
-                    yield (y0, rid), scaled(join(parts), ctx.downsample), int(sizes[rid]), float(sums[rid])
+                    yield (y0, rid), scaled(join(parts), ctx.downsample), round(sizes[rid]), float(sums[rid])
             # join pieces across the seam with the previous band
             if prev_last is not None and y0 > 0:
                 first = lut[regions[0]]

@@ -169,6 +169,23 @@ def test_banded_tracing_equals_whole_image(class_map, connectivity, band_rows):
     assert (back == lab).mean() == 1.0
 
 
+@pytest.mark.parametrize("band_rows", [7, 100])
+def test_region_pixel_counts_match_connected_components(class_map, band_rows):
+    """The pixel count behind min_area_px and the mean probability is each region's own (scipy's labelling)."""
+    from scipy import ndimage
+
+    lab = shapes_with_holes()
+    for cls in class_map.classes[1:]:
+        comp, n = ndimage.label(lab == cls.label)
+        sizes = np.bincount(comp.ravel())[1:]
+        if not n:
+            continue
+        for k in sorted({1, int(np.median(sizes)), int(sizes.max())}):
+            feats = labels_to_features(lab, class_map, 2.0, min_area_px=k, band_rows=band_rows, simplify_tolerance=None)
+            got = sum(f["properties"]["classification"]["name"] == cls.name for f in feats)
+            assert got == int((sizes >= k).sum()), (cls.name, k)
+
+
 def test_streamed_features_are_the_listed_ones(class_map):
     """iter_label_features yields each region once it is complete: the same features as the list."""
     from shapely.geometry import shape

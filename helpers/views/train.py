@@ -48,6 +48,13 @@ def plot_history(history: pd.DataFrame | str | Path, headline: str | None = None
     return fig
 
 
+def _held_shares(blocks: pd.DataFrame, px_cols: list[str]) -> str:
+    """"Tumor 16%, Stroma 0%, ...": each labelled class's share of pixels in ``val`` blocks."""
+    total = blocks[px_cols].sum()
+    held = blocks.loc[blocks[SPLIT_COLUMN] == "val", px_cols].sum()
+    return ", ".join(f"{c[3:]} {100 * held[c] / total[c]:.0f}%" for c in px_cols if total[c])
+
+
 def plot_split(split: pd.DataFrame, max_slides: int = 4):
     """Figure: tile footprints per slide coloured by split (train / val / excluded).
 
@@ -76,12 +83,12 @@ def plot_split(split: pd.DataFrame, max_slides: int = 4):
         counts = sub[SPLIT_COLUMN].value_counts().to_dict()
         title = f"{slide}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         if pixels:
-            total = sub[px_cols].sum()
-            held = sub.loc[sub[SPLIT_COLUMN] == "val", px_cols].sum()
-            shares = [f"{c[3:]} {100 * held[c] / total[c]:.0f}%" for c in px_cols if total[c]]
-            title = f"{slide}: {len(sub)} blocks of labelled pixels\nheld out: " + ", ".join(shares)
+            title = f"{slide}: {len(sub)} blocks of labelled pixels\nheld out: " + _held_shares(sub, px_cols)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("x (level-0 px)")
     axes[0][0].legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], loc="upper right", fontsize=8)
+    if pixels:
+        fig.suptitle(f"all {split['slide'].nunique()} slides, labelled pixels held out for validation: "
+                     + _held_shares(split, px_cols), fontsize=10)
     fig.tight_layout()
     return fig
