@@ -89,7 +89,7 @@ def pseudo_label_tiles(workdir: str | Path, threshold: float = 0.9, *, predictio
     from helpers.dataset import read_label_tile
     from helpers.io import read_json, write_image
     from helpers.predict import read_prediction_info, read_probabilities
-    from helpers.split import VAL_BLOCKS, holdout_blocks
+    from helpers.split import TRAIN_LABELS_DIR, VAL_BLOCKS, holdout_blocks
     from helpers.steps import DONE, mark_done, step_dir
 
     workdir = Path(workdir)
@@ -106,7 +106,7 @@ def pseudo_label_tiles(workdir: str | Path, threshold: float = 0.9, *, predictio
     cols = [c for c in df.columns if c.startswith("px_") and c != "px_unlabelled"]
     if class_names is not None:
         cols = [f"px_{n}" for n in class_names]
-    blocks_file = step_dir(workdir, "model") / "train_labels" / VAL_BLOCKS  # 05's blocks added for rare classes
+    blocks_file = step_dir(workdir, "model") / TRAIN_LABELS_DIR / VAL_BLOCKS  # 05's blocks added for rare classes
     try:
         extra = read_json(blocks_file) if blocks_file.is_file() else {}
     except ValueError:

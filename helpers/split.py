@@ -15,6 +15,8 @@ from helpers.errors import ParameterError
 SPLIT_COLUMN = "split"
 #: File (in 05's training-label folder) of the blocks :func:`rare_class_blocks` added to validation.
 VAL_BLOCKS = "val_blocks.json"
+#: Folder of a model folder where the pixel split writes training labels and :data:`VAL_BLOCKS`.
+TRAIN_LABELS_DIR = "train_labels"
 
 
 def split_tiles(df: pd.DataFrame, val_fraction: float = 0.25, by: str = "auto", block_size: float | None = None,

@@ -30,7 +30,7 @@ from helpers.dataset import fit_multiple, load_augmentation, make_dataset, read_
 from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
 from helpers.losses import class_weights_from_counts, make_loss
 from helpers.metrics import confusion_matrix, headline_name, iou_scores
-from helpers.split import SPLIT_COLUMN, pixel_split_blocks, split_pixels, split_tiles
+from helpers.split import SPLIT_COLUMN, TRAIN_LABELS_DIR, pixel_split_blocks, split_pixels, split_tiles
 from helpers.ssl import config_from_train as ssl_config
 from helpers.steps import (DONE, fingerprint_of, guard_output, latest_tile_manifest, mark_done, record_fingerprint,
                            reuse_or_guard, step_dir)
@@ -194,7 +194,7 @@ class Trainer:
         df["label_path_orig"] = df["label_path"]  # the pixel split rewrites label_path (consistency: IGNORE there)
         split_file = self.out / "split.csv"
         if cfg.split_by == "pixels":  # every tile trains; held-out pixel blocks validate (deterministic)
-            df, held_rows, held_labels = split_pixels(df, read_label_tile, self.out / "train_labels", cfg.val_fraction,
+            df, held_rows, held_labels = split_pixels(df, read_label_tile, self.out / TRAIN_LABELS_DIR, cfg.val_fraction,
                                                       cfg.block_size, cfg.seed, self.cm.names)
         elif self.resume and split_file.is_file():
             old = pd.read_csv(split_file)
