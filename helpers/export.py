@@ -175,9 +175,13 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
 
 def summarize(labels: np.ndarray, cmap: ClassMap, mpp: float) -> dict:
     """Areas per class in mm^2 and the headline class's (tumour's) fraction of the tissue (non-background) area."""
+    import cv2
+
     counts = np.zeros(256, np.int64)
-    for y in range(0, labels.shape[0], 1024):  # in bands: bincount would copy the image as int64
-        counts += np.bincount(np.asarray(labels[y:y + 1024]).ravel(), minlength=256)
+    rows = max(1, 2**23 // max(1, labels.shape[1]))  # bands under 2**24 px: calcHist counts in float32, exact below
+    for y in range(0, labels.shape[0], rows):  # a uint8 histogram (np.bincount would copy the band as int64)
+        band = np.ascontiguousarray(labels[y:y + rows], np.uint8)
+        counts += cv2.calcHist([band], [0], None, [256], [0, 256]).ravel().round().astype(np.int64)
     px_mm2 = (mpp / 1000.0) ** 2
     areas = {c.name: round(float(counts[c.label] * px_mm2), 6) for c in cmap.classes}
     bg = cmap.classes[background_index(cmap)].name
