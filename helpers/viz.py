@@ -141,12 +141,16 @@ def overlay_picture(thumb: np.ndarray, labels: np.ndarray, class_map: ClassMap, 
     top = gap + (line + gap if title else 0) + line  # title, then the panel captions
     canvas = Image.new("RGB", (2 * w + 3 * gap, top + h + gap), "white")
     draw = ImageDraw.Draw(canvas)
+
+    def centred(x: int, y: int, text: str) -> None:  # no anchor: Pillow's bitmap fallback font has none
+        draw.text((x - int(draw.textlength(text, font=font)) // 2, y), text, fill="black", font=font)
+
     if title:
-        draw.text((canvas.width // 2, gap), title, fill="black", font=font, anchor="ma")
+        centred(canvas.width // 2, gap, title)
     for i, (pic, caption) in enumerate(((thumb, "slide"), (right, "prediction"))):
         x0 = gap + i * (w + gap)
         canvas.paste(Image.fromarray(pic), (x0, top))
-        draw.text((x0 + w // 2, top - line), caption, fill="black", font=font, anchor="ma")
+        centred(x0 + w // 2, top - line, caption)
     # legend: lower right corner of the prediction panel, on a light box
     entries = [(c, c.label in hidden) for c in class_map.classes]
     texts = [f"{c.label} {c.name}" + (" (not drawn)" if off else "") for c, off in entries]
