@@ -5,8 +5,11 @@ writes ``labels.tiff``, ``<slide>.geojson`` (:mod:`helpers.qupath`), ``overlay.p
 ``summary.json``, then the folder's done marker (:func:`helpers.steps.mark_done`, last).
 Post-processing variants can be tried without predicting again.
 
-Memory: the probability TIFF is read in bands of rows (:class:`helpers.rasters.RasterRows`),
-labels go to row files on disk (:class:`helpers.rowstore.RowStore`) and GeoJSON regions are
+Memory: the probability TIFF is decoded once, in bands of rows (:class:`helpers.rasters.RasterRows`),
+into a row file in the export's scratch folder (disk and page cache: as large as the raster's
+probabilities uncompressed, like predict_slide's own row file, and removed at the end), which
+post-processing and the region means then read; labels go to row files on disk too
+(:class:`helpers.rowstore.RowStore`) and GeoJSON regions are
 traced band by band, joined across seams; hole filling and small-object removal find
 connected components band by band too (:mod:`helpers.components`). A region crossing
 band seams (e.g. one spanning the slide) is not held whole either: its holes are

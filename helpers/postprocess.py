@@ -61,9 +61,11 @@ def smooth_probabilities(probs: np.ndarray, method: str | None = "gaussian", siz
 
 
 def _argmax_planes(planes: list[np.ndarray]) -> np.ndarray:
-    """Labels ``1..C`` (uint8) of per-class planes: the first of equal maxima wins, as in ``np.argmax``.
+    """Labels ``1..C`` (uint8) of per-class planes: the first of equal maxima wins, as in ``np.argmax``
+    (NaN aside: it never wins here).
 
-    Comparing contiguous planes is about 3x faster than ``np.argmax`` over an interleaved last axis.
+    Faster than ``np.argmax`` over an interleaved last axis (4096 x 8192 x 4 uint8: 0.32 -> 0.23 s
+    including the planes' copies; smoothing + argmax in 07's export 1.9 -> 1.0 s).
     """
     best = planes[0].copy()
     lab = np.ones(best.shape, np.uint8)
