@@ -105,8 +105,8 @@ def export_prediction(pred_dir: str | Path, *, class_map: ClassMap | str | Path 
             if (opening_px or closing_px or areas) else None
         extra_store = RowStore(Path(scratch_dir) / "areas.npy", (H, W), np.uint8, create=True) if areas else None
         try:
-            for y in range(0, H, 4 * EXPORT_BAND_ROWS):
-                probs.write(y, tiff_rows.read(y, y + 4 * EXPORT_BAND_ROWS))
+            for y in range(0, H, EXPORT_BAND_ROWS):  # bands as small as post-processing's: no extra peak memory
+                probs.write(y, tiff_rows.read(y, y + EXPORT_BAND_ROWS))
             labels, _ = pp.postprocess_labels(probs, mpp=info["mpp"], smoothing=smoothing,
                                               smoothing_size=smoothing_size, opening_px=opening_px,
                                               closing_px=closing_px, fill_holes_um2=fill_holes_um2,
