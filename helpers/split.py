@@ -181,12 +181,12 @@ def pixel_split_blocks(df: pd.DataFrame, read_label, val_fraction: float = 0.15,
         block_size = float(np.median(df["w"])) / 4
     n = len(class_names) if class_names else None
     counts = _block_counts(df, read_label, block_size, n)
-    extra = rare_class_blocks(df, read_label, val_fraction, block_size, seed, n)
+    extra = rare_class_blocks(df, read_label, val_fraction, block_size, seed, n, counts=counts)
+    added = {(slide, int(bx), int(by)) for slide, blocks in extra.items() for bx, by in blocks}
     names = list(class_names or [f"class{i + 1}" for i in range(max((len(c) for c in counts.values()), default=0))])
     rows = []
     for (slide, bx, by), c in sorted(counts.items()):
-        held = _block_draw(slide, np.array([bx]), np.array([by]), seed)[0, 0] < val_fraction \
-            or (bx, by) in {tuple(b) for b in extra.get(slide, ())}
+        held = _block_draw(slide, np.array([bx]), np.array([by]), seed)[0, 0] < val_fraction or (slide, bx, by) in added
         row = {"slide": slide, "x": bx * block_size, "y": by * block_size, "w": block_size, "h": block_size,
                "split": "val" if held else "train", "group": "pixels"}
         row.update({f"px_{name}": int(c[i]) if i < len(c) else 0 for i, name in enumerate(names)})
@@ -195,7 +195,7 @@ def pixel_split_blocks(df: pd.DataFrame, read_label, val_fraction: float = 0.15,
 
 
 def rare_class_blocks(df: pd.DataFrame, read_label, val_fraction: float, block_size: float, seed: int = 0,
-                      n_classes: int | None = None) -> dict[str, list[tuple[int, int]]]:
+                      n_classes: int | None = None, counts: dict | None = None) -> dict[str, list[tuple[int, int]]]:
     """Blocks to hold out as well, so every labelled class reaches validation.
 
     The hashed draw of :func:`holdout_blocks` holds out about ``val_fraction`` of all
@@ -205,10 +205,13 @@ def rare_class_blocks(df: pd.DataFrame, read_label, val_fraction: float, block_s
     holding it are added in the order of their draw (deterministic) until its share
     reaches ``val_fraction``; overlapping tiles count each block's pixels once.
 
+    ``counts``: the blocks' class counts when the caller has them already (:func:`_block_counts`),
+    so the labels are not read again.
+
     Returns:
         ``{slide: [(column, row), ...]}`` of added blocks (empty when none are needed).
     """
-    counts = _block_counts(df, read_label, block_size, n_classes)
+    counts = _block_counts(df, read_label, block_size, n_classes) if counts is None else counts
     if not counts:
         return {}
     keys = sorted(counts)
