@@ -6,6 +6,8 @@ tiles that overlap, touch or come near a validation tile are marked ``excluded``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -308,3 +310,26 @@ def split_pixels(df: pd.DataFrame, read_label, out_dir, val_fraction: float = 0.
     df[SPLIT_COLUMN] = "train"
     df["group"] = "pixels"
     return df, df.iloc[val_idx].reset_index(drop=True), val_labels
+
+
+def preview_split(workdir: str | Path, cfg, class_map: str | Path | None = None,
+                  use_saved: bool = True) -> pd.DataFrame:
+    """The train/val/excluded split :func:`helpers.train.train_model` will use (same seed), without training.
+
+    A resumed run keeps the split saved in ``model/split.csv`` (``use_saved``). With
+    ``split_by="pixels"`` every tile trains; the rows are then the blocks of labelled
+    pixels, each marked train or val (:func:`pixel_split_blocks`). ``cfg`` is a
+    :class:`helpers.train.TrainConfig`.
+    """
+    from helpers.config import load_class_map
+    from helpers.dataset import read_label_tile, read_tiles
+    from helpers.steps import step_dir
+
+    cmap = load_class_map(class_map) if class_map else load_class_map()
+    df, _ = read_tiles(workdir, cmap)
+    if cfg.split_by == "pixels":  # deterministic from the labels and the seed: nothing saved to reuse
+        return pixel_split_blocks(df, read_label_tile, cfg.val_fraction, cfg.block_size, cfg.seed, cmap.names)
+    saved = step_dir(workdir, "model") / "split.csv"
+    if use_saved and saved.is_file():
+        return pd.read_csv(saved)
+    return split_tiles(df, cfg.val_fraction, cfg.split_by, cfg.block_size, cfg.seed, cmap.names, margin=cfg.split_margin)

@@ -11,6 +11,7 @@ input pipeline is :mod:`helpers.dataset`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,15 +28,17 @@ import pandas as pd
 from helpers.config import ClassMap, load_class_map
 from helpers.consistency import BALANCES
 from helpers.dataset import fit_multiple, load_augmentation, make_dataset, read_image_tile, read_label_tile, read_tiles
+from helpers.ema import check_momentum, start_average
 from helpers.errors import HistoUNetError, OutputExistsError, ParameterError
 from helpers.losses import class_weights_from_counts, make_loss
 from helpers.metrics import confusion_matrix, headline_name, iou_scores
-from helpers.split import SPLIT_COLUMN, TRAIN_LABELS_DIR, pixel_split_blocks, split_pixels, split_tiles
+from helpers.split import SPLIT_COLUMN, TRAIN_LABELS_DIR, split_pixels, split_tiles
 from helpers.ssl import config_from_train as ssl_config
 from helpers.steps import (DONE, fingerprint_of, guard_output, latest_tile_manifest, mark_done, record_fingerprint,
                            reuse_or_guard, step_dir)
 
 log = logging.getLogger(__name__)
+EMA_FILE = "ema_weights.npz"  # model/: the weight average of a run with ema_momentum > 0 (for resuming)
 
 
 @dataclass
@@ -80,6 +83,7 @@ class TrainConfig:
     seed: int = 42
     init_model: str | None = None  # a previous model folder: fine-tune from its best.keras (round 2 of 09)
     checkpoint_metric: str = "headline"  # validation IoU picking best.keras: "headline" or "mean"
+    ema_momentum: float = 0.0  # > 0: validate and checkpoint a moving average of the weights (helpers.ema)
     ssl_epochs: int = 0  # > 0: masked-image pre-training of a random network on the training tiles (helpers.ssl)
     ssl_steps_per_epoch: int = 20
     ssl_learning_rate: float = 1e-3
@@ -101,6 +105,8 @@ class TrainConfig:
             raise ParameterError(f"lr_schedule={self.lr_schedule!r}: use 'cosine' or 'constant'")
         if self.checkpoint_metric not in ("headline", "mean"):
             raise ParameterError(f"checkpoint_metric={self.checkpoint_metric!r}: use 'headline' or 'mean'")
+        if self.ema_momentum:
+            check_momentum(self.ema_momentum)
         if self.crf_weight < 0 or self.crf_sigma_rgb <= 0 or self.crf_sigma_xy <= 0:
             raise ParameterError(f"crf_weight={self.crf_weight}, crf_sigma_rgb={self.crf_sigma_rgb}, "
                                  f"crf_sigma_xy={self.crf_sigma_xy}: the weight must be >= 0 (0 = off) and the "
@@ -156,13 +162,20 @@ def _epoch_callback_class():
             self.t_epoch = time.perf_counter()
             self.c_epoch = time.process_time()
 
+        def on_train_batch_end(self, batch, logs=None):
+            if self.t.ema is not None:
+                self.t.ema.update()
+
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
             train_s = time.perf_counter() - self.t_epoch
             self.t.epoch_cpu_seconds.append(time.process_time() - self.c_epoch)
-            metrics = self.t.validate()
-            logs.update({f"val_{k}": v for k, v in metrics.items()})
-            self.t.end_epoch(epoch, dict(logs), train_s)
+            averaged = self.t.ema.applied() if self.t.ema is not None else contextlib.nullcontext()
+            with averaged:  # validation, best.keras and the GIF frame see the averaged weights
+                metrics = self.t.validate()
+                logs.update({f"val_{k}": v for k, v in metrics.items()})
+                self.t.end_epoch(epoch, dict(logs), train_s)
+            self.t.save_last()  # the network's own weights: a resumed run continues from them
 
     return EpochEnd
 
@@ -186,6 +199,7 @@ class Trainer:
         self.epoch_cpu_seconds: list[float] = []
         self.val_seconds: list[float] = []
         self.encoder_weights_start: dict | None = None
+        self.ema = None  # helpers.ema.WeightAverage when cfg.ema_momentum > 0
 
     # ---- data
     def prepare_data(self) -> pd.DataFrame:
@@ -288,8 +302,6 @@ class Trainer:
         iou = row.get("val_headline_iou", float("nan"))
         score = row.get(f"val_{self.cfg.checkpoint_metric}_iou", float("nan"))
         improved = np.isfinite(score) and score > self.best_iou
-        with atomic_path(self.out / "last.keras", overwrite=True) as tmp:
-            self.model.save(tmp)
         if improved or not (self.out / "best.keras").is_file():
             if improved:
                 self.best_iou, self.best_epoch = float(score), epoch + 1
@@ -307,6 +319,15 @@ class Trainer:
         log.info("epoch %d/%d (%s) %.0f s  loss %.4f  val %s IoU %.3f  mean IoU %.3f%s", epoch + 1, self.cfg.epochs,
                  self.phase, train_s, row.get("loss", float("nan")), self.headline, iou,
                  row.get("val_mean_iou", float("nan")), "  *best*" if improved else "")
+
+    def save_last(self) -> None:
+        """``last.keras`` (the network's own weights and optimizer state) and, with ``ema_momentum``, the average."""
+        from helpers.io import atomic_path
+
+        with atomic_path(self.out / "last.keras", overwrite=True) as tmp:
+            self.model.save(tmp)
+        if self.ema is not None:
+            self.ema.save(self.out / EMA_FILE)
 
     def load_state(self) -> int:
         """Epochs already done (0 for a fresh run); loads history and best IoU when resuming."""
@@ -419,6 +440,7 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
             from helpers.ssl import pretrain_into
 
             trainer.encoder_weights_start = pretrain_into(trainer.model, trainer.train_df, ssl_config(cfg), out)
+    trainer.ema = start_average(trainer.model, cfg.ema_momentum, out / EMA_FILE, resumed=bool(done))
     warmup = cfg.warmup_epochs if not cfg.init_model else 0  # a fine-tuned decoder needs no warm-up
     if warmup and encoder_used is None:
         log.warning("warm-up with a frozen encoder skipped: the encoder has no ImageNet or file weights")
@@ -516,21 +538,3 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     mark_done(out)
     return params
 
-
-def preview_split(workdir: str | Path, cfg: TrainConfig | None = None, class_map: str | Path | None = None,
-                  use_saved: bool = True) -> pd.DataFrame:
-    """The train/val/excluded split :func:`train_model` will use (same seed), without training.
-
-    A resumed run keeps the split saved in ``model/split.csv`` (``use_saved``). With
-    ``split_by="pixels"`` every tile trains; the rows are then the blocks of labelled
-    pixels, each marked train or val (:func:`helpers.split.pixel_split_blocks`).
-    """
-    cfg = cfg or TrainConfig()
-    cmap = load_class_map(class_map) if class_map else load_class_map()
-    df, _ = read_tiles(workdir, cmap)
-    if cfg.split_by == "pixels":  # deterministic from the labels and the seed: nothing saved to reuse
-        return pixel_split_blocks(df, read_label_tile, cfg.val_fraction, cfg.block_size, cfg.seed, cmap.names)
-    saved = step_dir(workdir, "model") / "split.csv"
-    if use_saved and saved.is_file():
-        return pd.read_csv(saved)
-    return split_tiles(df, cfg.val_fraction, cfg.split_by, cfg.block_size, cfg.seed, cmap.names, margin=cfg.split_margin)

@@ -59,7 +59,7 @@ def plot_split(split: pd.DataFrame, max_slides: int = 4):
     """Figure: tile footprints per slide coloured by split (train / val / excluded).
 
     For ``split_by="pixels"`` (rows with ``group == "pixels"``: blocks of labelled pixels,
-    :func:`helpers.train.preview_split`) the blocks are drawn instead, and each title gives
+    :func:`helpers.split.preview_split`) the blocks are drawn instead, and each title gives
     every class's held-out share of its labelled pixels: a class at 0 % would never be
     validated.
     """
