@@ -3,8 +3,10 @@
 Reads the newest tile table (``workdir/labels/manifest.csv`` of step 03) and writes
 ``workdir/model/`` (see ``docs/workfolder.md``), ending with its done marker. Unlabelled
 pixels (label 0) count for nothing: not in the loss (:mod:`helpers.losses`), not in the
-metrics (:mod:`helpers.metrics`, the same code 08 uses). The headline class's IoU on the
-validation tiles (labelled pixels only) picks ``best.keras``. The split
+metrics (:mod:`helpers.metrics`, the same code 08 uses). The validation IoU on labelled
+pixels (the headline class's, or the mean over classes: ``checkpoint_metric``) picks
+``best.keras``; with ``ema_momentum`` a moving average of the weights is validated and kept
+(:mod:`helpers.ema`). The split
 (:mod:`helpers.split`) keeps overlapping or neighbouring tiles off opposite sides; the
 input pipeline is :mod:`helpers.dataset`.
 """
@@ -351,7 +353,8 @@ def train_model(workdir: str | Path, cfg: TrainConfig | None = None, class_map: 
     Phases: ``warmup_epochs`` with the encoder frozen at ``warmup_learning_rate`` (skipped,
     with a warning, when the encoder has no pre-trained weights), then the whole network
     at ``learning_rate``. After every epoch: validation IoU on labelled pixels,
-    ``last.keras``, ``best.keras`` (best headline/tumour IoU), ``history.csv``, a GIF frame.
+    ``last.keras``, ``best.keras`` (best validation IoU by ``checkpoint_metric``; the weight
+    average with ``ema_momentum``), ``history.csv``, a GIF frame.
     The folder's done marker (:func:`helpers.steps.mark_done`) is written at the end.
     ``ssl_epochs`` > 0 with a random start: :mod:`helpers.ssl` pre-trains the network on the
     training tiles first (no warm-up then: its batch-norm statistics come from masked tiles).
