@@ -105,3 +105,13 @@ def test_training_keeps_the_average_as_best_and_resumes_it(tmp_path):
     T.train_model(wd, cfg, frames=False)
     resumed = WeightAverage(keras.models.load_model(out / "last.keras"), 0.5)
     assert resumed.load(out / T.EMA_FILE) and resumed.updates == 9
+
+
+def test_curves_say_when_validation_used_the_average():
+    from helpers.views.train import plot_history
+
+    h = pd.DataFrame({"epoch": [1, 2], "loss": [1.0, 0.5], "val_iou_Tumor": [0.2, 0.6], "val_mean_iou": [0.3, 0.5]})
+    plain, averaged = plot_history(h), plot_history(h, averaged=True)
+    assert "weight average" in averaged.axes[1].get_ylabel()
+    assert "own weights" in averaged.axes[0].get_legend().get_texts()[0].get_text()
+    assert "average" not in plain.axes[1].get_ylabel()

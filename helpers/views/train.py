@@ -12,10 +12,13 @@ from helpers.metrics import headline_name
 from helpers.split import SPLIT_COLUMN
 
 
-def plot_history(history: pd.DataFrame | str | Path, headline: str | None = None, class_map: ClassMap | None = None):
+def plot_history(history: pd.DataFrame | str | Path, headline: str | None = None, class_map: ClassMap | None = None,
+                 averaged: bool = False):
     """Figure: training loss and validation IoU (per class, mean) against epoch.
 
     ``headline`` (drawn thick): a class name; None = the class map's headline class.
+    ``averaged``: the run validated a moving average of the weights (05's ``ema_momentum``),
+    while the loss is the network's own: the axis labels say so.
     """
     import matplotlib.pyplot as plt
 
@@ -23,7 +26,7 @@ def plot_history(history: pd.DataFrame | str | Path, headline: str | None = None
     if headline is None and class_map is not None:
         headline = headline_name(class_map)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    a1.plot(h["epoch"], h["loss"], "o-", label="training loss")
+    a1.plot(h["epoch"], h["loss"], "o-", label="training loss" + (" (own weights)" if averaged else ""))
     a1.set_xlabel("epoch")
     a1.set_ylabel("loss (labelled pixels)")
     a1.legend()
@@ -38,7 +41,7 @@ def plot_history(history: pd.DataFrame | str | Path, headline: str | None = None
         a2.plot(h["epoch"], h["val_mean_iou"], "k-", lw=1, label="mean")
     a2.set_ylim(0, 1)
     a2.set_xlabel("epoch")
-    a2.set_ylabel("validation IoU (labelled pixels)")
+    a2.set_ylabel("validation IoU (labelled pixels" + ("; weight average)" if averaged else ")"))
     a2.legend(fontsize=8)
     if "phase" in h and (h["phase"] == "warm-up").any():
         x = h.loc[h["phase"] == "warm-up", "epoch"].max() + 0.5
