@@ -69,12 +69,9 @@ class WeightAverage:
             self.average = [np.array(w, copy=True) for w in weights]
         else:
             d = self.decay()
-            for avg, w in zip(self.average, weights):
-                if np.issubdtype(avg.dtype, np.floating):
-                    avg *= d
-                    avg += (1.0 - d) * w
-                else:  # integer counters (none in the U-Net today): keep the current value
-                    avg[...] = w
+            for avg, w in zip(self.average, weights):  # all float32 in the U-Net
+                avg *= d
+                avg += (1.0 - d) * w
         self.updates += 1
 
     @contextlib.contextmanager
