@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -37,7 +38,7 @@ def start_average(model, momentum: float, path: Path, resumed: bool) -> "WeightA
         return None
     ema = WeightAverage(model, momentum)
     if resumed and not ema.load(path):
-        log.warning("%s missing or not of this model: the weight average restarts from last.keras", path)
+        log.warning("%s missing, unreadable or not of this model: the weight average restarts from last.keras", path)
     return ema
 
 
@@ -98,14 +99,17 @@ class WeightAverage:
                 np.savez(fh, *self.average, updates=np.int64(self.updates))
 
     def load(self, path: str | Path) -> bool:
-        """Read an average written by :meth:`save`; False (and nothing changed) when the file is missing
-        or does not fit the model."""
+        """Read an average written by :meth:`save`; False (and nothing changed) when the file is missing,
+        unreadable or does not fit the model."""
         path = Path(path)
         if not path.is_file():
             return False
-        with np.load(path) as data:
-            arrays = [data[f"arr_{i}"] for i in range(len(data.files) - 1)]
-            updates = int(data["updates"])
+        try:
+            with np.load(path) as data:
+                arrays = [data[f"arr_{i}"] for i in range(len(data.files) - 1)]
+                updates = int(data["updates"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # truncated or not an average: start afresh
+            return False
         shapes = [w.shape for w in self.model.get_weights()]
         if [a.shape for a in arrays] != shapes:
             return False

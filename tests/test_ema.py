@@ -64,6 +64,9 @@ def test_average_follows_the_ramped_momentum_and_swaps_back(tmp_path):
     other = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
     assert not WeightAverage(other, 0.9).load(tmp_path / "ema.npz")
     assert not WeightAverage(model, 0.9).load(tmp_path / "missing.npz")
+    data = (tmp_path / "ema.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])  # a truncated copy: refused, not a traceback
+    assert not WeightAverage(model, 0.9).load(tmp_path / "cut.npz")
 
 
 def test_momentum_is_checked():
