@@ -32,6 +32,10 @@ and takes about 4x longer), no stain normalizer. Peak RSS includes the ~0.6 GB o
 TensorFlow's import, the same for both slides. Slides are the synthetic mosaic of real tumour tiles of ``bench_inference``
 (written once, tile by tile; ~1 minute for 40,000^2).
 
+Session 13 (2026-12-02, load 8-10, defaults, 3 runs): predict 1,010-1,016 -> 1,313-1,332 MB
+(1.30-1.31x) with the blending buffer one tile tall (it had been one band taller since session 4
+for full model batches across band ends: 1.44-1.51x).
+
 Measured 2026-11-30 (2 shared cores, load average 15-22, defaults): predict 1,015 -> 1,345
 MB (1.32x, target met); export 293 -> 293 MB (1.00x, target met; was 294 -> 654 MB, 2.22x,
 measured the same day on the same slides). The export's former growth was the GeoJSON's

@@ -1,17 +1,24 @@
 """Blending tile predictions into a rolling band of rows, and handing finished rows on.
 
 :func:`helpers.predict.predict_slide` walks the slide in bands of tiles, top to bottom.
-Overlapping tiles are summed (with blending weights) into a buffer of
-``tile + lag`` rows starting at the first unfinished row (``top``); rows that no
-pending or future tile can reach any more are finished: divided by the summed weights,
-turned into uint8 and written, and the buffer moves down.
+Overlapping tiles are summed (with blending weights) into a buffer of ``tile`` rows
+starting at the first unfinished row (``top``); rows that no pending or future tile can
+reach any more are finished: divided by the summed weights, turned into uint8 and written,
+and the buffer moves down.
 
-The ``lag`` rows let tiles wait for a full model batch across band ends. Without them
-every band's last, partial batch was padded with glass: at overlap 16 on a 4096^2 slide
-that was 108 model calls for 769 tiles (11 % of the model's work spent on padding).
+Tiles wait for a full model batch across band ends: without that every band's last,
+partial batch was padded with glass (at overlap 16 on a 4096^2 slide, 108 model calls
+for 769 tiles: 11 % of the model's work spent on padding). A batch that holds a band's
+last tiles and the next band's first ones gives probabilities below the buffer; those
+few tiles (fewer than a batch) are kept aside until the buffer reaches them
+(:meth:`BandAccumulator.advance`). Before, the buffer was one band taller instead,
+a band of float32 rows the full raster wide: peak memory then grew with the slide's
+width (P3 of issue 17: 1.44-1.51x from a 10k^2 to a 40k^2 slide).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -56,8 +63,8 @@ class BandAccumulator:
         n_cls: Classes (channels) per pixel.
         tile: Tile side in pixels.
         weights: ``(tile, tile)`` blending weights.
-        rows: Buffer height; at least ``tile``. Rows beyond ``tile`` let tiles of earlier
-            bands wait for a full model batch.
+        rows: Buffer height; at least ``tile`` (``tile`` is enough: tiles below the buffer wait
+            aside, see :meth:`advance`).
         top: Raster row of the buffer's first row.
         acc, wsum: Buffers of an interrupted run (resuming), else zeros.
     """
@@ -69,6 +76,7 @@ class BandAccumulator:
         self.tile, self.weights, self.top = tile, weights, top
         self.acc = acc if acc is not None else np.zeros((rows, width, n_cls), np.float32)
         self.wsum = wsum if wsum is not None else np.zeros((rows, width), np.float32)
+        self.waiting: list[tuple[int, int, np.ndarray]] = []  # tiles below the buffer, until it reaches them
 
     @property
     def rows(self) -> int:
@@ -80,7 +88,16 @@ class BandAccumulator:
         return self.top <= y and y + self.tile <= self.top + self.rows
 
     def add(self, y: int, x: int, probs: np.ndarray) -> None:
-        """Add one tile's probabilities (``(tile, tile, n_cls)``, scaled in place by the weights)."""
+        """Add one tile's probabilities (``(tile, tile, n_cls)``, scaled in place by the weights).
+
+        A tile below the buffer is copied and waits until :meth:`advance` reaches it; a tile
+        above the buffer (rows already finished) is an error.
+        """
+        if y < self.top:
+            raise ValueError(f"tile at row {y} is above the first unfinished row {self.top}")
+        if not self.fits(y):
+            self.waiting.append((y, x, np.array(probs, np.float32)))
+            return
         r = y - self.top
         probs *= self.weights[..., None]
         self.acc[r:r + self.tile, x:x + self.tile] += probs
@@ -95,3 +112,21 @@ class BandAccumulator:
         shift_rows(self.wsum, done)
         self.top += done
         return start, out
+
+    def advance(self, until: int, bg: int, write: Callable[[int, np.ndarray], None]) -> None:
+        """Finish every row above ``until`` and above the waiting tiles, block by block.
+
+        Each finished block goes to ``write(first row, uint8 probabilities)``; waiting tiles
+        join the buffer as soon as it reaches them. Called with ``until`` = the first row a tile
+        not yet added could touch, nothing is left waiting afterwards.
+        """
+        while True:
+            bound = min([until] + [y for y, _, _ in self.waiting])
+            if bound <= self.top:
+                return
+            row0, rows = self.finish(bound, bg)
+            if len(rows):
+                write(row0, rows)
+            waiting, self.waiting = self.waiting, []
+            for y, x, p in waiting:
+                self.add(y, x, p)

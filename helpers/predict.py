@@ -236,7 +236,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                              f"got {tile}")
     stride = tile // OVERLAP_STRIDE[overlap]
     weights = blend_weights(tile, blend)
-    acc_rows = tile + stride  # one band of lag: tiles wait for a full batch across band ends (helpers.accumulate)
+    acc_rows = tile  # tiles of the next band in a batch wait aside (helpers.accumulate), not in a taller buffer
     model_mpp = float(params["mpp"])
     norm_path = resolve_normalizer(normalizer, model_dir, params)
 
@@ -324,6 +324,17 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             pend_yx: list[tuple[int, int]] = []  # tiles waiting for a full model batch, across band ends
             pend_t: list[np.ndarray] = []
 
+            def write_rows(row0: int, rows: np.ndarray) -> None:
+                with disk_full_guard(part / "probabilities.npy"):
+                    probs_mm.write(row0, rows)
+
+            def finish_rows(unread: int) -> None:
+                # rows above the oldest tile not yet run and above the first row an unread tile can
+                # touch are final
+                t0 = time.perf_counter()
+                blender.advance(min(unread, pend_yx[0][0]) if pend_yx else unread, bg, write_rows)
+                tm["write"] += time.perf_counter() - t0
+
             def run_batch(n: int) -> None:
                 nonlocal tiles_now
                 yx_b, tiles_b = pend_yx[:n], np.stack(pend_t[:n])
@@ -345,26 +356,21 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                     tm["wait"] += time.perf_counter() - t_mark
                     pend_yx.extend((y, x) for x in row_x)
                     pend_t.extend(batch)
+                    y_next = ys[b + 1] if b + 1 < len(ys) else H
+                    unread = y_next if band_end else y  # the first row a tile not yet read can touch
                     while len(pend_yx) >= batch_size:
                         run_batch(batch_size)
+                        finish_rows(unread)  # a batch across a band end: the next band's tiles wait aside briefly
                     if not band_end:
                         t_mark = time.perf_counter()
                         continue
-                    y_next = ys[b + 1] if b + 1 < len(ys) else H
-                    last = b + 1 == len(ys)
-                    checkpoint = last or time.perf_counter() - last_ckpt >= checkpoint_seconds
-                    # rows above the oldest waiting tile and the next band are final; the waiting tiles run
-                    # now only if the next band would not fit in the buffer, or at a checkpoint (saved state
-                    # holds no waiting tiles)
-                    if pend_yx and (checkpoint or y_next + tile > pend_yx[0][0] + blender.rows):
+                    checkpoint = b + 1 == len(ys) or time.perf_counter() - last_ckpt >= checkpoint_seconds
+                    # a band's last tiles wait for the next band's to fill a batch, except at a checkpoint (the
+                    # saved state holds no waiting tiles)
+                    if pend_yx and checkpoint:
                         run_batch(len(pend_yx))
-                    t0 = time.perf_counter()
-                    row0, rows = blender.finish(min(y_next, pend_yx[0][0]) if pend_yx else y_next, bg)
-                    if len(rows):
-                        with disk_full_guard(part / "probabilities.npy"):
-                            probs_mm.write(row0, rows)
+                    finish_rows(unread)
                     t1 = time.perf_counter()
-                    tm["write"] += t1 - t0
                     if checkpoint:
                         elapsed = seconds_before + time.perf_counter() - t_loop
                         _save_state(part, fp, probs_mm, blender.acc, blender.wsum, b + 1, tiles_done + tiles_now, elapsed)

@@ -45,7 +45,9 @@ def test_stitched_probabilities_equal_whole_image_prediction(setup, overlap, ble
 @pytest.mark.parametrize("overlap", [16, 4, 1])
 def test_tiles_wait_for_full_batches_across_band_ends(setup, monkeypatch, overlap):
     """Every model call but the last is a full batch: a band's last tiles wait for the next band's (no glass padding)."""
+    import helpers.predict as predict
     import helpers.runtime as runtime
+    from helpers.accumulate import BandAccumulator
     from helpers.predict import predict_slide, read_probabilities
 
     d, _, _ = setup
@@ -59,11 +61,27 @@ def test_tiles_wait_for_full_batches_across_band_ends(setup, monkeypatch, overla
         return pred
 
     monkeypatch.setattr(runtime, "make_predictor", counting)
+    buffers: list[BandAccumulator] = []
+    waiting: list[int] = []
+
+    class Recording(BandAccumulator):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            buffers.append(self)
+
+        def add(self, *a, **k):
+            super().add(*a, **k)
+            waiting.append(len(self.waiting))
+
+    monkeypatch.setattr(predict, "BandAccumulator", Recording)
     out = d / f"batches_{overlap}"
     res = predict_slide(d / "slide.tiff", d / "model", out, overlap=overlap, batch_size=8, progress=False,
                         checkpoint_seconds=1e9)
     assert sum(sizes) == res.tiles_tissue
     assert len(sizes) == -(-res.tiles_tissue // 8), sizes  # ceil(tiles / batch): only the slide's last batch is short
+    # the blending buffer is one tile tall (its width is the raster's); the next band's tiles of a batch wait aside
+    assert [b.rows for b in buffers] == [res.tile_size]
+    assert 0 < max(waiting) < 8
     assert np.abs(read_probabilities(out) - _model_on_whole(d, d / "slide.tiff")).max() <= 1.5 / 255
 
 
