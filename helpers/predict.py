@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import queue
 import shutil
 import threading
@@ -41,7 +40,7 @@ from helpers.model import (SIZE_MULTIPLE, background_index, check_class_map, che
 from helpers.rowstore import RowStore, disk_full_guard, write_raster
 from helpers.steps import DONE, file_id, fingerprint_of, guard_output, reuse_or_guard, start_in_place
 from helpers.strips import read_bands
-from helpers.tissue import slide_tissue_mask
+from helpers.tissue import slide_tissue_mask, tissue_mask_size, tissue_tiles
 
 log = logging.getLogger(__name__)
 
@@ -261,19 +260,10 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         t0 = time.perf_counter()
         session = session_pool.submit(make_predictor, model, model_dir, params["model_file"], runtime=runtime,
                                       batch_size=batch_size, tile=tile, n_cls=n_cls, load_model=load_model)
-        mask, mask_ds = slide_tissue_mask(slide)
+        mask_size = tissue_mask_size(W, H, tile)
+        mask, mask_ds = slide_tissue_mask(slide, max_size=mask_size)
         xs, ys = grid_positions(W, tile, stride), grid_positions(H, tile, stride)
-        f = ds / mask_ds  # mask pixels per raster pixel
-        tissue: list[list[int]] = []
-        for y in ys:
-            row = []
-            y0, y1 = int(y * f), max(int(y * f) + 1, math.ceil((y + tile) * f))
-            for x in xs:
-                x0, x1 = int(x * f), max(int(x * f) + 1, math.ceil((x + tile) * f))
-                frac = mask[y0:y1, x0:x1].mean() if mask[y0:y1, x0:x1].size else 0.0
-                if frac > min_tissue:
-                    row.append(x)
-            tissue.append(row)
+        tissue = tissue_tiles(mask, ds / mask_ds, xs, ys, tile, min_tissue)
         n_tissue = sum(len(r) for r in tissue)
         n_grid = len(xs) * len(ys)
         if n_tissue == 0:
@@ -294,7 +284,7 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         fp = _fingerprint(slide=file_id(slide_path), model=file_id(Path(params["model_file"])), ds=ds, tile=tile,
                           stride=stride, blend=blend, normalizer=str(norm_path) if norm_path else None,
                           batch=batch_size, n_cls=n_cls, mpp=slide_mpp, min_tissue=min_tissue,
-                          runtime=predict_fn.runtime, acc_rows=acc_rows)
+                          runtime=predict_fn.runtime, acc_rows=acc_rows, mask_size=mask_size)
         part = out_dir / PARTIAL_DIR
         state = _load_state(part, fp)
         start_in_place(out_dir, fingerprint, done="prediction.json", record=".predict_params.json")  # inputs are good
