@@ -303,30 +303,3 @@ def test_strip_reader_gives_the_tiles_a_per_tile_read_gives(setup, overlap):
         assert n_reads <= 2 * len(ys)  # one read per strip, not one per band and run
         assert tm["read"] > 0 and tm["normalize"] > 0
 
-
-def test_small_tissue_thumbnail_picks_the_tiles_a_full_resolution_mask_picks(tmp_path):
-    """07 sizes the tissue thumbnail to the tile grid: on the demo slide it picks the tiles a full mask picks."""
-    from helpers.demo import make_demo
-    from helpers.predict import grid_positions
-    from helpers.slides import open_slide
-    from helpers.tissue import MASK_PX_PER_TILE, slide_tissue_mask, tissue_mask_size, tissue_tiles
-
-    demo = make_demo(tmp_path, width=2048, height=2048, progress=False)
-    tile, ds = 64, 2.0  # raster 1024² at the model's 1 um/px
-    with open_slide(demo["slide"]) as slide:
-        W, H = slide.size_at(ds)
-        size = tissue_mask_size(W, H, tile)
-        assert size < 2048  # the point: no full-size thumbnail for a small slide
-        assert size / max(W, H) * tile >= MASK_PX_PER_TILE
-        coarse, cds = slide_tissue_mask(slide, max_size=size)
-        fine, fds = slide_tissue_mask(slide, max_size=2048)
-    xs, ys = grid_positions(W, tile, tile // 4), grid_positions(H, tile, tile // 4)
-    grid = len(xs) * len(ys)
-    for min_tissue in (0.0, 0.5):
-        a = {(y, x) for y, r in zip(ys, tissue_tiles(coarse, ds / cds, xs, ys, tile, min_tissue)) for x in r}
-        b = {(y, x) for y, r in zip(ys, tissue_tiles(fine, ds / fds, xs, ys, tile, min_tissue)) for x in r}
-        assert 0 < len(b) < grid
-        assert len(a ^ b) <= 0.005 * grid, (min_tissue, len(a ^ b), grid)  # 5-6 of 3,721 tiles differ; a 128-px mask: 32
-    # large slides keep the 2048-px cap; the floor keeps tiny grids readable
-    assert tissue_mask_size(40000, 40000, 256) == 2048
-    assert tissue_mask_size(300, 200, 256) == 512
