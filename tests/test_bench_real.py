@@ -179,3 +179,19 @@ def test_fraction_option_changes_the_budget_and_refuses_above_the_ceiling(ocdc, 
     assert runs[0.05] <= 0.05 + 1e-6 and runs[0.15] > 1.5 * runs[0.05]
     with pytest.raises(SystemExit, match="--fraction 0.2: must be in"):
         br.main(["--sources", "ocdc_oral", "--fraction", "0.2", "--prepare-only", "--workdir", str(tmp_path / "x")])
+
+
+def test_pixel_classifier_baseline_learns_real_tissue_from_the_same_strokes(ocdc, tmp_path):
+    """benchmarks/pixel_classifier_real.py: QuPath's kind of pixel classifier on bench_real's strokes, same scoring."""
+    import pandas as pd
+
+    from benchmarks import pixel_classifier_real as pc
+
+    out = tmp_path / "pc.csv"
+    rows = pc.main(["--data", str(REAL), "--sources", "ocdc_oral", "--seeds", "0", "--classifier", "rtrees",
+                    "--out", str(out)])
+    assert len(rows) == 1 and rows[0]["source"] == "ocdc_oral" and rows[0]["classifier"] == "rtrees"
+    assert 0.5 < rows[0]["iou"] <= 1.0, rows  # 0.82-0.84 measured over three annotator seeds
+    assert rows[0]["training_pixels"] > 1000 and "iou Stroma" in rows[0]
+    df = pd.read_csv(out)
+    assert list(df["source"]) == ["ocdc_oral"] and abs(df["iou"].iloc[0] - rows[0]["iou"]) < 1e-9
