@@ -399,6 +399,8 @@ def write_params(base: Path, dest: Path, overrides: dict[str, dict] | None = Non
         values["05_train_model"].setdefault("ssl_region", str((dest.parent / SSL_REGION).resolve()))
     if values["05_train_model"].get("consistency_weight") and (dest.parent / SSL_REGION).is_file():  # same box
         values["05_train_model"].setdefault("consistency_region", str((dest.parent / SSL_REGION).resolve()))
+    if values.get("03_refine_labels", {}).get("densify") and (dest.parent / SSL_REGION).is_file():  # same box
+        values["03_refine_labels"].setdefault("densify_region", str((dest.parent / SSL_REGION).resolve()))
     for nb, kv in values.items():
         (dest / f"{nb}.yaml").write_text(f"# written by benchmarks/bench_real.py from {base}\n"
                                          + yaml.safe_dump(kv, sort_keys=False))

@@ -120,7 +120,8 @@ def _input_manifest(workdir: Path, input_step: str) -> tuple[pd.DataFrame, str]:
 
 
 def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "auto", overwrite: bool = False,
-                 **rules) -> pd.DataFrame:
+                 densify: str | None = None, densify_confidence: float = 0.8, densify_per_class: int = 20_000,
+                 densify_region: str | None = None, **rules) -> pd.DataFrame:
     """Refine every label tile of the input manifest; write ``labels/`` (tiles, stats.csv, manifest.csv).
 
     Args:
@@ -128,6 +129,14 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
         class_map: Classes.
         input_step: ``"auto"`` (``stain/`` if it has a manifest, else ``tiles/``), ``"tiles"`` or ``"stain"``.
         overwrite: Replace an earlier ``labels/`` folder.
+        densify: None (off) or ``"forest"``: after the rules, a pixel classifier fitted to the
+            refined labels labels the unlabelled pixels it is confident about
+            (:mod:`helpers.densify`; its figures go to ``labels/densify.json``).
+        densify_confidence: Forest probability a pixel needs to be labelled.
+        densify_per_class: Labelled pixels per class the forest is fitted to (at most).
+        densify_region: Optional JSON file ``{slide: [x0, y0, x1, y1]}`` (level-0 px): only pixels
+            inside their slide's box are densified (the real-data benchmark keeps its held-out
+            half out of training this way).
         **rules: Keyword options of :func:`refine_label`.
 
     Returns:
@@ -145,7 +154,16 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
 
     defaults = {k: p.default for k, p in inspect.signature(refine_label).parameters.items()
                 if p.kind is p.KEYWORD_ONLY}  # the rules as applied, defaults included
-    fingerprint = fingerprint_of(dict(classes=class_map.names, input_step=source, **{**defaults, **rules}),
+    if densify not in (None, "forest"):
+        raise ParameterError(f"densify={densify!r}: use None (off) or 'forest'")
+    dense = dict(densify=densify, densify_confidence=densify_confidence, densify_per_class=densify_per_class,
+                 densify_region=densify_region) if densify else {}
+    boxes = None
+    if densify and densify_region:
+        from helpers.consistency import read_region
+
+        boxes = read_region(densify_region, "densify_region")
+    fingerprint = fingerprint_of(dict(classes=class_map.names, input_step=source, **{**defaults, **rules}, **dense),
                                  [step_dir(workdir, source) / DONE])
     if reuse_or_guard(out_dir, fingerprint, overwrite, "label refinement", guard=False):
         return pd.read_csv(out_dir / DONE)
@@ -167,11 +185,66 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
             new["label"] = rel
             new.update(label_counts(refined, class_map))
             rows.append(new)
+        if densify:
+            from helpers.io import write_json
+
+            info = _densify_tiles(workdir, tmp, rows, image_col, class_map, densify_confidence, densify_per_class,
+                                  boxes)
+            write_json(info, tmp / "densify.json")
         out = pd.DataFrame(rows)
         write_manifest(label_stats(before, out, class_map), tmp / "stats.csv")
         write_manifest(out, tmp / "manifest.csv")
     log.info("refined %d label tiles from %s/", len(out), source)
     return out
+
+
+def _densify_tiles(workdir: Path, tmp: Path, rows: list[dict], image_col: str, class_map: ClassMap,
+                   confidence: float, per_class: int, boxes: dict[str, list[float]] | None = None) -> dict:
+    """Densify the refined tiles in ``tmp`` in place (per slide canvas); updates ``rows``' counts."""
+    from helpers.consistency import region_mask
+    from helpers.densify import densify as run_densify
+    from helpers.densify import tile_canvases
+    from helpers.io import read_image, write_image
+
+    def tile_path(i: int) -> Path:
+        return tmp / "tiles" / f"{rows[i]['tile_id']}-labelled.png"
+
+    shapes = [read_label_tile(tile_path(i)).shape[:2] for i in range(len(rows))]
+    canvases = tile_canvases(rows, shapes)
+
+    def load(key: str):
+        c = canvases[key]
+        img = np.zeros((*c["shape"], 3), np.uint8)
+        lab = np.zeros(c["shape"], np.uint8)
+        cov = np.zeros(c["shape"], bool)
+        for i, (y, x) in c["tiles"].items():
+            h, w = shapes[i]
+            img[y:y + h, x:x + w] = read_image(workdir / rows[i][image_col])[..., :3]
+            t = read_label_tile(tile_path(i))
+            view = lab[y:y + h, x:x + w]
+            view[view == 0] = t[view == 0]
+            cov[y:y + h, x:x + w] |= region_mask(rows[i], (h, w), boxes)
+        c["labels"] = lab
+        return img, lab, cov, float(rows[next(iter(c["tiles"]))].get("mpp") or 1.0)
+
+    def save(key: str, new: np.ndarray) -> None:
+        c = canvases.pop(key)
+        added = (c["labels"] == 0) & (new > 0)
+        for i, (y, x) in c["tiles"].items():
+            h, w = shapes[i]
+            t = read_label_tile(tile_path(i))
+            take = (t == 0) & added[y:y + h, x:x + w]
+            if take.any():
+                t[take] = new[y:y + h, x:x + w][take]
+                write_image(t, tile_path(i), overwrite=True)
+                rows[i].update(label_counts(t, class_map))
+
+    info = run_densify(list(canvases), load, save, confidence=confidence, per_class=per_class, progress=True)
+    info["added_by_class"] = {class_map.names[c - 1]: n for c, n in info["added_by_class"].items()}
+    info["classes"] = [class_map.names[c - 1] for c in info["classes"]]
+    log.info("densify: %d px labelled by the forest (%s), fitted to %d px", info["added_px"], info["added_by_class"],
+             info["training_px"])
+    return info
 
 
 def label_stats(before: pd.DataFrame, after: pd.DataFrame, class_map: ClassMap) -> pd.DataFrame:
