@@ -195,3 +195,20 @@ def test_pixel_classifier_baseline_learns_real_tissue_from_the_same_strokes(ocdc
     assert rows[0]["training_pixels"] > 1000 and "iou Stroma" in rows[0]
     df = pd.read_csv(out)
     assert list(df["source"]) == ["ocdc_oral"] and abs(df["iou"].iloc[0] - rows[0]["iou"]) < 1e-9
+
+
+def test_densify_never_reaches_the_held_out_half(tmp_path):
+    """With 03's densify on, write_params restricts it to the training part's boxes (ssl_region.json)."""
+    import yaml
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "03_refine_labels.yaml").write_text("densify: forest\n")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / br.SSL_REGION).write_text('{"img": [0, 0, 320, 640]}')
+    params = br.write_params(base, wd / "params")
+    p03 = yaml.safe_load((params / "03_refine_labels.yaml").read_text())
+    assert p03["densify"] == "forest" and p03["densify_region"] == str((wd / br.SSL_REGION).resolve())
+    (base / "03_refine_labels.yaml").write_text("densify: null\n")
+    assert "densify_region" not in yaml.safe_load((br.write_params(base, wd / "params") / "03_refine_labels.yaml").read_text())
