@@ -9,6 +9,7 @@ one-line :class:`helpers.errors.DiskFullError` (through :func:`helpers.io.write_
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,10 @@ class RowStore:
         del mm
         self.ndim = len(self.shape)
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._fh = open(self.path, "r+b")  # noqa: SIM115 - closed by close()
+        # unbuffered, and read / written at explicit offsets (pread / pwrite): no shared file position, so
+        # threads may read one store at once (07's export writes labels.tiff while it traces the GeoJSON;
+        # seek + read on one handle from two threads mixed rows up)
+        self._fh = open(self.path, "r+b", buffering=0)  # noqa: SIM115 - closed by close()
         self._strip: tuple[int, int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -77,19 +81,22 @@ class RowStore:
         if rows.shape[1:] != self.shape[1:] or y < 0 or y + len(rows) > self.shape[0]:
             raise ValueError(f"{self.path}: rows {rows.shape} at y={y} do not fit {self.shape}")
         self._strip = None
-        self._fh.seek(self.offset + y * self.row_bytes)
-        self._fh.write(rows.data)
+        view, pos = memoryview(rows).cast("B"), self.offset + y * self.row_bytes
+        while len(view):
+            n = os.pwrite(self._fh.fileno(), view, pos)
+            view, pos = view[n:], pos + n
 
     def read(self, y0: int, y1: int) -> np.ndarray:
         """Rows ``[y0, y1)`` (clipped to the array) as a new array."""
         y0, y1 = max(0, int(y0)), min(self.shape[0], int(y1))
         out = np.empty((max(0, y1 - y0), *self.shape[1:]), self.dtype)
         if out.size:
-            self._fh.flush()
-            self._fh.seek(self.offset + y0 * self.row_bytes)
-            n = self._fh.readinto(memoryview(out).cast("B"))
-            if n != out.nbytes:
-                raise HistoUNetError(f"{self.path}: file is shorter than its header says; delete it and run again")
+            view, pos = memoryview(out).cast("B"), self.offset + y0 * self.row_bytes
+            while len(view):
+                n = os.preadv(self._fh.fileno(), [view], pos)
+                if n <= 0:
+                    raise HistoUNetError(f"{self.path}: file is shorter than its header says; delete it and run again")
+                view, pos = view[n:], pos + n
         return out
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -114,12 +121,13 @@ class RowStore:
         self.write(y0, rows)
 
     def __call__(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        if self._strip is None or self._strip[:2] != (y, h):
-            self._strip = (y, h, self.read(y, y + h))
-        return self._strip[2][:, x:x + w]
+        strip = self._strip  # one local reference: another thread may replace the cached strip meanwhile
+        if strip is None or strip[:2] != (y, h):
+            strip = self._strip = (y, h, self.read(y, y + h))
+        return strip[2][:, x:x + w]
 
     def flush(self) -> None:
-        """Push written rows to the OS."""
+        """Push written rows to the OS (they already are: writes are unbuffered)."""
         self._fh.flush()
 
     def close(self) -> None:

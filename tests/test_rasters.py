@@ -176,3 +176,34 @@ def test_row_store_and_raster_rows_read_what_was_written(tmp_path):
     assert rows.shape == a.shape and rows.dtype == np.uint8
     assert np.array_equal(rows[0:300], read_raster(tmp_path / "p.tiff")) and np.array_equal(rows[0:300], a)
     assert np.array_equal(rows[37:101, :, 1], a[37:101, :, 1])
+
+
+def test_row_store_reads_right_rows_from_two_threads_at_once(tmp_path):
+    """07's export reads one labels store from two threads (labels.tiff beside the GeoJSON): each read gets its rows.
+
+    With seek + read on one shared handle the threads moved each other's file position: a prostate slide's
+    export failed with "file is shorter than its header says", and other reads could return other rows.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers.rowstore import RowStore
+
+    h, w = 4096, 1024
+    a = (np.arange(h, dtype=np.uint32)[:, None] * 7 + np.arange(w)[None, :]).astype(np.uint8)
+    store = RowStore(tmp_path / "l.npy", a.shape, np.uint8, create=True)
+    store.write(0, a)
+
+    def reader(seed: int) -> int:
+        rng = np.random.default_rng(seed)
+        bad = 0
+        for _ in range(400):
+            y0 = int(rng.integers(0, h - 256))
+            n = int(rng.integers(1, 256))
+            bad += not np.array_equal(store[y0:y0 + n], a[y0:y0 + n])
+            x = int(rng.integers(0, w - 64))
+            bad += not np.array_equal(store(x, y0, 64, n), a[y0:y0 + n, x:x + 64])
+        return bad
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sum(pool.map(reader, range(4))) == 0
+    store.close()
