@@ -172,6 +172,7 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
     image_col = "image_raw" if "image_raw" in manifest.columns else "image"
     before = manifest.copy()
     rows = []
+    shapes: list[tuple[int, int]] = []  # each refined tile's (h, w), for densify
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         record_fingerprint(tmp, fingerprint)
         for r in tqdm(manifest.to_dict("records"), desc="refine labels", unit="tile"):
@@ -185,11 +186,12 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
             new["label"] = rel
             new.update(label_counts(refined, class_map))
             rows.append(new)
+            shapes.append(refined.shape[:2])
         if densify:
             from helpers.io import write_json
 
-            info = _densify_tiles(workdir, tmp, rows, image_col, class_map, densify_confidence, densify_per_class,
-                                  boxes)
+            info = _densify_tiles(workdir, tmp, rows, shapes, image_col, class_map, densify_confidence,
+                                  densify_per_class, boxes)
             write_json(info, tmp / "densify.json")
         out = pd.DataFrame(rows)
         write_manifest(label_stats(before, out, class_map), tmp / "stats.csv")
@@ -198,8 +200,9 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
     return out
 
 
-def _densify_tiles(workdir: Path, tmp: Path, rows: list[dict], image_col: str, class_map: ClassMap,
-                   confidence: float, per_class: int, boxes: dict[str, list[float]] | None = None) -> dict:
+def _densify_tiles(workdir: Path, tmp: Path, rows: list[dict], shapes: list[tuple[int, int]], image_col: str,
+                   class_map: ClassMap, confidence: float, per_class: int,
+                   boxes: dict[str, list[float]] | None = None) -> dict:
     """Densify the refined tiles in ``tmp`` in place (per slide canvas); updates ``rows``' counts."""
     from helpers.consistency import region_mask
     from helpers.densify import densify as run_densify
@@ -209,7 +212,6 @@ def _densify_tiles(workdir: Path, tmp: Path, rows: list[dict], image_col: str, c
     def tile_path(i: int) -> Path:
         return tmp / "tiles" / f"{rows[i]['tile_id']}-labelled.png"
 
-    shapes = [read_label_tile(tile_path(i)).shape[:2] for i in range(len(rows))]
     canvases = tile_canvases(rows, shapes)
 
     def load(key: str):
