@@ -156,6 +156,8 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
                 if p.kind is p.KEYWORD_ONLY}  # the rules as applied, defaults included
     if densify not in (None, "forest"):
         raise ParameterError(f"densify={densify!r}: use None (off) or 'forest'")
+    if densify and not 0.0 < densify_confidence <= 1.0:  # checked before any work, not after the rules
+        raise ParameterError(f"densify_confidence must be in (0, 1]; got {densify_confidence}")
     dense = dict(densify=densify, densify_confidence=densify_confidence, densify_per_class=densify_per_class,
                  densify_region=densify_region) if densify else {}
     boxes = None

@@ -112,3 +112,7 @@ def test_refine_with_densify_on_the_demo_slide(tmp_path, class_map):
         refine_tiles(wd, class_map, overwrite=True, densify="forest", densify_region=str(tmp_path / "none.json"))
     with pytest.raises(ParameterError, match="densify"):
         refine_tiles(wd, class_map, overwrite=True, densify="magic")
+    before_err = {p.name: p.read_bytes() for p in (wd / "labels" / "tiles").iterdir()}
+    with pytest.raises(ParameterError, match="densify_confidence"):
+        refine_tiles(wd, class_map, overwrite=True, densify="forest", densify_confidence=1.5)
+    assert {p.name: p.read_bytes() for p in (wd / "labels" / "tiles").iterdir()} == before_err
