@@ -207,3 +207,25 @@ def test_row_store_reads_right_rows_from_two_threads_at_once(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         assert sum(pool.map(reader, range(4))) == 0
     store.close()
+
+
+def test_pyramid_reductions_match_their_plain_definitions():
+    """The fast 2x2 reductions equal the plain ones: rint of the float mean, and the full vote."""
+    from scipy import ndimage
+
+    from helpers.rasters import _reduce2, _vote
+
+    rng = np.random.default_rng(0)
+    for dtype, top in ((np.uint8, 256), (np.uint16, 65536), (np.uint8, 3)):  # (0, 3): many exact .5 ties
+        block = rng.integers(0, top, (37, 51, 4)).astype(dtype)  # odd sizes: edge padding
+        padded = np.pad(block, ((0, 1), (0, 1), (0, 0)), mode="edge")
+        mean = padded.reshape(19, 2, 26, 2, 4).mean(axis=(1, 3), dtype=np.float64)
+        assert np.array_equal(_reduce2(block, "probabilities"), np.rint(mean).astype(dtype))
+    smooth = (ndimage.gaussian_filter(rng.random((64, 96)), 4) * 40 % 4).astype(np.uint8)[..., None]
+    for lab in (smooth, rng.integers(0, 4, (64, 96, 1)).astype(np.uint8), np.full((64, 96, 1), 2, np.uint8)):
+        a, b, c, d = lab[0::2, 0::2], lab[0::2, 1::2], lab[1::2, 0::2], lab[1::2, 1::2]
+        assert np.array_equal(_reduce2(lab, "labels"), _vote(a, b, c, d))
+    # the vote itself: a majority wins; a 2-2 tie goes to the top-left pair
+    one = lambda *v: np.array(v, np.uint8).reshape(2, 2, 1)  # noqa: E731
+    assert _reduce2(one(1, 2, 2, 3), "labels").item() == 2
+    assert _reduce2(one(1, 2, 2, 1), "labels").item() == 1
