@@ -91,7 +91,7 @@ def _sample(lab: np.ndarray, mask: np.ndarray, per_class: int, rng: np.random.Ge
 def densify(keys: list, load: Callable[[Any], tuple[np.ndarray, np.ndarray, np.ndarray | None, float]],
             save: Callable[[Any, np.ndarray], None], *, confidence: float = 0.8, per_class: int = 20_000,
             seed: int = 0, features: Callable[[np.ndarray, float], np.ndarray] = pixel_features,
-            progress: bool = False) -> dict:
+            progress: bool = False, keep_model: Callable[[Any], None] | None = None) -> dict:
     """Fit the forest to the labelled pixels of every image, then label the confident unlabelled ones.
 
     Two passes over ``keys`` (features are computed twice rather than held: a cohort's
@@ -108,6 +108,7 @@ def densify(keys: list, load: Callable[[Any], tuple[np.ndarray, np.ndarray, np.n
         seed: Random seed (sampling and forest).
         features: ``features(rgb, mpp) -> (h, w, f)``.
         progress: Show progress bars.
+        keep_model: Called with the fitted forest (e.g. to keep it for 07, :mod:`helpers.teacher`).
 
     Returns:
         ``{"classes", "training_px", "added_px", "added_by_class"}`` (class labels as ints).
@@ -136,6 +137,8 @@ def densify(keys: list, load: Callable[[Any], tuple[np.ndarray, np.ndarray, np.n
     keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in classes])
     info["training_px"] = int(len(keep))
     model = fit_forest(x[keep], y[keep], seed)
+    if keep_model is not None:
+        keep_model(model)
     del x, xs
     added: dict[int, int] = {}
     for k in tqdm(keys, desc="densify: label unlabelled pixels", unit="image", disable=not progress):

@@ -243,7 +243,12 @@ def _densify_tiles(workdir: Path, tmp: Path, rows: list[dict], shapes: list[tupl
                 write_image(t, tile_path(i), overwrite=True)
                 rows[i].update(label_counts(t, class_map))
 
-    info = run_densify(list(canvases), load, save, confidence=confidence, per_class=per_class, progress=True)
+    from helpers.densify import SIGMAS_UM
+    from helpers.teacher import TEACHER_FILE, save_teacher
+
+    mpp = float(rows[0].get("mpp") or 1.0) if rows else None
+    info = run_densify(list(canvases), load, save, confidence=confidence, per_class=per_class, progress=True,
+                       keep_model=lambda m: save_teacher(m, tmp / TEACHER_FILE, mpp=mpp, sigmas_um=SIGMAS_UM))
     info["added_by_class"] = {class_map.names[c - 1]: n for c, n in info["added_by_class"].items()}
     info["classes"] = [class_map.names[c - 1] for c in info["classes"]]
     log.info("densify: %d px labelled by the forest (%s), fitted to %d px", info["added_px"], info["added_by_class"],

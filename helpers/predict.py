@@ -38,6 +38,7 @@ from helpers.io import atomic_path, make_dir, read_json, resumable_or_nothing, w
 from helpers.model import (SIZE_MULTIPLE, background_index, check_class_map, check_outputs, keras_input_shape,
                            load_model_and_classes, params_and_classes)
 from helpers.rowstore import RowStore, disk_full_guard, write_raster
+from helpers.teacher import blend_teacher, load_teacher
 from helpers.steps import DONE, file_id, fingerprint_of, guard_output, reuse_or_guard, start_in_place
 from helpers.strips import read_bands
 from helpers.tissue import slide_tissue_mask, tissue_mask_size, tissue_tiles
@@ -153,7 +154,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
                   normalizer: str | Path | None = "auto", overlap: int = 16, blend: str = "mean",
                   tile_size: int | None = None, batch_size: int = 8, class_map: ClassMap | str | Path | None = None,
                   overwrite: bool = False, progress: bool = True, prefetch: int = 2,
-                  checkpoint_seconds: float = 30.0, min_tissue: float = 0.0, runtime: str = "keras") -> PredictionResult:
+                  checkpoint_seconds: float = 30.0, min_tissue: float = 0.0, runtime: str = "keras",
+                  teacher: str | Path | None = None, teacher_weight: float = 0.0) -> PredictionResult:
     """Predict class probabilities over a whole slide; write ``probabilities.tiff``.
 
     Args:
@@ -176,6 +178,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             (0 = any tissue pixel).
         runtime: ``"auto"`` (ONNX Runtime when installed and proven equivalent, else Keras),
             ``"onnxruntime"`` or ``"keras"`` (:mod:`helpers.runtime`).
+        teacher: 03's forest (``labels/teacher.joblib``) to average with the U-Net (:mod:`helpers.teacher`).
+        teacher_weight: The forest's share of each pixel's probabilities (0 = the U-Net alone).
 
     Returns:
         A :class:`PredictionResult` (also written to ``out_dir/prediction.json``).
@@ -197,9 +201,15 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         raise ParameterError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
     if batch_size < 1:
         raise ParameterError(f"batch_size must be >= 1; got {batch_size}")
+    use_teacher = bool(teacher) and teacher_weight > 0
+    if not 0.0 <= teacher_weight <= 1.0:
+        raise ParameterError(f"teacher_weight must be in [0, 1]; got {teacher_weight}")
+    teach = load_teacher(teacher) if use_teacher else None  # a missing teacher fails here, before any work
     fingerprint = fingerprint_of(dict(mpp=mpp, normalizer=normalizer, overlap=overlap, blend=blend, tile_size=tile_size,
-                                      min_tissue=min_tissue, runtime=runtime, classes=getattr(class_map, "names", class_map)),
-                                 [slide_path, *sorted(model_dir.glob("*.keras")), model_dir / "training_params.yaml"])
+                                      min_tissue=min_tissue, runtime=runtime, classes=getattr(class_map, "names", class_map),
+                                      teacher_weight=teacher_weight if use_teacher else 0.0),
+                                 [slide_path, *sorted(model_dir.glob("*.keras")), model_dir / "training_params.yaml",
+                                  *([Path(teacher)] if use_teacher else [])])
     if reuse_or_guard(out_dir, fingerprint, overwrite, "prediction", done="prediction.json", record=".predict_params.json",
                       guard=False):  # a finished slide with the same settings: reuse it
         return PredictionResult(**read_prediction_info(out_dir))
@@ -373,13 +383,22 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         loop_seconds = time.perf_counter() - t_loop
         probs_mm.flush()
         blender = None  # the pyramid writer's buffers take their place, not add to them
-        t_pyr = time.perf_counter()
 
         meta = {"slide": slide.name, "classes": cmap.names, "overlap": overlap, "blend": blend, "tile_size": tile}
         prob_path = out_dir / "probabilities.tiff"
+        if teach is not None:  # into a second row file: a run stopped here blends again from the U-Net's rows
+            t_t = time.perf_counter()
+            with disk_full_guard(part / "teacher.npy"):
+                mixed = RowStore(part / "teacher.npy", probs_mm.shape, np.uint8, create=True)
+                setup["teacher"] = blend_teacher(probs_mm, mixed, slide, ds, model_mpp, teach, teacher_weight, bg,
+                                                 progress)
+            probs_mm.close()
+            probs_mm, setup["teacher"]["seconds"] = mixed, round(time.perf_counter() - t_t, 2)
+        t_pyr = time.perf_counter()
         write_raster(prob_path, probs_mm, kind="probabilities", mpp=model_mpp, downsample=ds, meta=meta,
                      overwrite=True)
         seconds = time.perf_counter() - t_start + seconds_before
+        teacher_info = setup.pop("teacher", None)
         tm = {"setup": t_loop - t_start, **setup, **tm, "loop": loop_seconds, "pyramid": time.perf_counter() - t_pyr}
         result = PredictionResult(
             slide=slide.name, slide_path=str(slide_path), out_dir=str(out_dir), probabilities=str(prob_path),
@@ -389,7 +408,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
             tiles_per_second=round(tiles_now / loop_seconds, 2) if loop_seconds > 0 and tiles_now else 0.0,
             resumed_from_band=start_band, model_file=str(params["model_file"]),
             extra={"slide_mpp_source": slide.mpp_source, "batch_size": batch_size, "runtime": predict_fn.runtime,
-                   "runtime_reason": predict_fn.reason, "seconds_by_part": {k: round(v, 3) for k, v in tm.items()}},
+                   "runtime_reason": predict_fn.reason, "seconds_by_part": {k: round(v, 3) for k, v in tm.items()},
+                   **({"teacher": {"file": str(teacher), **teacher_info}} if teacher_info else {})},
         )
         with disk_full_guard(out_dir / "prediction.json"):
             write_json(asdict(result), out_dir / "prediction.json", overwrite=True)

@@ -81,6 +81,11 @@ def test_refine_with_densify_on_the_demo_slide(tmp_path, class_map):
     dense = refine_tiles(wd, class_map, overwrite=True, densify="forest", densify_confidence=0.8)
     info = json.loads((wd / "labels" / "densify.json").read_text())
     assert info["added_px"] > 0 and info["training_px"] > 0
+    from helpers.teacher import load_teacher
+
+    teacher = load_teacher(wd / "labels" / "teacher.joblib")  # kept for 07's teacher_weight
+    assert teacher["classes"] == sorted(teacher["classes"]) and len(teacher["classes"]) >= 2
+    assert teacher["mpp"] == pytest.approx(2.0) and teacher["colours"] == "raw"
     grown = added = right = beyond = 0
     for r in dense.itertuples():
         lab, before = read_image(wd / r.label), plain_labels[r.tile_id]
