@@ -71,6 +71,18 @@ def test_chain_runs_and_each_step_writes_what_it_promises(chain_run):
             assert found, f"{stem} did not write {pattern}"
 
 
+def test_the_forest_of_03_reaches_07_as_its_teacher(chain_run):
+    """tests/params: 03 with densify keeps its forest; 07 averages it in and records it."""
+    workdir, _ = chain_run
+    assert (workdir / "labels" / "teacher.joblib").is_file()
+    infos = [json.loads(p.read_text()) for p in sorted(workdir.glob("predictions/*/prediction.json"))]
+    assert infos
+    for info in infos:
+        teacher = info["extra"]["teacher"]
+        assert teacher["pixels"] > 0 and teacher["weight"] == 0.5
+        assert Path(teacher["file"]).resolve() == (workdir / "labels" / "teacher.joblib").resolve()
+
+
 def test_manifests_hand_over_consistent_tiles(chain_run):
     workdir, _ = chain_run
     manifests = [workdir / s / "manifest.csv" for s in ("tiles", "stain", "labels")]
