@@ -3,7 +3,8 @@
 Usage::
 
     python -m benchmarks.pixel_classifier_real [--data ../shared/data/real] [--sources ...]
-        [--seeds 0 1 2] [--classifier rtrees ann] [--mpp 1.0] [--out benchmarks/results/pixel_classifier_real.csv]
+        [--seeds 0 1 2] [--classifier rtrees ann] [--mpp 1.0] [--postprocess [07.yaml]]
+        [--out benchmarks/results/pixel_classifier_real.csv]
 
 QuPath's own answer to "learn this tissue from my strokes" is its pixel classifier
 (*Classify > Pixel classification > Train pixel classifier*): multi-scale filter
@@ -28,6 +29,8 @@ held-out half, so the two figures compare directly:
   pixels per leaf); ``ann``: a multilayer perceptron (QuPath's "Artificial neural network":
   one hidden layer of 32 units, standardized features). QuPath uses OpenCV's classifiers;
   OpenCV 5 moved them to its contrib package, so scikit-learn's are used here (``[dev]``).
+* **Post-processing** (``--postprocess``): the classifier's probabilities go through 07's smoothing,
+  hole filling and small-region removal first, as the U-Net's ``bench_real`` figures do (07's labels).
 * **Score**: per-class confusion of the held-out right half against the dense truth, pooled
   per source (:func:`benchmarks.bench_real.confusion`): the same figures as ``bench_real``.
 
@@ -65,7 +68,9 @@ def train_classifier(x: np.ndarray, y: np.ndarray, kind: str, seed: int = 0):
     """A classifier trained on ``x`` (n, f) float32 with labels ``y`` (n,); returns ``predict(x) -> labels``."""
     if kind == "rtrees":
         model = fit_forest(x, y, seed, trees=100, depth=20)
-        return lambda z: model.predict(z).astype(np.int64)
+        predict = lambda z: model.predict(z).astype(np.int64)  # noqa: E731
+        predict.model = model  # type: ignore[attr-defined]
+        return predict
     if kind == "ann":
         from sklearn.neural_network import MLPClassifier
         from sklearn.pipeline import make_pipeline
@@ -74,12 +79,35 @@ def train_classifier(x: np.ndarray, y: np.ndarray, kind: str, seed: int = 0):
         model = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(32,), max_iter=500,
                                                               early_stopping=False, random_state=seed))
         model.fit(x, y)
-        return lambda z: model.predict(z).astype(np.int64)
+        predict = lambda z: model.predict(z).astype(np.int64)  # noqa: E731
+        predict.model = model  # type: ignore[attr-defined]
+        return predict
     raise ValueError(f"classifier must be 'rtrees' or 'ann'; got {kind!r}")
 
 
-def run_source(source, class_map, seed: int, kinds: list[str], mpp: float = 1.0, per_class: int = 20_000) -> list[dict]:
-    """Train each classifier on one source's strokes (all images, left halves); pooled held-out scores."""
+def postprocessed(model, f: np.ndarray, class_map, mpp: float, settings: dict) -> np.ndarray:
+    """Labels from the classifier's probabilities through 07's post-processing (``settings``: 07's YAML)."""
+    from helpers.model import background_index
+    from helpers.postprocess import postprocess_labels
+
+    h, w = f.shape[:2]
+    proba = model.predict_proba(f.reshape(h * w, -1))
+    full = np.zeros((h * w, class_map.n_classes), np.float32)
+    full[:, np.asarray(model.classes_, int) - 1] = proba
+    probs = np.rint(full * 255).astype(np.uint8).reshape(h, w, -1)  # 07's raster holds uint8 probabilities
+    keys = ("smoothing", "smoothing_size", "opening_px", "closing_px", "fill_holes_um2", "min_area_um2")
+    labels, _ = postprocess_labels(probs, mpp=mpp, background_label=background_index(class_map) + 1,
+                                   **{k: settings[k] for k in keys if settings.get(k) is not None})
+    return np.asarray(labels)
+
+
+def run_source(source, class_map, seed: int, kinds: list[str], mpp: float = 1.0, per_class: int = 20_000,
+               postprocess: dict | None = None) -> list[dict]:
+    """Train each classifier on one source's strokes (all images, left halves); pooled held-out scores.
+
+    ``postprocess``: 07's settings (e.g. ``data/params/real/07_infer_slide.yaml``) to apply to the
+    classifier's probabilities first, as the U-Net's figures have them; None: the plain argmax.
+    """
     t0 = time.perf_counter()
     scale = source.mpp / mpp  # classifier px per image px
     feats, truths, strokes = {}, {}, {}
@@ -105,13 +133,17 @@ def run_source(source, class_map, seed: int, kinds: list[str], mpp: float = 1.0,
         t_train = time.perf_counter() - t1
         pooled = np.zeros((n, n), np.int64)
         for stem, f in feats.items():
-            pred = predict(f.reshape(-1, f.shape[-1])).reshape(f.shape[:2]).astype(np.uint8)
+            if postprocess is None:
+                pred = predict(f.reshape(-1, f.shape[-1])).reshape(f.shape[:2]).astype(np.uint8)
+            else:
+                pred = postprocessed(predict.model, f, class_map, mpp, postprocess)
             truth = truths[stem]
             pred = resize(pred, truth.shape, nearest=True)
             pooled += confusion(np.where(~train_part(truth.shape), truth, 0), pred, n)
         s = scores(pooled)
         head = class_map.headline.label - 1
-        rows.append({"source": source.name, "seed": seed, "classifier": kind, "headline": source.headline,
+        rows.append({"source": source.name, "seed": seed, "classifier": kind + ("+pp" if postprocess else ""),
+                     "headline": source.headline,
                      "iou": float(s["iou"][head]), "precision": float(s["precision"][head]),
                      "recall": float(s["recall"][head]),
                      **{f"iou {name}": float(s["iou"][i]) for i, name in enumerate(class_map.names)
@@ -145,6 +177,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--classifier", nargs="+", default=["rtrees", "ann"], choices=["rtrees", "ann"])
     ap.add_argument("--mpp", type=float, default=1.0, help="um/px the classifier works at")
     ap.add_argument("--per-class", type=int, default=20_000, help="training pixels per class (at most)")
+    ap.add_argument("--postprocess", nargs="?", const=str(ROOT / "data" / "params" / "real" / "07_infer_slide.yaml"),
+                    default=None, metavar="YAML", help="apply 07's post-processing (smoothing, hole filling, small "
+                    "regions) from this YAML first, as the U-Net's figures have it (default YAML: the real recipe's)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -152,11 +187,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not data.is_dir():
         raise SystemExit(f"ERROR: {data}: data folder not found; pass --data <folder of image + mask pairs>")
     cmap = load_class_map()
+    settings = None
+    if args.postprocess:
+        import yaml
+
+        pp_file = Path(args.postprocess)
+        if not pp_file.is_file():
+            raise SystemExit(f"ERROR: {pp_file}: 07 settings not found; pass --postprocess <07_infer_slide.yaml>")
+        settings = yaml.safe_load(pp_file.read_text()) or {}
     rows: list[dict] = []
     try:
         for seed in args.seeds:
             for name in args.sources or list_sources(data):
-                rows += run_source(load_source(data, name), cmap, seed, args.classifier, args.mpp, args.per_class)
+                rows += run_source(load_source(data, name), cmap, seed, args.classifier, args.mpp, args.per_class,
+                                   settings)
     except HistoUNetError as exc:
         raise SystemExit(f"ERROR: {exc}") from None
     import pandas as pd
