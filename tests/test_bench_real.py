@@ -197,6 +197,33 @@ def test_pixel_classifier_baseline_learns_real_tissue_from_the_same_strokes(ocdc
     assert list(df["source"]) == ["ocdc_oral"] and abs(df["iou"].iloc[0] - rows[0]["iou"]) < 1e-9
 
 
+def test_pixel_classifier_postprocessed_as_07_does(tmp_path):
+    """--postprocess: the forest's probabilities through 07's smoothing and area filters (the U-Net's figures have it)."""
+    from benchmarks import pixel_classifier_real as pc
+    from helpers.config import load_class_map
+
+    rng = np.random.default_rng(0)
+    lab = np.ones((96, 96), np.uint8)
+    lab[:, 48:] = 2
+    img = np.where(lab[..., None] == 1, 230, 90).astype(np.uint8) + rng.integers(0, 40, (96, 96, 3)).astype(np.uint8)
+    feats = pc.pixel_features(img, 1.0)
+    idx = rng.permutation(96 * 96)[:600]
+    predict = pc.train_classifier(feats.reshape(-1, feats.shape[-1])[idx], lab.ravel()[idx], "rtrees")
+    cmap = load_class_map()
+    plain = predict(feats.reshape(-1, feats.shape[-1])).reshape(96, 96)
+    pp = pc.postprocessed(predict.model, feats, cmap, 1.0, {"smoothing": "gaussian", "smoothing_size": 4.0})
+    assert pp.shape == lab.shape and set(np.unique(pp)) <= {1, 2}
+    assert (pp == lab).mean() >= (plain == lab).mean() > 0.9
+    # the area filter of 07 removes a speck the plain argmax keeps
+    speck = feats.copy()
+    speck[10:13, 10:13] = feats[50, 70]
+    assert (predict(speck.reshape(-1, speck.shape[-1])).reshape(96, 96)[10:13, 10:13] == 2).any()
+    cleaned = pc.postprocessed(predict.model, speck, cmap, 1.0, {"smoothing": None, "min_area_um2": 50.0})
+    assert (cleaned[10:13, 10:13] == 1).all()
+    with pytest.raises(SystemExit, match="07 settings not found"):
+        pc.main(["--data", str(tmp_path), "--postprocess", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "x.csv")])
+
+
 def test_densify_never_reaches_the_held_out_half(tmp_path):
     """With 03's densify on, write_params restricts it to the training part's boxes (ssl_region.json)."""
     import yaml
