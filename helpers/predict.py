@@ -38,7 +38,7 @@ from helpers.io import atomic_path, make_dir, read_json, resumable_or_nothing, w
 from helpers.model import (SIZE_MULTIPLE, background_index, check_class_map, check_outputs, keras_input_shape,
                            load_model_and_classes, params_and_classes)
 from helpers.rowstore import RowStore, disk_full_guard, write_raster
-from helpers.teacher import blend_teacher, load_teacher
+from helpers.teacher import blend_teacher, check_teacher, load_teacher
 from helpers.steps import DONE, file_id, fingerprint_of, guard_output, reuse_or_guard, start_in_place
 from helpers.strips import read_bands
 from helpers.tissue import slide_tissue_mask, tissue_mask_size, tissue_tiles
@@ -226,6 +226,8 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
     setup = {"setup_model": time.perf_counter() - t_model}
     cmap = check_class_map(model_classes, class_map)
     n_cls = cmap.n_classes
+    if teach is not None:
+        check_teacher(teach, n_cls, teacher)
     bg = background_index(cmap)
     tile = int(tile_size or params["tile_size"])
 

@@ -59,6 +59,13 @@ def load_teacher(path: str | Path) -> dict:
     return teacher
 
 
+def check_teacher(teacher: dict, n_cls: int, path: str | Path = "teacher") -> None:
+    """Refuse a teacher whose class labels the model does not have (before any prediction work)."""
+    if max(teacher["classes"]) > n_cls:
+        raise HistoUNetError(f"{path}: the teacher knows class labels {teacher['classes']} but the model has {n_cls} "
+                             "classes; use the teacher of the same work folder's 03")
+
+
 def halo_px(sigmas_um: list[float] | tuple[float, ...], mpp: float) -> int:
     """Context rows/columns a block needs so its features equal the whole image's."""
     return int(math.ceil(12 * max(sigmas_um) / mpp)) + 1
@@ -104,9 +111,7 @@ def blend_teacher(probs: Any, out: Any, slide: Any, ds: float, mpp: float, teach
     if not 0.0 < weight <= 1.0:
         raise ParameterError(f"teacher_weight must be in (0, 1] to use a teacher; got {weight}")
     H, W, n_cls = probs.shape
-    if max(teacher["classes"]) > n_cls:
-        raise HistoUNetError(f"the teacher knows class labels {teacher['classes']} but the model has {n_cls} classes; "
-                             "use the teacher of the same work folder's 03")
+    check_teacher(teacher, n_cls)
     halo = halo_px(teacher["sigmas_um"], mpp)
     t0, pixels, blocks = time.perf_counter(), 0, 0
     n_blocks = math.ceil(H / BLOCK_PX) * math.ceil(W / BLOCK_PX)

@@ -102,4 +102,7 @@ def test_predict_slide_with_the_teacher(setup, teacher_file, tmp_path):
     joblib.dump({"not": "a teacher"}, tmp_path / "foreign.joblib")
     with pytest.raises(HistoUNetError, match="not a teacher"):
         load_teacher(tmp_path / "foreign.joblib")
+    joblib.dump({**load_teacher(path), "classes": [1, 2, 3, 4, 5]}, tmp_path / "five.joblib")
+    with pytest.raises(HistoUNetError, match="model has 4 classes"):
+        predict_slide(d / "slide.tiff", d / "model", tmp_path / "x", teacher=tmp_path / "five.joblib", teacher_weight=0.5)
     assert not (tmp_path / "x").exists()
