@@ -89,11 +89,10 @@ def postprocessed(model, f: np.ndarray, class_map, mpp: float, settings: dict) -
     """Labels from the classifier's probabilities through 07's post-processing (``settings``: 07's YAML)."""
     from helpers.model import background_index
     from helpers.postprocess import postprocess_labels
+    from helpers.teacher import class_probabilities
 
     h, w = f.shape[:2]
-    proba = model.predict_proba(f.reshape(h * w, -1))
-    full = np.zeros((h * w, class_map.n_classes), np.float32)
-    full[:, np.asarray(model.classes_, int) - 1] = proba
+    full = class_probabilities(model, f.reshape(h * w, -1), class_map.n_classes)
     probs = np.rint(full * 255).astype(np.uint8).reshape(h, w, -1)  # 07's raster holds uint8 probabilities
     keys = ("smoothing", "smoothing_size", "opening_px", "closing_px", "fill_holes_um2", "min_area_um2")
     labels, _ = postprocess_labels(probs, mpp=mpp, background_label=background_index(class_map) + 1,

@@ -246,7 +246,7 @@ def _densify_tiles(workdir: Path, tmp: Path, rows: list[dict], shapes: list[tupl
     from helpers.densify import SIGMAS_UM
     from helpers.teacher import TEACHER_FILE, save_teacher
 
-    mpp = float(rows[0].get("mpp") or 1.0) if rows else None
+    mpp = float(rows[0].get("mpp") or 1.0)  # the tiles' um/px (03 refuses an empty manifest)
     info = run_densify(list(canvases), load, save, confidence=confidence, per_class=per_class, progress=True,
                        keep_model=lambda m: save_teacher(m, tmp / TEACHER_FILE, mpp=mpp, sigmas_um=SIGMAS_UM))
     info["added_by_class"] = {class_map.names[c - 1]: n for c, n in info["added_by_class"].items()}

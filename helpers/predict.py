@@ -388,19 +388,18 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
 
         meta = {"slide": slide.name, "classes": cmap.names, "overlap": overlap, "blend": blend, "tile_size": tile}
         prob_path = out_dir / "probabilities.tiff"
+        teacher_info = None
         if teach is not None:  # into a second row file: a run stopped here blends again from the U-Net's rows
-            t_t = time.perf_counter()
             with disk_full_guard(part / "teacher.npy"):
                 mixed = RowStore(part / "teacher.npy", probs_mm.shape, np.uint8, create=True)
-                setup["teacher"] = blend_teacher(probs_mm, mixed, slide, ds, model_mpp, teach, teacher_weight, bg,
-                                                 progress)
+                teacher_info = blend_teacher(probs_mm, mixed, slide, ds, model_mpp, teach, teacher_weight, bg,
+                                             progress)
             probs_mm.close()
-            probs_mm, setup["teacher"]["seconds"] = mixed, round(time.perf_counter() - t_t, 2)
+            probs_mm = mixed
         t_pyr = time.perf_counter()
         write_raster(prob_path, probs_mm, kind="probabilities", mpp=model_mpp, downsample=ds, meta=meta,
                      overwrite=True)
         seconds = time.perf_counter() - t_start + seconds_before
-        teacher_info = setup.pop("teacher", None)
         tm = {"setup": t_loop - t_start, **setup, **tm, "loop": loop_seconds, "pyramid": time.perf_counter() - t_pyr}
         result = PredictionResult(
             slide=slide.name, slide_path=str(slide_path), out_dir=str(out_dir), probabilities=str(prob_path),

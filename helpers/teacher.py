@@ -71,17 +71,21 @@ def halo_px(sigmas_um: list[float] | tuple[float, ...], mpp: float) -> int:
     return int(math.ceil(12 * max(sigmas_um) / mpp)) + 1
 
 
+def class_probabilities(model: Any, x: np.ndarray, n_cls: int) -> np.ndarray:
+    """``(n, n_cls)`` float32: a classifier's ``predict_proba`` on ``x`` (n, f), one column per class label
+    ``1..n_cls`` (the model's ``classes_``), zeros for classes it never saw."""
+    out = np.zeros((len(x), n_cls), np.float32)
+    out[:, np.asarray(model.classes_, int) - 1] = model.predict_proba(x)
+    return out
+
+
 def forest_probabilities(teacher: dict, rgb: np.ndarray, mpp: float, n_cls: int, halo: int) -> np.ndarray:
     """``(h - 2 halo, w - 2 halo, n_cls)`` float32 class probabilities of the block inside ``rgb``'s halo."""
     from helpers.densify import pixel_features
 
     feats = pixel_features(rgb, mpp, tuple(teacher["sigmas_um"]))[halo:rgb.shape[0] - halo, halo:rgb.shape[1] - halo]
     h, w = feats.shape[:2]
-    proba = teacher["model"].predict_proba(feats.reshape(h * w, -1))
-    out = np.zeros((h * w, n_cls), np.float32)
-    for j, label in enumerate(teacher["classes"]):
-        out[:, int(label) - 1] = proba[:, j]
-    return out.reshape(h, w, n_cls)
+    return class_probabilities(teacher["model"], feats.reshape(h * w, -1), n_cls).reshape(h, w, n_cls)
 
 
 def blend_teacher(probs: Any, out: Any, slide: Any, ds: float, mpp: float, teacher: dict, weight: float, bg: int,
