@@ -49,7 +49,7 @@ import numpy as np
 
 from benchmarks.bench_real import (DATA, confusion, dense_truth, list_sources, load_source, read_mask, read_rgb,
                                    scores, simulate_annotations, train_part)
-from helpers.densify import fit_forest, pixel_features
+from helpers.densify import SIGMAS_UM, SoftVote, fit_forest, fit_mlp, pixel_features
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "pixel_classifier_real.csv"
@@ -71,18 +71,14 @@ def train_classifier(x: np.ndarray, y: np.ndarray, kind: str, seed: int = 0):
         predict = lambda z: model.predict(z).astype(np.int64)  # noqa: E731
         predict.model = model  # type: ignore[attr-defined]
         return predict
-    if kind == "ann":
-        from sklearn.neural_network import MLPClassifier
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        model = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(32,), max_iter=500,
-                                                              early_stopping=False, random_state=seed))
-        model.fit(x, y)
-        predict = lambda z: model.predict(z).astype(np.int64)  # noqa: E731
+    if kind in ("ann", "rtrees_ann"):
+        # rtrees_ann: 03's densify "forest_mlp", with the baseline's forest size
+        model = fit_mlp(x, y, seed) if kind == "ann" else SoftVote([fit_forest(x, y, seed, trees=100, depth=20),
+                                                                      fit_mlp(x, y, seed)])
+        predict = lambda z: np.asarray(model.predict(z)).astype(np.int64)  # noqa: E731
         predict.model = model  # type: ignore[attr-defined]
         return predict
-    raise ValueError(f"classifier must be 'rtrees' or 'ann'; got {kind!r}")
+    raise ValueError(f"classifier must be 'rtrees', 'ann' or 'rtrees_ann'; got {kind!r}")
 
 
 def postprocessed(model, f: np.ndarray, class_map, mpp: float, settings: dict) -> np.ndarray:
@@ -101,11 +97,12 @@ def postprocessed(model, f: np.ndarray, class_map, mpp: float, settings: dict) -
 
 
 def run_source(source, class_map, seed: int, kinds: list[str], mpp: float = 1.0, per_class: int = 20_000,
-               postprocess: dict | None = None) -> list[dict]:
+               postprocess: dict | None = None, sigmas_um: tuple[float, ...] = SIGMAS_UM) -> list[dict]:
     """Train each classifier on one source's strokes (all images, left halves); pooled held-out scores.
 
     ``postprocess``: 07's settings (e.g. ``data/params/real/07_infer_slide.yaml``) to apply to the
     classifier's probabilities first, as the U-Net's figures have them; None: the plain argmax.
+    ``sigmas_um``: the filter scales of the features (03's by default).
     """
     t0 = time.perf_counter()
     scale = source.mpp / mpp  # classifier px per image px
@@ -115,7 +112,7 @@ def run_source(source, class_map, seed: int, kinds: list[str], mpp: float = 1.0,
         truth = dense_truth(image, mask, source, class_map)
         labels, _ = simulate_annotations(truth, class_map, source.mpp, source.annotator, seed, stem)
         small = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
-        feats[stem] = pixel_features(resize(image, small), mpp)
+        feats[stem] = pixel_features(resize(image, small), mpp, tuple(sigmas_um))
         strokes[stem] = resize(labels, small, nearest=True)
         truths[stem] = truth
     rng = np.random.default_rng(seed)
@@ -173,12 +170,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--data", default=str(DATA), help="folder of sources (as bench_real)")
     ap.add_argument("--sources", nargs="*", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="annotator seeds")
-    ap.add_argument("--classifier", nargs="+", default=["rtrees", "ann"], choices=["rtrees", "ann"])
+    ap.add_argument("--classifier", nargs="+", default=["rtrees", "ann"], choices=["rtrees", "ann", "rtrees_ann"],
+                    help="rtrees: random forest; ann: small neural network; rtrees_ann: the mean of the two's probabilities")
     ap.add_argument("--mpp", type=float, default=1.0, help="um/px the classifier works at")
     ap.add_argument("--per-class", type=int, default=20_000, help="training pixels per class (at most)")
     ap.add_argument("--postprocess", nargs="?", const=str(ROOT / "data" / "params" / "real" / "07_infer_slide.yaml"),
                     default=None, metavar="YAML", help="apply 07's post-processing (smoothing, hole filling, small "
                     "regions) from this YAML first, as the U-Net's figures have it (default YAML: the real recipe's)")
+    ap.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS_UM), metavar="UM",
+                    help="filter scales of the features in um (default: 03's)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seed in args.seeds:
             for name in args.sources or list_sources(data):
                 rows += run_source(load_source(data, name), cmap, seed, args.classifier, args.mpp, args.per_class,
-                                   settings)
+                                   settings, tuple(args.sigmas))
     except HistoUNetError as exc:
         raise SystemExit(f"ERROR: {exc}") from None
     import pandas as pd

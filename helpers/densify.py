@@ -33,7 +33,9 @@ from helpers.errors import ParameterError
 log = logging.getLogger(__name__)
 
 SIGMAS_UM: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
-METHODS = ("forest",)
+#: ``forest``: a random forest (QuPath's "Random trees"); ``forest_mlp``: the mean of that forest's and a small
+#: neural network's probabilities (QuPath's "ANN_MLP": one hidden layer of 32 units on standardized features).
+METHODS = ("forest", "forest_mlp")
 #: A slide's tiles are put together only when the union's bounding box has at most this many pixels
 #: (per tile otherwise: the same labels, features cut at tile borders).
 MAX_CANVAS_PX = 64_000_000
@@ -81,6 +83,44 @@ def fit_forest(x: np.ndarray, y: np.ndarray, seed: int = 0, trees: int = 64, dep
     return model
 
 
+def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int = 0):
+    """A small neural network on standardized ``x`` (n, f): QuPath's "ANN_MLP" kind of classifier."""
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(32,), max_iter=500, random_state=seed))
+    model.fit(x, y)
+    return model
+
+
+class SoftVote:
+    """The mean of several fitted classifiers' probabilities (the same ``classes_``), as one classifier."""
+
+    def __init__(self, models: list):
+        if any(list(m.classes_) != list(models[0].classes_) for m in models):
+            raise ValueError("SoftVote: the classifiers were fitted to different classes")
+        self.models = list(models)
+        self.classes_ = models[0].classes_
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """``(n, len(classes_))`` mean probability."""
+        return np.mean([m.predict_proba(x) for m in self.models], axis=0)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The class of highest mean probability."""
+        return self.classes_[self.predict_proba(x).argmax(1)]
+
+
+def fit_teacher(x: np.ndarray, y: np.ndarray, method: str = "forest", seed: int = 0):
+    """The pixel classifier of ``method`` (one of :data:`METHODS`) fitted to ``x`` (n, f), ``y`` (n,)."""
+    if method == "forest":
+        return fit_forest(x, y, seed)
+    if method == "forest_mlp":
+        return SoftVote([fit_forest(x, y, seed), fit_mlp(x, y, seed)])
+    raise ParameterError(f"densify={method!r}: use None (off) or one of {', '.join(METHODS)}")
+
+
 def _sample(lab: np.ndarray, mask: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
     """Flat indices of at most ``per_class`` random pixels of each class of ``lab`` inside ``mask``."""
     flat, m = lab.ravel(), mask.ravel()
@@ -91,7 +131,7 @@ def _sample(lab: np.ndarray, mask: np.ndarray, per_class: int, rng: np.random.Ge
 def densify(keys: list, load: Callable[[Any], tuple[np.ndarray, np.ndarray, np.ndarray | None, float]],
             save: Callable[[Any, np.ndarray], None], *, confidence: float = 0.8, per_class: int = 20_000,
             seed: int = 0, features: Callable[[np.ndarray, float], np.ndarray] = pixel_features,
-            progress: bool = False, keep_model: Callable[[Any], None] | None = None) -> dict:
+            progress: bool = False, keep_model: Callable[[Any], None] | None = None, method: str = "forest") -> dict:
     """Fit the forest to the labelled pixels of every image, then label the confident unlabelled ones.
 
     Two passes over ``keys`` (features are computed twice rather than held: a cohort's
@@ -108,7 +148,8 @@ def densify(keys: list, load: Callable[[Any], tuple[np.ndarray, np.ndarray, np.n
         seed: Random seed (sampling and forest).
         features: ``features(rgb, mpp) -> (h, w, f)``.
         progress: Show progress bars.
-        keep_model: Called with the fitted forest (e.g. to keep it for 07, :mod:`helpers.teacher`).
+        keep_model: Called with the fitted classifier (e.g. to keep it for 07, :mod:`helpers.teacher`).
+        method: The classifier, one of :data:`METHODS`.
 
     Returns:
         ``{"classes", "training_px", "added_px", "added_by_class"}`` (class labels as ints).
@@ -117,6 +158,8 @@ def densify(keys: list, load: Callable[[Any], tuple[np.ndarray, np.ndarray, np.n
 
     if not 0.0 < confidence <= 1.0:
         raise ParameterError(f"densify_confidence must be in (0, 1]; got {confidence}")
+    if method not in METHODS:
+        raise ParameterError(f"densify={method!r}: use None (off) or one of {', '.join(METHODS)}")
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for k in tqdm(keys, desc="densify: sample strokes", unit="image", disable=not progress):
@@ -136,7 +179,7 @@ def densify(keys: list, load: Callable[[Any], tuple[np.ndarray, np.ndarray, np.n
     x = np.concatenate(xs)
     keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in classes])
     info["training_px"] = int(len(keep))
-    model = fit_forest(x[keep], y[keep], seed)
+    model = fit_teacher(x[keep], y[keep], method, seed)
     if keep_model is not None:
         keep_model(model)
     del x, xs

@@ -154,8 +154,10 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
 
     defaults = {k: p.default for k, p in inspect.signature(refine_label).parameters.items()
                 if p.kind is p.KEYWORD_ONLY}  # the rules as applied, defaults included
-    if densify not in (None, "forest"):
-        raise ParameterError(f"densify={densify!r}: use None (off) or 'forest'")
+    from helpers.densify import METHODS
+
+    if densify not in (None, *METHODS):
+        raise ParameterError(f"densify={densify!r}: use None (off) or one of {', '.join(METHODS)}")
     if densify and not 0.0 < densify_confidence <= 1.0:  # checked before any work, not after the rules
         raise ParameterError(f"densify_confidence must be in (0, 1]; got {densify_confidence}")
     dense = dict(densify=densify, densify_confidence=densify_confidence, densify_per_class=densify_per_class,
@@ -193,7 +195,7 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
             from helpers.io import write_json
 
             info = _densify_tiles(workdir, tmp, rows, shapes, image_col, class_map, densify_confidence,
-                                  densify_per_class, boxes)
+                                  densify_per_class, boxes, densify)
             write_json(info, tmp / "densify.json")
         out = pd.DataFrame(rows)
         write_manifest(label_stats(before, out, class_map), tmp / "stats.csv")
@@ -204,7 +206,7 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
 
 def _densify_tiles(workdir: Path, tmp: Path, rows: list[dict], shapes: list[tuple[int, int]], image_col: str,
                    class_map: ClassMap, confidence: float, per_class: int,
-                   boxes: dict[str, list[float]] | None = None) -> dict:
+                   boxes: dict[str, list[float]] | None = None, method: str = "forest") -> dict:
     """Densify the refined tiles in ``tmp`` in place (per slide canvas); updates ``rows``' counts."""
     from helpers.consistency import region_mask
     from helpers.densify import densify as run_densify
@@ -248,7 +250,9 @@ def _densify_tiles(workdir: Path, tmp: Path, rows: list[dict], shapes: list[tupl
 
     mpp = float(rows[0].get("mpp") or 1.0)  # the tiles' um/px (03 refuses an empty manifest)
     info = run_densify(list(canvases), load, save, confidence=confidence, per_class=per_class, progress=True,
-                       keep_model=lambda m: save_teacher(m, tmp / TEACHER_FILE, mpp=mpp, sigmas_um=SIGMAS_UM))
+                       keep_model=lambda m: save_teacher(m, tmp / TEACHER_FILE, mpp=mpp, sigmas_um=SIGMAS_UM,
+                                                         method=method), method=method)
+    info["method"] = method
     info["added_by_class"] = {class_map.names[c - 1]: n for c, n in info["added_by_class"].items()}
     info["classes"] = [class_map.names[c - 1] for c in info["classes"]]
     log.info("densify: %d px labelled by the forest (%s), fitted to %d px", info["added_px"], info["added_by_class"],

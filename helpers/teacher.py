@@ -32,13 +32,14 @@ TEACHER_FILE = "teacher.joblib"
 BLOCK_PX = 512
 
 
-def save_teacher(model: Any, path: str | Path, *, mpp: float | None, sigmas_um: tuple[float, ...]) -> Path:
-    """Keep a fitted forest with what 07 needs to use it (``mpp`` of the tiles it saw, filter scales)."""
+def save_teacher(model: Any, path: str | Path, *, mpp: float | None, sigmas_um: tuple[float, ...],
+                 method: str = "forest") -> Path:
+    """Keep a fitted classifier with what 07 needs to use it (``mpp`` of the tiles it saw, filter scales)."""
     import joblib
 
     path = Path(path)
     joblib.dump({"model": model, "classes": [int(c) for c in model.classes_], "mpp": mpp,
-                 "sigmas_um": list(sigmas_um), "colours": "raw"}, path)
+                 "sigmas_um": list(sigmas_um), "colours": "raw", "method": method}, path)
     return path
 
 
