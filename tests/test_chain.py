@@ -72,9 +72,11 @@ def test_chain_runs_and_each_step_writes_what_it_promises(chain_run):
 
 
 def test_the_forest_of_03_reaches_07_as_its_teacher(chain_run):
-    """tests/params: 03 with densify keeps its forest; 07 averages it in and records it."""
+    """tests/params: 03 with densify keeps its classifier (forest + network); 07 averages it in and records it."""
+    from helpers.teacher import load_teacher
+
     workdir, _ = chain_run
-    assert (workdir / "labels" / "teacher.joblib").is_file()
+    assert load_teacher(workdir / "labels" / "teacher.joblib")["method"] == "forest_mlp"
     infos = [json.loads(p.read_text()) for p in sorted(workdir.glob("predictions/*/prediction.json"))]
     assert infos
     for info in infos:

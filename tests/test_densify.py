@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers.consistency import region_mask
-from helpers.densify import densify_images, pixel_features, tile_canvases
+from helpers.densify import SoftVote, densify_images, fit_forest, fit_mlp, fit_teacher, pixel_features, tile_canvases
 from helpers.errors import ParameterError
 from helpers.io import read_image
 from helpers.labels import disagreement_with_truth, refine_tiles, truth_tile
@@ -59,6 +59,33 @@ def test_forest_labels_the_unlabelled_pixels_it_is_sure_of():
         densify_images([img], [strokes], mpp=1.0, confidence=0)
 
 
+def test_forest_mlp_is_the_mean_of_the_two_classifiers():
+    """``densify: forest_mlp``: the teacher's probabilities are the mean of the forest's and the network's."""
+    img, truth = _two_tissues(96)
+    x = pixel_features(img, mpp=1.0).reshape(truth.size, -1)
+    y = truth.ravel()
+    rng = np.random.default_rng(0)
+    pick = rng.permutation(len(y))[:1500]
+    both = fit_teacher(x[pick], y[pick], "forest_mlp", seed=3)
+    forest, mlp = fit_forest(x[pick], y[pick], 3), fit_mlp(x[pick], y[pick], 3)
+    p_both = both.predict_proba(x)
+    assert isinstance(both, SoftVote) and list(both.classes_) == [2, 3]
+    assert np.allclose(p_both, (forest.predict_proba(x) + mlp.predict_proba(x)) / 2, atol=1e-6)
+    assert not np.allclose(p_both, forest.predict_proba(x), atol=1e-3)  # the network does change it
+    assert (both.predict(x) == y).mean() > 0.95
+    strokes = np.zeros_like(truth)
+    strokes[40:56, 10:26] = 3
+    strokes[40:56, 70:86] = 2
+    (new,), info = densify_images([img], [strokes], mpp=1.0, confidence=0.8, per_class=500, method="forest_mlp")
+    added = (strokes == 0) & (new > 0)
+    assert np.array_equal(new[strokes > 0], strokes[strokes > 0]) and added.sum() > 0.5 * (strokes == 0).sum()
+    assert (new[added] == truth[added]).mean() > 0.95
+    with pytest.raises(ParameterError, match="forest_mlp"):  # the error names the choices
+        densify_images([img], [strokes], mpp=1.0, method="svm")
+    with pytest.raises(ValueError, match="different classes"):
+        SoftVote([forest, fit_forest(x[pick], np.where(y[pick] == 2, 1, y[pick]), 3)])
+
+
 def test_tiles_are_put_back_on_their_slide_grid():
     rows = [{"slide": "a", "x": 0, "y": 0, "downsample": 2.0}, {"slide": "a", "x": 64, "y": 128, "downsample": 2.0},
             {"slide": "b", "x": 10, "y": 20, "downsample": 1.0}]
@@ -85,7 +112,8 @@ def test_refine_with_densify_on_the_demo_slide(tmp_path, class_map):
 
     teacher = load_teacher(wd / "labels" / "teacher.joblib")  # kept for 07's teacher_weight
     assert teacher["classes"] == sorted(teacher["classes"]) and len(teacher["classes"]) >= 2
-    assert teacher["mpp"] == pytest.approx(2.0) and teacher["colours"] == "raw"
+    assert teacher["mpp"] == pytest.approx(2.0) and teacher["colours"] == "raw" and teacher["method"] == "forest"
+    assert info["method"] == "forest"
     grown = added = right = beyond = 0
     for r in dense.itertuples():
         lab, before = read_image(wd / r.label), plain_labels[r.tile_id]
