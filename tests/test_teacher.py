@@ -31,12 +31,10 @@ def teacher_file(setup, tmp_path_factory):
 
 
 def _whole_image_forest(teacher: dict, img: np.ndarray) -> np.ndarray:
-    """The forest on the whole image at once, glass around it (what the slide reader gives outside)."""
-    from helpers.teacher import forest_probabilities, halo_px
+    """The forest on the whole image at once, mirrored at its edges (scipy's ``reflect``, as 03's canvases)."""
+    from helpers.teacher import forest_probabilities
 
-    halo = halo_px(teacher["sigmas_um"], 1.0)
-    padded = np.pad(img, ((halo, halo), (halo, halo), (0, 0)), constant_values=255)
-    return forest_probabilities(teacher, padded, 1.0, 4, halo)
+    return forest_probabilities(teacher, img, 1.0, 4, 0)
 
 
 def test_blocks_equal_the_whole_image_and_glass_is_left_alone(setup, teacher_file, tmp_path):
