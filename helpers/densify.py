@@ -6,7 +6,7 @@ several scales, fed to a random forest trained on the annotated pixels. On the r
 benchmark (``benchmarks/pixel_classifier_real.py``) that classifier, trained on the
 same strokes, scores about as well on held-out tissue as the U-Net. Here it labels the
 pixels nobody annotated, where it is confident, so the U-Net trains on more of the
-tissue (``densify: forest`` in 03).
+tissue (``densify: forest`` in 03; ``forest_mlp``: the mean of the forest and a small neural network).
 
 Per slide, the tiles of the manifest are put back together on the slide's tile grid (the
 union of the tiles, one pixel once, however much they overlap), features are computed
@@ -112,13 +112,17 @@ class SoftVote:
         return self.classes_[self.predict_proba(x).argmax(1)]
 
 
+def check_method(method: str | None) -> None:
+    """One-line error unless ``method`` is None (off) or one of :data:`METHODS` (03's ``densify``)."""
+    if method not in (None, *METHODS):
+        raise ParameterError(f"densify={method!r}: use None (off) or one of {', '.join(METHODS)}")
+
+
 def fit_teacher(x: np.ndarray, y: np.ndarray, method: str = "forest", seed: int = 0):
     """The pixel classifier of ``method`` (one of :data:`METHODS`) fitted to ``x`` (n, f), ``y`` (n,)."""
-    if method == "forest":
-        return fit_forest(x, y, seed)
-    if method == "forest_mlp":
-        return SoftVote([fit_forest(x, y, seed), fit_mlp(x, y, seed)])
-    raise ParameterError(f"densify={method!r}: use None (off) or one of {', '.join(METHODS)}")
+    check_method(method)
+    forest = fit_forest(x, y, seed)
+    return SoftVote([forest, fit_mlp(x, y, seed)]) if method == "forest_mlp" else forest
 
 
 def _sample(lab: np.ndarray, mask: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
@@ -158,8 +162,7 @@ def densify(keys: list, load: Callable[[Any], tuple[np.ndarray, np.ndarray, np.n
 
     if not 0.0 < confidence <= 1.0:
         raise ParameterError(f"densify_confidence must be in (0, 1]; got {confidence}")
-    if method not in METHODS:
-        raise ParameterError(f"densify={method!r}: use None (off) or one of {', '.join(METHODS)}")
+    check_method(method or "")  # None is "off" for 03, not a classifier here
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for k in tqdm(keys, desc="densify: sample strokes", unit="image", disable=not progress):

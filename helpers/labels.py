@@ -154,10 +154,9 @@ def refine_tiles(workdir: str | Path, class_map: ClassMap, input_step: str = "au
 
     defaults = {k: p.default for k, p in inspect.signature(refine_label).parameters.items()
                 if p.kind is p.KEYWORD_ONLY}  # the rules as applied, defaults included
-    from helpers.densify import METHODS
+    from helpers.densify import check_method
 
-    if densify not in (None, *METHODS):
-        raise ParameterError(f"densify={densify!r}: use None (off) or one of {', '.join(METHODS)}")
+    check_method(densify)
     if densify and not 0.0 < densify_confidence <= 1.0:  # checked before any work, not after the rules
         raise ParameterError(f"densify_confidence must be in (0, 1]; got {densify_confidence}")
     dense = dict(densify=densify, densify_confidence=densify_confidence, densify_per_class=densify_per_class,
