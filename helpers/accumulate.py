@@ -23,22 +23,26 @@ from collections.abc import Callable
 import numpy as np
 
 
-def finalize_rows(acc: np.ndarray, wsum: np.ndarray, bg: int, chunk_rows: int = 64) -> np.ndarray:
-    """Blended probabilities -> uint8 0-255; pixels no tile covered are background.
+def finalize_rows(acc: np.ndarray, wsum: np.ndarray, bg: int, chunk_rows: int = 16) -> np.ndarray:
+    """Blended probabilities -> uint8 0-255 (``rint(acc / wsum * 255)``); pixels no tile covered are background.
 
     Works ``chunk_rows`` rows at a time, so its float temporaries are a few rows, not the band.
+    One division per pixel (``255 / wsum``), not per channel, and the uncovered pixels are
+    set only where there are any (inside tissue there are none).
     """
     out = np.empty(acc.shape, np.uint8)
     for r in range(0, acc.shape[0], chunk_rows):
         a, w = acc[r:r + chunk_rows], wsum[r:r + chunk_rows]
         covered = w > 0
-        q = a / np.where(covered, w, 1.0)[..., None]
-        q[~covered] = 0.0
-        q[~covered, bg] = 1.0
-        q *= 255.0
+        scale = np.divide(np.float32(255.0), w, out=np.zeros(w.shape, np.float32), where=covered)
+        q = a * scale[..., None]
         np.rint(q, out=q)
-        np.clip(q, 0, 255, out=q)
-        out[r:r + chunk_rows] = q
+        np.clip(q, 0.0, 255.0, out=q)
+        o = out[r:r + chunk_rows]
+        np.copyto(o, q, casting="unsafe")
+        if not covered.all():
+            o[~covered] = 0
+            o[~covered, bg] = 255
     return out
 
 

@@ -66,3 +66,25 @@ def test_a_tile_above_the_finished_rows_is_refused():
     assert b.top == 8
     with pytest.raises(ValueError, match="above the first unfinished row"):
         b.add(4, 0, np.ones((16, 16, 2), np.float32))
+
+
+def test_finalize_rows_is_the_rounded_weighted_mean_and_background_where_no_tile_lies():
+    """uint8 = rint(acc / wsum * 255) (at most one step off float64's, nearly always equal); uncovered pixels are
+    the background class at 255 and 0 elsewhere; chunk boundaries change nothing."""
+    from helpers.accumulate import finalize_rows
+
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.ones(4), size=(37, 29)).astype(np.float32)
+    w = rng.choice(np.array([0.0, 0.25, 1.0, 3.5], np.float32), size=(37, 29))
+    acc = p * w[..., None]
+    expected = np.rint(acc.astype(np.float64) / np.where(w > 0, w, 1)[..., None] * 255).astype(int)
+    uncovered = w == 0
+    assert uncovered.any() and (~uncovered).any()
+    for chunk in (1, 5, 64):
+        got = finalize_rows(acc, w, bg=2, chunk_rows=chunk)
+        assert got.dtype == np.uint8 and got.shape == acc.shape
+        diff = np.abs(got.astype(int) - expected)[~uncovered]
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+        assert (got[uncovered, 2] == 255).all() and (got[uncovered][:, [0, 1, 3]] == 0).all()
+    full = finalize_rows(p, np.ones_like(w), bg=0)  # all covered: no background written anywhere
+    assert np.abs(full.astype(int) - np.rint(p.astype(np.float64) * 255)).max() <= 1 and full[..., 0].min() < 255
