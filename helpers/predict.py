@@ -176,8 +176,10 @@ def predict_slide(slide_path: str | Path, model_dir: str | Path, out_dir: str | 
         checkpoint_seconds: Minimum time between band checkpoints (0 = after every band).
         min_tissue: Fraction of a tile's footprint that must be tissue to predict it
             (0 = any tissue pixel).
-        runtime: ``"auto"`` (ONNX Runtime when installed and proven equivalent, else Keras),
-            ``"onnxruntime"`` or ``"keras"`` (:mod:`helpers.runtime`).
+        runtime: ``"auto"`` (OpenVINO, else ONNX Runtime, when installed and proven equivalent;
+            else Keras), ``"openvino"``, ``"onnxruntime"``, ``"keras"``, or ``"openvino-bf16"``
+            (bfloat16 where the CPU has it: faster, not equivalent; only when asked for)
+            (:mod:`helpers.runtime`).
         teacher: 03's forest (``labels/teacher.joblib``) to average with the U-Net (:mod:`helpers.teacher`).
         teacher_weight: The forest's share of each pixel's probabilities (0 = the U-Net alone).
 

@@ -18,7 +18,10 @@ Equivalent means: probabilities within :data:`MAX_ABS_DIFF` (a quarter of a step
 uint8 probabilities 07 stores) and argmax agreement at least :data:`MIN_ARGMAX_AGREEMENT`.
 OpenVINO runs in float32: its CPU default on bf16-capable CPUs is bfloat16, about 1.7x
 faster but measured 0.18-0.36 max abs difference and 99.6-99.7% argmax agreement on two
-trained models, so it is not equivalent.
+trained models, so it is not equivalent. It is offered only when asked for
+(``"openvino-bf16"``, never picked by ``"auto"``): the export records its figures against
+Keras as information, and the predictor says which precision the CPU actually runs (a CPU
+without bfloat16 units runs float32, and the runtime is then reported as ``"openvino"``).
 The same ``model.onnx`` is the file to hand to other tools (QuPath's deep-learning
 extensions read ONNX).
 """
@@ -43,7 +46,7 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 ONNX_INFO = "model.onnx.json"
-RUNTIMES = ("auto", "onnxruntime", "openvino", "keras")
+RUNTIMES = ("auto", "onnxruntime", "openvino", "openvino-bf16", "keras")  # openvino-bf16: only when asked for
 #: Export is accepted only when ONNX Runtime agrees with Keras this closely on the check tiles.
 MAX_ABS_DIFF = 1e-3
 MIN_ARGMAX_AGREEMENT = 0.999
@@ -144,7 +147,8 @@ def openvino_predict_fn(onnx: str | Path, batch_size: int, tile: int, n_cls: int
     """The OpenVINO path: the ONNX graph compiled for ``(batch_size, tile, tile, 3)`` on the CPU (padded batches).
 
     ``precision`` ``"f32"`` (default, equivalent to Keras) or ``"bf16"`` (OpenVINO's own
-    default on bf16-capable CPUs: faster, not equivalent; for the benchmark only).
+    default on bf16-capable CPUs: faster, not equivalent; only when asked for). The compiled
+    precision the CPU actually runs is ``predict.precision`` (``"f32"`` or ``"bf16"``).
     """
     import openvino as ov
 
@@ -155,11 +159,15 @@ def openvino_predict_fn(onnx: str | Path, batch_size: int, tile: int, n_cls: int
     # other thread waits for it (model only, 2 cores shared with a training run, load 3.5-4.7:
     # pinned 4.9-8.9 tiles/s, unpinned 11.7-12.9, ONNX Runtime 6.3-11.9)
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision, "ENABLE_CPU_PINNING": False}
-    request = core.compile_model(model, "CPU", config).create_infer_request()
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
 
     predict = fixed_batches(lambda chunk: request.infer({0: np.ascontiguousarray(chunk)})[0], batch_size, tile, n_cls)
     last = model.outputs[0].get_partial_shape()[-1]
     predict.channels = last.get_length() if last.is_static else None  # type: ignore[attr-defined]
+    # what the CPU runs: a CPU without bfloat16 units ignores the bf16 hint and runs float32
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    predict.precision = getattr(hint, "get_type_name", lambda: str(hint))()  # type: ignore[attr-defined]
     return predict
 
 
@@ -190,8 +198,11 @@ def compare(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
 
 def check_runtime(runtime: str, onnx: str | Path, reference: np.ndarray, tiles: np.ndarray) -> dict:
     """Run ``tiles`` through an ONNX runtime and compare with Keras' ``reference`` probabilities."""
-    _, factory = ONNX_RUNTIMES[runtime]
-    got = factory(onnx, len(tiles), tiles.shape[1], reference.shape[-1])(tiles)
+    if runtime == "openvino-bf16":
+        got = openvino_predict_fn(onnx, len(tiles), tiles.shape[1], reference.shape[-1], precision="bf16")(tiles)
+    else:
+        _, factory = ONNX_RUNTIMES[runtime]
+        got = factory(onnx, len(tiles), tiles.shape[1], reference.shape[-1])(tiles)
     figures = compare(reference, got)
     ok = figures["max_abs_diff"] <= MAX_ABS_DIFF and figures["argmax_agreement"] >= MIN_ARGMAX_AGREEMENT
     return {**figures, "equivalent": bool(ok)}
@@ -244,6 +255,8 @@ def export_onnx(model, model_file: str | Path, out_dir: str | Path, *, tile: int
     x = check_tiles(tile)
     ref = run(tf.constant(x)).numpy()
     checks = {rt: check_runtime(rt, onnx_path, ref, x) for rt in ONNX_RUNTIMES if installed(rt)}
+    if installed("openvino"):  # information only: never picked by "auto"
+        checks["openvino-bf16"] = check_runtime("openvino-bf16", onnx_path, ref, x)
     record = {
         "onnx_file": ONNX_FILE, "onnx_sha256": hashlib.sha256(data).hexdigest(), "onnx_bytes": len(data),
         "source_file": Path(model_file).name, "source_sha256": sha256_file(model_file),
@@ -253,7 +266,7 @@ def export_onnx(model, model_file: str | Path, out_dir: str | Path, *, tile: int
         "export_seconds": round(seconds, 1),
         "check_tiles": {"n": int(len(x)), "tile": int(tile), "max_abs_diff_allowed": MAX_ABS_DIFF,
                         "argmax_agreement_required": MIN_ARGMAX_AGREEMENT},
-        "checks": {rt: {**c, "version": _version(rt)} for rt, c in checks.items()},
+        "checks": {rt: {**c, "version": _version(rt.split("-")[0])} for rt, c in checks.items()},
     }
     write_json(record, out_dir / ONNX_INFO, overwrite=True)
     log.info("%s: exported to ONNX in %.0f s; %s", onnx_path, seconds,
@@ -301,7 +314,8 @@ def make_predictor(model, model_dir: str | Path, model_file: str | Path, *, runt
             TensorFlow or the Keras model.
         model_dir: The model folder (``model.onnx`` is kept there).
         model_file: The ``.keras`` file the model came from.
-        runtime: ``"auto"``, ``"onnxruntime"``, ``"openvino"`` or ``"keras"``.
+        runtime: ``"auto"``, ``"onnxruntime"``, ``"openvino"``, ``"keras"``, or ``"openvino-bf16"``
+            (OpenVINO in bfloat16 where the CPU has it: faster, not equivalent; only when asked for).
         batch_size: Tiles per call.
         tile: Tile side.
         n_cls: Output channels (default: the model's).
@@ -330,7 +344,8 @@ def make_predictor(model, model_dir: str | Path, model_file: str | Path, *, runt
 
     if runtime == "keras":
         return keras("asked for")
-    wanted = list(ONNX_RUNTIMES) if runtime == "auto" else [runtime]
+    bf16 = runtime == "openvino-bf16"  # OpenVINO's graph (checked in float32) run in bfloat16
+    wanted = list(ONNX_RUNTIMES) if runtime == "auto" else ["openvino" if bf16 else runtime]
     usable = [rt for rt in wanted if installed(rt)]
     try:
         record = current_export(model_dir, model_file) if usable else None
@@ -350,7 +365,8 @@ def make_predictor(model, model_dir: str | Path, model_file: str | Path, *, runt
                 f"{checks.get(rt, {}).get('argmax_agreement')}" for rt in usable) + ")")
         chosen = passed[0]
         onnx = Path(model_dir) / ONNX_FILE
-        fn = ONNX_RUNTIMES[chosen][1](onnx, batch_size, tile, n_cls)
+        fn = openvino_predict_fn(onnx, batch_size, tile, n_cls, precision="bf16") if bf16 else \
+            ONNX_RUNTIMES[chosen][1](onnx, batch_size, tile, n_cls)
     except (ModelError, WriteError, OSError) as exc:  # missing, failed, not equivalent, or a read-only folder
         if runtime != "auto":
             raise ParameterError(f"runtime={runtime!r} cannot be used: {exc}; pass runtime='auto' or 'keras'") from None
@@ -358,5 +374,18 @@ def make_predictor(model, model_dir: str | Path, model_file: str | Path, *, runt
     c = checks[chosen]
     reason = (f"{onnx}, sha256 {record['onnx_sha256'][:12]}, equivalent to Keras: max |diff| "
               f"{c['max_abs_diff']:.2g}, argmax agreement {c['argmax_agreement']:.5f}")
+    if bf16:
+        ran = getattr(fn, "precision", "?")
+        if ran == "bf16":
+            b = checks.get("openvino-bf16")
+            figures = (f"max |diff| {b['max_abs_diff']:.2g}, argmax agreement {b['argmax_agreement']:.5f} on the check "
+                       "tiles" if b else "not measured at export")
+            reason = (f"{onnx}, sha256 {record['onnx_sha256'][:12]}, bfloat16 as asked: faster, NOT equivalent to "
+                      f"Keras ({figures})")
+            log.warning("inference runtime: openvino-bf16 (%s)", reason)
+            return Predictor(fn, "openvino-bf16", reason, record["onnx_sha256"], getattr(fn, "channels", None))
+        reason = f"bfloat16 asked for, but this CPU runs {ran} (no bfloat16 units); {reason}"
+        log.warning("inference runtime: openvino (%s)", reason)
+        return Predictor(fn, "openvino", reason, record["onnx_sha256"], getattr(fn, "channels", None))
     log.info("inference runtime: %s (%s)", chosen, reason)
     return Predictor(fn, chosen, reason, record["onnx_sha256"], getattr(fn, "channels", None))

@@ -194,3 +194,38 @@ def test_a_current_export_runs_without_the_keras_model(setup, unet_dir, tmp_path
     (bad / "model.onnx.json").write_text("{}")
     with pytest.raises(AssertionError, match="Keras model was loaded"):
         predict_slide(d / "slide.tiff", bad, tmp_path / "stale", runtime="auto", **kw)
+
+
+def test_bfloat16_runs_only_when_asked_and_says_so(unet_dir, caplog):
+    """``openvino-bf16`` is never what ``auto`` picks; asked for, it runs OpenVINO in bfloat16 where the CPU
+    has it (its results then differ from float32's) and says which precision ran; the export records its figures."""
+    from helpers.model import load_trained
+    from helpers.runtime import ONNX_INFO, RUNTIMES, installed, keras_predict_fn, make_predictor
+
+    if not installed("openvino"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("openvino not installed: it is a pinned dependency (pip install -e .)")
+        pytest.skip("openvino not installed (a pinned dependency: pip install -e .)")
+    assert "openvino-bf16" in RUNTIMES
+    model, params = load_trained(unet_dir)
+    auto = make_predictor(model, unet_dir, params["model_file"], runtime="auto", batch_size=4, tile=64)
+    assert auto.runtime == "openvino"  # auto never picks the non-equivalent precision
+    with caplog.at_level(logging.INFO, logger="helpers.runtime"):
+        pred = make_predictor(model, unet_dir, params["model_file"], runtime="openvino-bf16", batch_size=4, tile=64)
+    record = json.loads((unet_dir / ONNX_INFO).read_text())
+    assert set(record["checks"]["openvino-bf16"]) >= {"max_abs_diff", "argmax_agreement", "equivalent"}
+    x = _tiles(6, 64, seed=7)
+    ref = keras_predict_fn(model, 4, 64, 4)(x)
+    f32 = auto(x)
+    got = pred(x)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.allclose(got.sum(-1), 1.0, atol=2e-2)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    bf16_cpu = pred.predict.precision == "bf16"  # type: ignore[attr-defined]
+    if bf16_cpu:
+        assert pred.runtime == "openvino-bf16" and "NOT equivalent" in pred.reason
+        assert np.abs(got - f32).max() > 0  # bfloat16 really ran
+        assert any(r.levelno == logging.WARNING and "openvino-bf16" in r.message for r in caplog.records)
+    else:  # no bfloat16 units: float32 runs, and is reported as such
+        assert pred.runtime == "openvino" and "no bfloat16 units" in pred.reason
+        assert np.abs(got - f32).max() <= MAX_DIFF
